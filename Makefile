@@ -1,0 +1,34 @@
+# Two commands set up and run everything on a fresh machine:
+#   make demo   - create .venv (CPU torch first), install visprune, run the main job
+#   make test   - the whole CPU test suite (what CI runs)
+# A cluster user installs their CUDA torch first and then `pip install -e .[gpu]` instead.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# CPU torch first: otherwise pip resolves transformers/peft/deepspeed to a multi-GB CUDA build
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Until the see-task demo lands (issue 5), the main job prints the FLOPs of LLaVA-1.5-7B.
+demo: $(STAMP)
+	$(BIN)/visprune flops llava-1.5-7b
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check modeling trainer data_prep tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

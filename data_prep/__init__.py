@@ -1,0 +1,1 @@
+"""visprune.data_prep: converters, validators and the synthetic see-task generator (later issues)."""

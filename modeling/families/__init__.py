@@ -1,0 +1,20 @@
+"""Model families by short registry name; `family_for(model)` picks the one that matches."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Family, LayerSlot, TextDims, VisualAttentionWrapper, VisualMLPWrapper
+from .llava import LlavaFamily
+
+FAMILIES: dict[str, Family] = {"llava": LlavaFamily()}
+
+
+def family_for(model: nn.Module) -> Family:
+    for family in FAMILIES.values():
+        if family.matches(model):
+            return family
+    raise ValueError(f"no visprune family supports {type(model).__name__}; supported: {sorted(FAMILIES)}")
+
+
+__all__ = ["FAMILIES", "Family", "LayerSlot", "TextDims", "VisualAttentionWrapper", "VisualMLPWrapper", "family_for"]

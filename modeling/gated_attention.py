@@ -1,0 +1,210 @@
+"""The gated visual attention of DESIGN.md (neighbour window + head gates on visual keys and visual
+query rows), registered with transformers' attention registry as `visprune_sdpa` (training on any
+device: SDPA with an additive per-head float mask) and `visprune_flex` (FlexAttention: score_mod
+for head log-gates, block mask for window + causal + padding). Gates and layout arrive per forward
+through the `visprune_ctx` kwarg; the MLP side lives in the family wrappers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .layout import VisualLayout
+
+SDPA_NAME = "visprune_sdpa"
+FLEX_NAME = "visprune_flex"
+CTX_KWARG = "visprune_ctx"
+LOG_GATE_FLOOR = 1e-6  # training: log(max(e, eps)) keeps gradients finite where a sampled gate is 0
+
+
+@dataclass
+class GateValues:
+    """Effective gates of one forward, float32: `head` e = r*g (L, H), `router` r (L), `mlp` u = r*m (L)."""
+
+    head: torch.Tensor
+    router: torch.Tensor
+    mlp: torch.Tensor
+
+
+@dataclass
+class VisualContext:
+    """Everything the gated layers need for one forward; reaches them through the forward kwargs."""
+
+    layout: VisualLayout
+    gates: GateValues
+    window: int | None
+    training: bool
+    mlp_channel_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (I,) bool
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # layer-independent masks
+
+    def log_head_gates(self, layer_idx: int, dtype: torch.dtype) -> torch.Tensor:
+        """(H,) log e[l, h]; closed gates give the dtype's lowest finite value (an exact 0 after softmax)."""
+        e = self.gates.head[layer_idx]
+        if self.training:
+            return torch.log(e.clamp_min(LOG_GATE_FLOOR)).to(dtype)
+        low = torch.finfo(dtype).min
+        return torch.where(e > 0, torch.log(e.clamp_min(1e-30)), torch.full_like(e, low)).to(dtype)
+
+    def row_has_key(self, layer_idx: int) -> torch.Tensor:
+        """(B, H, Q) bool: the query row sees at least one key (DESIGN.md rule 6: otherwise zeros)."""
+        lay = self.layout
+        q_vis = lay.query_visual_mask[:, None, :]
+        q_valid = lay.key_valid[:, lay.num_keys - lay.num_queries:][:, None, :]
+        open_head = (self.gates.head[layer_idx] > 0)[None, :, None]
+        return q_valid & (~q_vis | lay.has_text_before()[:, None, :] | open_head)
+
+
+def _ctx_from(kwargs: dict[str, Any], module: torch.nn.Module) -> VisualContext:
+    ctx = kwargs.get(CTX_KWARG)
+    if ctx is None:
+        raise RuntimeError(
+            f"layer {getattr(module, 'layer_idx', '?')}: the visprune attention was called without a visual "
+            "context; gates are attached to the multimodal model, call it (not its language model) directly")
+    return ctx
+
+
+def _window_allowed(ctx: VisualContext, base_allowed: torch.Tensor) -> torch.Tensor:
+    """(B, Q, K) bool: base causal/padding mask with visual-query x visual-key pairs replaced by the window."""
+    lay = ctx.layout
+    if ctx.window is None:
+        return base_allowed
+    radius = ctx.window // 2
+    qpos = lay.query_positions()
+    q_vis, k_vis = lay.visual_mask[:, qpos], lay.visual_mask
+    same_grid = lay.grid_idx[:, qpos, None] == lay.grid_idx[:, None, :]
+    near = ((lay.row[:, qpos, None] - lay.row[:, None, :]).abs() <= radius) & (
+        (lay.col[:, qpos, None] - lay.col[:, None, :]).abs() <= radius)
+    both_visual = q_vis[:, :, None] & k_vis[:, None, :]
+    return torch.where(both_visual, same_grid & near, base_allowed)
+
+
+def _finish(ctx: VisualContext, layer_idx: int, out: torch.Tensor) -> torch.Tensor:
+    """(B, H, Q, D) -> (B, Q, H, D): zero rows with no key, scale visual query rows by e[l, h]."""
+    e = ctx.gates.head[layer_idx].to(out.dtype)  # (H,)
+    q_vis = ctx.layout.query_visual_mask  # (B, Q)
+    scale = torch.where(q_vis[:, None, :], e[None, :, None], torch.ones_like(e)[None, :, None])  # (B, H, Q)
+    scale = scale * ctx.row_has_key(layer_idx).to(out.dtype)
+    return (out * scale[..., None]).transpose(1, 2).contiguous()
+
+
+def _check_lengths(ctx: VisualContext, query: torch.Tensor, key: torch.Tensor, layer_idx: int) -> None:
+    lay = ctx.layout
+    if key.shape[2] != lay.num_keys or query.shape[2] != lay.num_queries:
+        raise RuntimeError(
+            f"layer {layer_idx}: attention sees {query.shape[2]} queries x {key.shape[2]} keys but the visual "
+            f"layout has {lay.num_queries} x {lay.num_keys}; was the KV cache modified outside the model?")
+
+
+def visprune_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Gated attention with SDPA and an additive (B, H, Q, K) float mask; CPU/GPU, forward and backward.
+
+    query (B, H, Q, D), key/value (B, Hkv, K, D), attention_mask (B, 1, Q, K) bool from `visprune_mask`.
+    Returns (B, Q, H, D) and no weights.
+    """
+    ctx = _ctx_from(kwargs, module)
+    layer_idx = module.layer_idx
+    _check_lengths(ctx, query, key, layer_idx)
+    B, H, Q, _ = query.shape
+    groups = H // key.shape[1]
+    if groups > 1:  # grouped-query attention: every query head reads its group's K/V
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+
+    cache_key = ("allowed", Q)
+    if cache_key not in ctx._cache:
+        if attention_mask is None:
+            raise RuntimeError("visprune_sdpa needs the boolean mask from its registered mask function")
+        ctx._cache[cache_key] = _window_allowed(ctx, attention_mask[:, 0].bool())
+    allowed = ctx._cache[cache_key]  # (B, Q, K)
+
+    low = torch.finfo(query.dtype).min
+    log_gate = ctx.log_head_gates(layer_idx, query.dtype)  # (H,)
+    key_gate = torch.where(ctx.layout.visual_mask[:, None, None, :], log_gate[None, :, None, None],
+                           torch.zeros((), dtype=query.dtype, device=query.device))  # (B, H, 1, K)
+    base = torch.where(allowed, 0.0, low).to(query.dtype)[:, None]  # (B, 1, Q, K)
+    bias = (base + key_gate).clamp_min(low)  # (B, H, Q, K); rows without keys are zeroed in _finish
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
+    return _finish(ctx, layer_idx, out), None
+
+
+def _flex_block_mask(ctx: VisualContext, Q: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lay = ctx.layout
+    B, K = lay.visual_mask.shape
+    offset = K - Q
+    radius = -1 if ctx.window is None else ctx.window // 2
+    vis, grid, row, col, valid = lay.visual_mask, lay.grid_idx, lay.row, lay.col, lay.key_valid
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_pos = q_idx + offset
+        causal = (kv_idx <= q_pos) & valid[b, kv_idx] & valid[b, q_pos]
+        if radius < 0:
+            return causal
+        window = ((grid[b, q_pos] == grid[b, kv_idx]) & ((row[b, q_pos] - row[b, kv_idx]).abs() <= radius)
+                  & ((col[b, q_pos] - col[b, kv_idx]).abs() <= radius))
+        return torch.where(vis[b, q_pos] & vis[b, kv_idx], window, causal)
+
+    return create_block_mask(mask_mod, B, None, Q, K, device=device)
+
+
+_compiled_flex = None
+
+
+def _flex_kernel(on_cuda: bool):
+    """Compiled FlexAttention on CUDA (the fused kernel); the eager reference elsewhere (CPU tests)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not on_cuda:
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def visprune_flex_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Gated attention with FlexAttention (same semantics as `visprune_sdpa_attention`).
+
+    FlexAttention has no CPU backward in torch 2.13; on CPU this path is for inference and tests.
+    """
+    ctx = _ctx_from(kwargs, module)
+    layer_idx = module.layer_idx
+    _check_lengths(ctx, query, key, layer_idx)
+    if dropout:
+        raise ValueError("visprune_flex does not support attention dropout; use visprune_sdpa")
+    Q = query.shape[2]
+    cache_key = ("block_mask", Q)
+    if cache_key not in ctx._cache:
+        ctx._cache[cache_key] = _flex_block_mask(ctx, Q, query.device)
+    vis = ctx.layout.visual_mask
+    log_gate = ctx.log_head_gates(layer_idx, torch.float32)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + torch.where(vis[b, kv_idx], log_gate[h], 0.0)
+
+    out = _flex_kernel(query.is_cuda)(query, key, value, score_mod=score_mod, block_mask=ctx._cache[cache_key],
+                         scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return _finish(ctx, layer_idx, out), None
+
+
+def visprune_mask(*args, **kwargs):
+    """The boolean causal + padding mask (B, 1, Q, K), always materialised (never the is_causal shortcut)."""
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def flex_no_mask(*args, **kwargs):
+    """visprune_flex builds its block mask from the visual layout; transformers need not build one."""
+    return None
+
+
+AttentionInterface.register(SDPA_NAME, visprune_sdpa_attention)
+AttentionMaskInterface.register(SDPA_NAME, visprune_mask)
+AttentionInterface.register(FLEX_NAME, visprune_flex_attention)
+AttentionMaskInterface.register(FLEX_NAME, flex_no_mask)

@@ -1,0 +1,215 @@
+"""GateSet: owns every gate of a model (head gates L x H, visual-skip routers L, visual MLP gates L),
+and attaches them: attention wrappers, the registered attention function, and a pre-hook that
+computes the visual layout and the gate values once per forward. `apply_plan` fixes gates to a plan."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .families import LayerSlot, TextDims, VisualAttentionWrapper, VisualMLPWrapper, family_for
+from .flops import GateProbs
+from .gated_attention import CTX_KWARG, FLEX_NAME, SDPA_NAME, GateValues, VisualContext
+from .hard_concrete import FixedGate, HardConcreteGate
+from .plan import Plan
+
+GATES_ATTR = "visprune_gates"  # the GateSet's name as a submodule of the multimodal model
+BACKENDS = ("auto", "sdpa", "flex")
+
+
+@dataclass
+class GateConfig:
+    """Which gates exist and how the visual attention is computed."""
+
+    heads: bool = True  # head gates g[l, h]
+    visual_skip: bool = True  # visual-skip routers r[l]
+    visual_mlp: bool = True  # visual MLP gates m[l]
+    window: int | None = 5  # neighbour window w (w x w on the grid); None = ordinary causal attention
+    init_log_alpha: float = 3.0  # every gate starts open (P(open) ~ 0.99)
+    backend: str = "auto"  # "sdpa", "flex", or "auto" (flex on CUDA when available, else sdpa)
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (self.window < 1 or self.window % 2 == 0):
+            raise ValueError(f"window must be None or an odd positive integer, got {self.window}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+
+def _pick_backend(backend: str, model: nn.Module) -> str:
+    if backend != "auto":
+        return backend
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    return "flex" if on_cuda else "sdpa"
+
+
+class GateSet(nn.Module):
+    """All gates of one model; calling it returns this forward's effective `GateValues`.
+
+    Gates that a config disables are constant ones. `train()` samples, `eval()` is deterministic.
+    """
+
+    def __init__(self, dims: TextDims, cfg: GateConfig, family: str) -> None:
+        super().__init__()
+        self.dims, self.cfg, self.family = dims, cfg, family
+        L, H = dims.num_layers, dims.num_heads
+        self.head = HardConcreteGate((L, H), cfg.init_log_alpha) if cfg.heads else FixedGate(torch.ones(L, H))
+        self.router = HardConcreteGate((L,), cfg.init_log_alpha) if cfg.visual_skip else FixedGate(torch.ones(L))
+        self.mlp = HardConcreteGate((L,), cfg.init_log_alpha) if cfg.visual_mlp else FixedGate(torch.ones(L))
+        self.window = cfg.window
+        self.mlp_channel_masks: dict[int, torch.Tensor] = {}
+        self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its layout
+        self._handles: list[Any] = []
+        self._restore: dict[str, Any] = {}
+
+    def forward(self) -> GateValues:
+        g, r, m = self.head(), self.router(), self.mlp()
+        return GateValues(head=r[:, None] * g, router=r, mlp=r * m)
+
+    def prob_open(self) -> GateProbs:
+        """P(gate != 0) of the raw gates, for the expected-FLOPs model."""
+        return GateProbs(head=self.head.prob_open(), layer=self.router.prob_open(), mlp=self.mlp.prob_open(),
+                         mlp_channels=self._channel_fractions())
+
+    def _channel_fractions(self) -> torch.Tensor | None:
+        if not self.mlp_channel_masks:
+            return None
+        frac = torch.ones(self.dims.num_layers)
+        for layer_idx, mask in self.mlp_channel_masks.items():
+            frac[layer_idx] = mask.float().mean()
+        return frac
+
+    def constrain_(self) -> None:
+        for gate in (self.head, self.router, self.mlp):
+            gate.constrain_()
+
+    def learnable(self) -> bool:
+        return any(isinstance(g, HardConcreteGate) for g in (self.head, self.router, self.mlp))
+
+
+def get_gate_set(model: nn.Module) -> GateSet | None:
+    """The GateSet attached to `model` (a transformers model, possibly inside a peft wrapper), or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, GATES_ATTR, None)
+
+
+def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GateSet:
+    """Add gates and the gated visual attention to a multimodal transformers model, in place.
+
+    With every gate open and `window=None` the model computes exactly what it did before.
+    Wraps each decoder layer's `self_attn` and `mlp` (the originals stay as children), selects the
+    registered `visprune_sdpa` / `visprune_flex` attention for the text model only, and hooks the
+    multimodal core so each forward gets its visual layout and gate values through `visprune_ctx`.
+    """
+    cfg = cfg or GateConfig()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if get_gate_set(base) is not None:
+        raise ValueError("gates are already attached to this model; call detach_gates(model) first")
+    family = family_for(base)
+    dims = family.text_dims(base.config)
+    family.image_grid(base.config)  # fail now on an unsupported vision layout
+    param = next(base.parameters())
+    gates = GateSet(dims, cfg, family.name).to(param.device).train(base.training)
+    setattr(base, GATES_ATTR, gates)
+
+    for layer_idx, layer in enumerate(family.decoder_layers(base)):
+        slot = LayerSlot()
+        out_bias = getattr(layer.self_attn.o_proj, "bias", None)
+        layer.self_attn = VisualAttentionWrapper(layer.self_attn, layer_idx, slot, out_bias)
+        layer.mlp = VisualMLPWrapper(layer.mlp, layer_idx, slot)
+
+    text_impl = base.config.text_config._attn_implementation
+    vision_impl = base.config.vision_config._attn_implementation
+    gates._restore = {"text": text_impl, "vision": vision_impl}
+    backend = _pick_backend(cfg.backend, base)
+    base.set_attn_implementation({"text_config": FLEX_NAME if backend == "flex" else SDPA_NAME,
+                                  "vision_config": vision_impl})
+
+    core = family.multimodal_core(base)
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        if kwargs.get(CTX_KWARG) is not None:
+            return args, kwargs  # the caller supplied its own context
+        if args:
+            raise ValueError("call the gated model with keyword arguments (input_ids=..., pixel_values=...)")
+        layout = family.build_layout(base, kwargs)
+        cache = kwargs.get("past_key_values")
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if past_len:
+            prev = gates._layouts.get(cache)
+            if prev is None or prev.num_keys < past_len:
+                raise ValueError("the KV cache was not filled by this gated model (its visual layout is unknown); "
+                                 "prefill through the gated model first")
+            layout = prev.keys(past_len).extend(layout)
+            mask_2d = kwargs.get("attention_mask")
+            if mask_2d is not None and mask_2d.shape[1] == layout.num_keys:
+                layout.key_valid = mask_2d.to(layout.key_valid.device).bool()
+        kwargs[CTX_KWARG] = VisualContext(layout=layout, gates=gates(), window=gates.window,
+                                          training=gates.training, mlp_channel_masks=gates.mlp_channel_masks)
+        return args, kwargs
+
+    def post_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
+        cache = getattr(output, "past_key_values", None)
+        ctx = kwargs.get(CTX_KWARG)
+        if cache is not None and ctx is not None:
+            gates._layouts[cache] = ctx.layout
+        return output
+
+    gates._handles = [core.register_forward_pre_hook(pre_hook, with_kwargs=True),
+                      core.register_forward_hook(post_hook, with_kwargs=True)]
+    return gates
+
+
+def detach_gates(model: nn.Module) -> None:
+    """Undo `attach_gates`: unwrap layers, restore the attention implementation, remove hooks and gates."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    gates = get_gate_set(base)
+    if gates is None:
+        raise ValueError("no gates are attached to this model")
+    family = family_for(base)
+    for layer in family.decoder_layers(base):
+        layer.self_attn = layer.self_attn.attn
+        layer.mlp = layer.mlp.mlp
+    for handle in gates._handles:
+        handle.remove()
+    base.set_attn_implementation({"text_config": gates._restore["text"], "vision_config": gates._restore["vision"]})
+    delattr(base, GATES_ATTR)
+
+
+def apply_plan(model: nn.Module, plan: Plan, mode: str = "gated", backend: str = "auto") -> nn.Module:
+    """Execute a plan on `model` (in place; returns it).
+
+    mode="gated": gates fixed to the plan's 0/1 values (constant in train and eval) on the gated
+    attention with the plan's window; this is the reference semantics of DESIGN.md.
+    """
+    if mode != "gated":
+        raise ValueError(f"apply_plan: unknown mode {mode!r}; available: 'gated'")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    family = family_for(base)
+    dims = family.text_dims(base.config)
+    plan.validate_for(dims.num_layers, dims.num_heads, dims.intermediate_size)
+    if plan.family != family.name:
+        raise ValueError(f"plan is for family {plan.family!r}, the model is {family.name!r}")
+    gates = get_gate_set(base)
+    if gates is None:
+        gates = attach_gates(base, GateConfig(window=plan.window, backend=backend))
+    gates.window = plan.window
+    device = gates.head.log_alpha.device if isinstance(gates.head, HardConcreteGate) else gates.head.values.device
+    head = torch.tensor(plan.head_mask(), dtype=torch.float32, device=device)
+    router = torch.tensor([not layer.skipped for layer in plan.layers], dtype=torch.float32, device=device)
+    mlp = torch.tensor([layer.mlp for layer in plan.layers], dtype=torch.float32, device=device)
+    gates.head, gates.router, gates.mlp = FixedGate(head), FixedGate(router), FixedGate(mlp)
+    gates.mlp_channel_masks = {}
+    for layer_idx, layer in enumerate(plan.layers):
+        if layer.mlp_channels is not None:
+            mask = torch.zeros(dims.intermediate_size, dtype=torch.bool, device=device)
+            mask[list(layer.mlp_channels)] = True
+            gates.mlp_channel_masks[layer_idx] = mask
+    return model

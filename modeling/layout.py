@@ -1,0 +1,124 @@
+"""The per-batch visual layout: which key positions are image tokens, which image grid (image or
+tile) each belongs to and its (row, col) on that grid. Built once per forward from `input_ids`;
+families decide the grids, this module only does the bookkeeping."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class VisualLayout:
+    """Layout of the whole key sequence (cache + this forward); the last `num_queries` are queries.
+
+    All tensors are (B, K): `visual_mask` bool, `grid_idx` / `row` / `col` long (-1 on text),
+    `key_valid` bool (False on padding). `grid_idx` is unique over the batch.
+    """
+
+    visual_mask: torch.Tensor
+    grid_idx: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    key_valid: torch.Tensor
+    num_queries: int
+
+    @property
+    def num_keys(self) -> int:
+        return self.visual_mask.shape[1]
+
+    @property
+    def query_visual_mask(self) -> torch.Tensor:
+        """(B, Q) bool: this forward's rows that are image tokens."""
+        return self.visual_mask[:, self.num_keys - self.num_queries:]
+
+    def query_positions(self) -> torch.Tensor:
+        """(Q,) absolute key index of each query row."""
+        return torch.arange(self.num_keys - self.num_queries, self.num_keys, device=self.visual_mask.device)
+
+    def has_text_before(self) -> torch.Tensor:
+        """(B, Q) bool: a valid non-visual key exists strictly before each query row."""
+        text = (self.key_valid & ~self.visual_mask).long()
+        before = text.cumsum(dim=1) - text  # exclusive prefix count
+        return before[:, self.num_keys - self.num_queries:] > 0
+
+    def keys(self, length: int) -> VisualLayout:
+        """The layout truncated to its first `length` keys, with no query rows (a cropped cache)."""
+        return VisualLayout(self.visual_mask[:, :length], self.grid_idx[:, :length], self.row[:, :length],
+                            self.col[:, :length], self.key_valid[:, :length], 0)
+
+    def extend(self, new: VisualLayout) -> VisualLayout:
+        """Append this forward's positions (`new`) to a cached prefix; queries are `new`'s."""
+        if self.visual_mask.shape[0] != new.visual_mask.shape[0]:
+            raise ValueError(f"cached layout has batch size {self.visual_mask.shape[0]}, "
+                             f"this forward has {new.visual_mask.shape[0]}")
+        grid_offset = int(self.grid_idx.max().item()) + 1 if self.grid_idx.numel() else 0
+        new_grid = torch.where(new.grid_idx >= 0, new.grid_idx + grid_offset, new.grid_idx)
+        cat = lambda a, b: torch.cat([a, b], dim=1)  # noqa: E731
+        return VisualLayout(cat(self.visual_mask, new.visual_mask), cat(self.grid_idx, new_grid),
+                            cat(self.row, new.row), cat(self.col, new.col), cat(self.key_valid, new.key_valid),
+                            new.num_queries)
+
+
+def build_layout(
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    grids: Sequence[tuple[int, int]],
+    attention_mask: torch.Tensor | None = None,
+) -> VisualLayout:
+    """Assign image tokens to grids in reading order (batch-major), as the model scatters features.
+
+    Args:
+        input_ids: (B, T) long.
+        image_token_id: the placeholder id of one visual token.
+        grids: (rows, cols) of every image grid in the batch, in order; each grid owns rows*cols
+            consecutive image tokens, all in one sample.
+        attention_mask: optional 2D padding mask (1 = real token), (B, T) or (B, cache + T).
+
+    Raises:
+        ValueError: the image-token counts do not match the grids; names the samples.
+    """
+    B, T = input_ids.shape
+    device = input_ids.device
+    visual_mask = input_ids == image_token_id
+    # while decoding, the 2D mask covers cache + new tokens: this forward's tokens are its last T columns
+    key_valid = torch.ones_like(visual_mask) if attention_mask is None else attention_mask[:, -T:].to(device).bool()
+    grid_idx = torch.full((B, T), -1, dtype=torch.long, device=device)
+    row = torch.full_like(grid_idx, -1)
+    col = torch.full_like(grid_idx, -1)
+
+    sizes = torch.tensor([r * c for r, c in grids], dtype=torch.long)
+    per_sample = visual_mask.sum(dim=1).tolist()
+    total = int(sum(per_sample))
+    if total != int(sizes.sum()):
+        raise ValueError(
+            f"image tokens do not match image features: the batch has {total} image tokens "
+            f"(token id {image_token_id}; per sample {per_sample}) but its {len(grids)} image(s) give "
+            f"{int(sizes.sum())} features (per image {sizes.tolist()})")
+    if total == 0:
+        return VisualLayout(visual_mask, grid_idx, row, col, key_valid, T)
+
+    flat = visual_mask.reshape(-1).nonzero().squeeze(1)  # (N,) positions in batch-major order
+    token_sample = flat // T
+    starts = torch.cumsum(sizes, 0) - sizes
+    token_grid = torch.repeat_interleave(torch.arange(len(grids)), sizes).to(device)
+    offset = torch.arange(total, device=device) - starts.to(device)[token_grid]
+    cols = torch.tensor([c for _, c in grids], dtype=torch.long, device=device)[token_grid]
+
+    # a grid must not straddle two samples
+    first = token_sample[starts.to(device)]
+    last = token_sample[(starts + sizes - 1).to(device)]
+    if bool((first != last).any()):
+        bad = int((first != last).nonzero()[0, 0])
+        counts = ", ".join(f"sample {b}: {n}" for b, n in enumerate(per_sample))
+        raise ValueError(
+            f"image tokens do not match image features: image {bad} ({grids[bad][0]}x{grids[bad][1]} = "
+            f"{int(sizes[bad])} tokens) would span samples {int(first[bad])} and {int(last[bad])}; "
+            f"image tokens per sample: {counts}")
+
+    grid_idx.view(-1)[flat] = token_grid
+    row.view(-1)[flat] = offset // cols
+    col.view(-1)[flat] = offset % cols
+    return VisualLayout(visual_mask, grid_idx, row, col, key_valid, T)

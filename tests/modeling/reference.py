@@ -1,0 +1,124 @@
+"""An independent, slow reference of DESIGN.md's gated semantics: eager math, layer by layer,
+token by token layout, written from the contract (not from visprune.modeling)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from visprune.modeling import Plan
+
+
+def _rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _token_layout(input_ids, image_token_id, grid):
+    """Per token: (is_visual, (sample, image) id, row, col) by scanning each sample."""
+    B, T = input_ids.shape
+    info = []
+    for b in range(B):
+        count, row_info = 0, []
+        for t in range(T):
+            if int(input_ids[b, t]) == image_token_id:
+                image, pos = divmod(count, grid * grid)
+                row_info.append((True, (b, image), pos // grid, pos % grid))
+                count += 1
+            else:
+                row_info.append((False, None, -1, -1))
+        info.append(row_info)
+    return info
+
+
+def _allowed(info, valid, b, i, j, window):
+    if not (valid[b, j] and valid[b, i]):
+        return False
+    vis_i, img_i, r_i, c_i = info[b][i]
+    vis_j, img_j, r_j, c_j = info[b][j]
+    if window is not None and vis_i and vis_j:
+        k = window // 2
+        return img_i == img_j and abs(r_i - r_j) <= k and abs(c_i - c_j) <= k
+    return j <= i
+
+
+@torch.no_grad()
+def reference_logits(model, batch, plan: Plan, image_token_id: int, grid: int) -> torch.Tensor:
+    """Logits (B, T, V) of `model` (base weights, gates not attached or unwrapped) under `plan`."""
+    core = model.model
+    lm = core.language_model
+    input_ids = batch["input_ids"]
+    B, T = input_ids.shape
+    valid = batch["attention_mask"].bool()
+    embeds = lm.embed_tokens(input_ids)
+    if "pixel_values" in batch:
+        feats = core.get_image_features(pixel_values=batch["pixel_values"], vision_feature_layer=-1,
+                                        vision_feature_select_strategy="default").pooler_output
+        feats = torch.cat(list(feats), dim=0)
+        embeds = embeds.clone()
+        embeds[input_ids == image_token_id] = feats
+    info = _token_layout(input_ids, image_token_id, grid)
+    is_vis = torch.tensor([[info[b][t][0] for t in range(T)] for b in range(B)])
+    allowed = torch.tensor([[[_allowed(info, valid, b, i, j, plan.window) for j in range(T)] for i in range(T)]
+                            for b in range(B)])  # (B, T, T)
+
+    cfg = lm.config
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    Dh = cfg.hidden_size // H
+    position_ids = torch.arange(T)[None].expand(B, T)
+    cos, sin = lm.rotary_emb(embeds, position_ids)
+    h = embeds
+    for l, layer in enumerate(lm.layers):
+        attn = getattr(layer.self_attn, "attn", layer.self_attn)
+        mlp = getattr(layer.mlp, "mlp", layer.mlp)
+        lp = plan.layers[l]
+        r = 0.0 if lp.skipped else 1.0
+        e = torch.tensor([1.0 if hh in lp.heads else 0.0 for hh in range(H)])
+        u = 1.0 if lp.mlp else 0.0
+
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(B, T, H, Dh).transpose(1, 2)
+        k = attn.k_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)
+        v = attn.v_proj(x).view(B, T, Hkv, Dh).transpose(1, 2)
+        q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        out = torch.zeros(B, T, H, Dh)
+        for b in range(B):
+            for hh in range(H):
+                kv_h = hh // (H // Hkv)
+                for i in range(T):
+                    scores = []
+                    for j in range(T):
+                        if not allowed[b, i, j]:
+                            scores.append(-math.inf)
+                            continue
+                        s = float(q[b, hh, i] @ k[b, kv_h, j]) / math.sqrt(Dh)
+                        if is_vis[b, j]:  # key side: + log e, log 0 = -inf
+                            s += math.log(e[hh]) if e[hh] > 0 else -math.inf
+                        scores.append(s)
+                    scores = torch.tensor(scores, dtype=torch.float64)
+                    if torch.isinf(scores).all():
+                        continue  # rule 6: no key -> zeros
+                    p = torch.softmax(scores, dim=0).float()
+                    row = p @ v[b, kv_h]
+                    if is_vis[b, i]:  # query side
+                        row = row * e[hh]
+                    out[b, i, hh] = row
+        flat = out.reshape(B, T, H * Dh)
+        o = flat @ attn.o_proj.weight.T
+        if attn.o_proj.bias is not None:
+            o = o + torch.where(is_vis[..., None], r * attn.o_proj.bias, attn.o_proj.bias)
+        h = h + o
+
+        x = layer.post_attention_layernorm(h)
+        hidden = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        text_out = mlp.down_proj(hidden)
+        if lp.mlp_channels is not None:
+            keep = torch.zeros(hidden.shape[-1])
+            keep[list(lp.mlp_channels)] = 1.0
+            hidden = hidden * keep
+        vis_out = u * mlp.down_proj(hidden)
+        h = h + torch.where(is_vis[..., None], vis_out, text_out)
+    h = lm.norm(h)
+    return model.lm_head(h)

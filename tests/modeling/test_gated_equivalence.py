@@ -1,0 +1,207 @@
+"""Gated attention against the base model and an independent reference of DESIGN.md's semantics."""
+
+import random
+import warnings
+
+import pytest
+import torch
+from conftest import GRID, IMAGE_SIZE, IMAGE_TOKEN_ID, TOKENS_PER_IMAGE, tiny_batch, tiny_llava
+from reference import reference_logits
+
+from visprune.modeling import (GateConfig, LayerPlan, Plan, apply_plan, attach_gates, detach_gates,
+                               get_gate_set)
+
+ATOL = 1e-5
+
+
+def valid_logits(logits, batch):
+    return logits[batch["attention_mask"].bool()]
+
+
+def random_plan(seed, num_layers=3, num_heads=4, window=3, channels=False):
+    rng = random.Random(seed)
+    layers = []
+    for _ in range(num_layers):
+        kind = rng.random()
+        if kind < 0.25:
+            layers.append(LayerPlan(heads=(), mlp=False))
+            continue
+        heads = tuple(sorted(rng.sample(range(num_heads), rng.randint(0, num_heads))))
+        mlp = rng.random() < 0.6 or not heads
+        chans = tuple(sorted(rng.sample(range(64), 20))) if channels and mlp else None
+        layers.append(LayerPlan(heads=heads, mlp=mlp, mlp_channels=chans))
+    return Plan(family="llava", window=window, num_layers=num_layers, num_heads=num_heads, layers=tuple(layers))
+
+
+@pytest.mark.parametrize("num_kv_heads, bias, padding", [(4, False, "left"), (2, True, "right"), (1, False, "left")])
+def test_dense_plan_equals_base_model(num_kv_heads, bias, padding):
+    model = tiny_llava(num_kv_heads=num_kv_heads, attention_bias=bias)
+    batch = tiny_batch(padding=padding)
+    with torch.no_grad():
+        base = model(**batch).logits
+    apply_plan(model, Plan.dense(3, 4))
+    assert model.config.text_config._attn_implementation == "visprune_sdpa"
+    with torch.no_grad():
+        gated = model(**batch).logits
+    torch.testing.assert_close(valid_logits(gated, batch), valid_logits(base, batch), atol=ATOL, rtol=0)
+
+
+def test_open_learnable_gates_equal_base_model_and_detach_restores():
+    model, batch = tiny_llava(), tiny_batch()
+    with torch.no_grad():
+        base = model(**batch).logits
+    attach_gates(model, GateConfig(window=None))  # init log_alpha 3: every deterministic gate is exactly 1
+    with torch.no_grad():
+        gated = model(**batch).logits
+    torch.testing.assert_close(valid_logits(gated, batch), valid_logits(base, batch), atol=ATOL, rtol=0)
+    detach_gates(model)
+    assert get_gate_set(model) is None and model.config.text_config._attn_implementation == "sdpa"
+    assert type(model.model.language_model.layers[0].self_attn).__name__ == "LlamaAttention"
+    with torch.no_grad():
+        again = model(**batch).logits
+    torch.testing.assert_close(again, base, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("seed, num_kv_heads, bias, padding, window, channels", [
+    (0, 4, False, "left", 3, False),
+    (1, 2, True, "right", 3, True),
+    (2, 4, True, "left", None, False),
+    (3, 1, False, "right", 1, True),
+])
+def test_random_plan_matches_reference(seed, num_kv_heads, bias, padding, window, channels):
+    model = tiny_llava(num_kv_heads=num_kv_heads, attention_bias=bias, seed=seed)
+    batch = tiny_batch(padding=padding, seed=seed)
+    plan = random_plan(seed, window=window, channels=channels)
+    expected = reference_logits(model, batch, plan, IMAGE_TOKEN_ID, GRID)
+    with torch.no_grad():
+        base = model(**batch).logits
+    apply_plan(model, plan)
+    with torch.no_grad():
+        gated = model(**batch).logits
+    torch.testing.assert_close(valid_logits(gated, batch), valid_logits(expected, batch), atol=ATOL, rtol=0)
+    assert (valid_logits(gated, batch) - valid_logits(base, batch)).abs().max() > 1e-3  # the plan did something
+
+
+def test_visual_query_without_any_key_outputs_zeros_not_nan():
+    """An image at position 0 in a layer whose visual heads are all closed: rule 6."""
+    model = tiny_llava(attention_bias=True)
+    ids = torch.tensor([[IMAGE_TOKEN_ID] * TOKENS_PER_IMAGE + [5, 6, 7]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "pixel_values": torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)}
+    plan = Plan(family="llava", window=3, num_layers=3, num_heads=4,
+                layers=(LayerPlan(heads=(), mlp=True), LayerPlan(heads=(1, 2), mlp=True), LayerPlan(heads=(), mlp=False)))
+    expected = reference_logits(model, batch, plan, IMAGE_TOKEN_ID, GRID)
+    apply_plan(model, plan)
+    with torch.no_grad():
+        gated = model(**batch).logits
+    assert torch.isfinite(gated).all()
+    torch.testing.assert_close(gated, expected, atol=ATOL, rtol=0)
+
+
+def test_flex_forward_agrees_with_sdpa():
+    plan = random_plan(5, window=3)
+    batch = tiny_batch(padding="left")
+    outputs = []
+    for backend in ("sdpa", "flex"):
+        model = tiny_llava(num_kv_heads=2)
+        apply_plan(model, plan, backend=backend)
+        assert model.config.text_config._attn_implementation == f"visprune_{backend}"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # eager flex warns that it is unfused
+            outputs.append(valid_logits(model(**batch).logits, batch))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=ATOL, rtol=0)
+
+
+def test_text_only_batch():
+    model, batch = tiny_llava(), tiny_batch(images_per_sample=(0, 0))
+    with torch.no_grad():
+        base = model(**batch).logits
+    apply_plan(model, random_plan(7))
+    with torch.no_grad():
+        gated = model(**batch).logits
+    torch.testing.assert_close(valid_logits(gated, batch), valid_logits(base, batch), atol=ATOL, rtol=0)
+
+
+def test_image_token_count_mismatch_is_a_clear_error():
+    model = tiny_llava()
+    attach_gates(model)
+    batch = tiny_batch(images_per_sample=(1, 1))
+    batch["input_ids"][1][batch["input_ids"][1] == IMAGE_TOKEN_ID] = 9  # sample 1 loses its image tokens
+    with pytest.raises(ValueError, match=r"16 image tokens .*per sample \[16, 0\].*2 image\(s\) give 32"):
+        model(**batch)
+    batch = tiny_batch(images_per_sample=(1, 1))
+    ids = batch["input_ids"]
+    first = (ids[1] == IMAGE_TOKEN_ID).nonzero()[0, 0]
+    ids[1, first] = 9  # 15 tokens in sample 1 ...
+    ids[0, 0] = IMAGE_TOKEN_ID  # ... and 17 in sample 0: same total, an image would straddle two samples
+    with pytest.raises(ValueError, match="would span samples 0 and 1"):
+        model(**batch)
+
+
+def test_gradients_reach_every_gate_parameter():
+    model, batch = tiny_llava(), tiny_batch()
+    gates = attach_gates(model, GateConfig(window=3, init_log_alpha=0.0))
+    model.eval()  # deterministic gates at 0.5: every gate is inside (0, 1)
+    model(**batch).logits.square().mean().backward()
+    for name, param in gates.named_parameters():
+        assert param.grad is not None and (param.grad != 0).all(), name
+    model.zero_grad()
+    model.train()  # sampled gates: over a few draws every element gets a gradient
+    torch.manual_seed(0)
+    total = {name: torch.zeros_like(p) for name, p in gates.named_parameters()}
+    for _ in range(6):
+        model(**batch).logits.square().mean().backward()
+        for name, param in gates.named_parameters():
+            total[name] += param.grad.abs()
+        model.zero_grad()
+    for name, grad in total.items():
+        assert (grad > 0).all(), name
+
+
+def test_eval_deterministic_train_sampled():
+    model, batch = tiny_llava(), tiny_batch()
+    attach_gates(model, GateConfig(window=3, init_log_alpha=0.0))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, model(**batch).logits)
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(**batch).logits, model(**batch).logits)
+
+
+def _gate_and_weight_grads(checkpointing: bool):
+    model, batch = tiny_llava(), tiny_batch()
+    attach_gates(model, GateConfig(window=3, init_log_alpha=0.0))
+    if checkpointing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # 5.x renames it activation_checkpointing_enable
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    torch.manual_seed(3)
+    model(**batch, use_cache=False).logits.square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and "language_model" in n
+            or "visprune_gates" in n}
+
+
+def test_gates_survive_gradient_checkpointing():
+    plain, checkpointed = _gate_and_weight_grads(False), _gate_and_weight_grads(True)
+    assert plain.keys() == checkpointed.keys() and any("visprune_gates" in n for n in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_generate_and_cached_decoding_equals_recomputation(num_kv_heads):
+    model = tiny_llava(num_kv_heads=num_kv_heads, attention_bias=True)
+    batch = tiny_batch(images_per_sample=(1, 2, 0), padding="left")
+    apply_plan(model, random_plan(11, window=3))
+    steps = 6
+    out = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    sequences = out.sequences
+    full_mask = torch.cat([batch["attention_mask"], torch.ones(sequences.shape[0], steps, dtype=torch.long)], 1)
+    with torch.no_grad():
+        full = model(input_ids=sequences, attention_mask=full_mask, pixel_values=batch["pixel_values"]).logits
+    prompt_len = batch["input_ids"].shape[1]
+    for step, step_logits in enumerate(out.logits):
+        torch.testing.assert_close(step_logits, full[:, prompt_len - 1 + step], atol=1e-4, rtol=0)

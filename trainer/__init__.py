@@ -1,0 +1,1 @@
+"""visprune.trainer: recipes, data, the Trainer, export and the `visprune` command line."""

@@ -1,0 +1,85 @@
+"""The `visprune` command line. Verbs arrive with their issues; today: `flops`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+logger = logging.getLogger("visprune")
+
+
+def _format_flops(value: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f} "
+
+
+def _format_bytes(value: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
+def run_flops(args: argparse.Namespace) -> int:
+    from visprune.modeling import GateProbs, Plan, default_layout, flops_report, resolve_model_dims
+
+    dims = resolve_model_dims(args.model)
+    layout = default_layout(dims, num_images=args.images, system=args.system_tokens, text=args.text_tokens)
+    dense = flops_report(dims, layout)
+    plan_report, ratio, plan = None, None, None
+    if args.plan:
+        plan = Plan.from_json(args.plan)
+        plan.validate_for(dims.num_layers, dims.num_heads, dims.intermediate_size)
+        probs = GateProbs.from_plan(plan, dims.intermediate_size)
+        plan_report = flops_report(dims, layout, probs, window=plan.window)
+        ratio = plan_report["visual_flops"] / dense["visual_flops"] if dense["visual_flops"] else None
+    result = {"model": dims.name, "layout": layout.to_dict(), "dense": dense, "plan": plan_report,
+              "visual_flops_ratio": ratio}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{dims.name}: {dims.num_layers} layers, hidden {dims.hidden_size}, {dims.num_heads} heads "
+          f"({dims.num_kv_heads} KV), MLP {dims.intermediate_size}")
+    print(f"layout: {layout.system} system + {layout.visual} visual ({layout.num_images} x "
+          f"{layout.image_grid[0]}x{layout.image_grid[1]}) + {layout.text} text tokens")
+    rows = [("dense", dense)] + ([(f"plan (window {plan.window})", plan_report)] if plan_report else [])
+    print(f"{'':24}{'visual FLOPs':>16}{'prefill FLOPs':>16}{'visual KV cache':>18}")
+    for name, rep in rows:
+        print(f"{name:24}{_format_flops(rep['visual_flops']) + 'FLOPs':>16}"
+              f"{_format_flops(rep['prefill_flops']) + 'FLOPs':>16}{_format_bytes(rep['visual_kv_bytes']):>18}")
+    if ratio is not None:
+        print(f"visual FLOPs kept: {ratio:.2%}  (prefill: {plan_report['prefill_flops'] / dense['prefill_flops']:.2%})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visprune", description=__doc__)
+    sub = parser.add_subparsers(dest="verb", required=True)
+    flops = sub.add_parser("flops", help="visual and prefill FLOPs and visual KV-cache bytes, dense and under a plan")
+    flops.add_argument("model", help="built-in model (llava-1.5-7b, llava-1.5-13b, qwen2-vl-7b, internvl2-8b) "
+                                     "or a local folder with a transformers config.json")
+    flops.add_argument("--plan", help="a pruning_plan.json to cost beside the dense model")
+    flops.add_argument("--json", action="store_true", help="print one JSON object")
+    flops.add_argument("--images", type=int, default=1, help="images in the prompt (default 1)")
+    flops.add_argument("--system-tokens", type=int, default=35, help="text tokens before the image(s)")
+    flops.add_argument("--text-tokens", type=int, default=60, help="text tokens after the image(s)")
+    flops.set_defaults(func=run_flops)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:  # bad user input: one clear line, no traceback
+        print(f"visprune {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
