@@ -1,8 +1,18 @@
 """visprune.modeling: gates, gated visual attention, families, pruning plans and the FLOPs model.
 nn.Module code only: no file I/O beyond plan JSON, no torch.distributed, no YAML."""
 
-from .flops import (BUILTIN_MODELS, GateProbs, ModelDims, TokenLayout, default_layout, flops_report,
-                    prefill_flops, resolve_model_dims, visual_flops, visual_kv_bytes)
+from .flops import (
+                    BUILTIN_MODELS,
+                    GateProbs,
+                    ModelDims,
+                    TokenLayout,
+                    default_layout,
+                    flops_report,
+                    prefill_flops,
+                    resolve_model_dims,
+                    visual_flops,
+                    visual_kv_bytes,
+)
 from .gated_attention import FLEX_NAME, SDPA_NAME, GateValues, VisualContext
 from .gates import GateConfig, GateSet, apply_plan, attach_gates, detach_gates, get_gate_set
 from .hard_concrete import FixedGate, HardConcreteGate

@@ -97,7 +97,7 @@ def window_pairs(rows: int, cols: int, window: int | None) -> int:
     if window is None:
         return (rows * cols) ** 2
     radius = window // 2
-    along = lambda n: sum(n - abs(d) for d in range(-radius, radius + 1) if abs(d) < n)  # noqa: E731
+    along = lambda n: sum(n - abs(d) for d in range(-radius, radius + 1) if abs(d) < n)
     return along(rows) * along(cols)
 
 

@@ -109,7 +109,7 @@ def visprune_sdpa_attention(module, query, key, value, attention_mask, dropout=0
     ctx = _ctx_from(kwargs, module)
     layer_idx = module.layer_idx
     _check_lengths(ctx, query, key, layer_idx)
-    B, H, Q, _ = query.shape
+    H, Q = query.shape[1], query.shape[2]
     groups = H // key.shape[1]
     if groups > 1:  # grouped-query attention: every query head reads its group's K/V
         key = key.repeat_interleave(groups, dim=1)
@@ -201,7 +201,7 @@ def visprune_mask(*args, **kwargs):
 
 def flex_no_mask(*args, **kwargs):
     """visprune_flex builds its block mask from the visual layout; transformers need not build one."""
-    return None
+    return
 
 
 AttentionInterface.register(SDPA_NAME, visprune_sdpa_attention)

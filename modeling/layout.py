@@ -56,7 +56,7 @@ class VisualLayout:
                              f"this forward has {new.visual_mask.shape[0]}")
         grid_offset = int(self.grid_idx.max().item()) + 1 if self.grid_idx.numel() else 0
         new_grid = torch.where(new.grid_idx >= 0, new.grid_idx + grid_offset, new.grid_idx)
-        cat = lambda a, b: torch.cat([a, b], dim=1)  # noqa: E731
+        cat = lambda a, b: torch.cat([a, b], dim=1)
         return VisualLayout(cat(self.visual_mask, new.visual_mask), cat(self.grid_idx, new_grid),
                             cat(self.row, new.row), cat(self.col, new.col), cat(self.key_valid, new.key_valid),
                             new.num_queries)

@@ -4,10 +4,20 @@ import random
 import pytest
 import torch
 from conftest import GRID, tiny_llava
-
-from visprune.modeling import (BUILTIN_MODELS, GateConfig, GateProbs, LayerPlan, Plan, attach_gates,
-                               default_layout, flops_report, prefill_flops, resolve_model_dims, visual_flops,
-                               visual_kv_bytes)
+from visprune.modeling import (
+    BUILTIN_MODELS,
+    GateConfig,
+    GateProbs,
+    LayerPlan,
+    Plan,
+    attach_gates,
+    default_layout,
+    flops_report,
+    prefill_flops,
+    resolve_model_dims,
+    visual_flops,
+    visual_kv_bytes,
+)
 from visprune.modeling.flops import window_pairs
 from visprune.trainer.cli import main
 

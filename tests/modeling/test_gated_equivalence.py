@@ -7,9 +7,7 @@ import pytest
 import torch
 from conftest import GRID, IMAGE_SIZE, IMAGE_TOKEN_ID, TOKENS_PER_IMAGE, tiny_batch, tiny_llava
 from reference import reference_logits
-
-from visprune.modeling import (GateConfig, LayerPlan, Plan, apply_plan, attach_gates, detach_gates,
-                               get_gate_set)
+from visprune.modeling import GateConfig, LayerPlan, Plan, apply_plan, attach_gates, detach_gates, get_gate_set
 
 ATOL = 1e-5
 

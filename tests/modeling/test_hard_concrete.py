@@ -1,7 +1,6 @@
 import math
 
 import torch
-
 from visprune.modeling import HardConcreteGate
 from visprune.modeling.hard_concrete import LOG_ALPHA_LIMIT
 

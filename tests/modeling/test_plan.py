@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 from visprune.modeling import PLAN_FORMAT, LayerPlan, Plan, PlanError
 
 
