@@ -4,7 +4,9 @@ computes the visual layout and the gate values once per forward. `apply_plan` fi
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,10 +70,31 @@ class GateSet(nn.Module):
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its layout
         self._handles: list[Any] = []
         self._restore: dict[str, Any] = {}
+        self._open_all = False
+        self.last_probs: GateProbs | None = None  # P(open) of the latest forward, for the FLOPs constraint
 
     def forward(self) -> GateValues:
-        g, r, m = self.head(), self.router(), self.mlp()
+        """This forward's effective gates; also records `last_probs` (computed here so that ZeRO-3
+        has gathered the gate parameters)."""
+        if self._open_all:
+            L, H = self.dims.num_layers, self.dims.num_heads
+            device = self.head.log_alpha.device if isinstance(self.head, HardConcreteGate) else self.head.values.device
+            ones = torch.ones(L, device=device)
+            return GateValues(head=torch.ones(L, H, device=device), router=ones, mlp=ones)
+        (g, p_g), (r, p_r), (m, p_m) = self.head(), self.router(), self.mlp()
+        self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions())
         return GateValues(head=r[:, None] * g, router=r, mlp=r * m)
+
+    @contextlib.contextmanager
+    def open_all(self) -> Iterator[None]:
+        """Within this context every gate is 1 and the window is off: the dense model (the
+        self-distillation teacher, with adapters disabled), without a second copy of the weights."""
+        saved = self._open_all, self.window
+        self._open_all, self.window = True, None
+        try:
+            yield
+        finally:
+            self._open_all, self.window = saved
 
     def prob_open(self) -> GateProbs:
         """P(gate != 0) of the raw gates, for the expected-FLOPs model."""
@@ -151,8 +174,10 @@ def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GateSet:
             mask_2d = kwargs.get("attention_mask")
             if mask_2d is not None and mask_2d.shape[1] == layout.num_keys:
                 layout.key_valid = mask_2d.to(layout.key_valid.device).bool()
-        kwargs[CTX_KWARG] = VisualContext(layout=layout, gates=gates(), window=gates.window,
-                                          training=gates.training, mlp_channel_masks=gates.mlp_channel_masks)
+        values = gates()
+        kwargs[CTX_KWARG] = VisualContext(layout=layout, gates=values, window=gates.window,
+                                          training=gates.training and not gates._open_all,
+                                          mlp_channel_masks={} if gates._open_all else gates.mlp_channel_masks)
         return args, kwargs
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):

@@ -22,7 +22,9 @@ class HardConcreteGate(nn.Module):
         shape: shape of the gate tensor, e.g. `(num_layers, num_heads)`.
         init_log_alpha: initial `log_alpha`; the default 3.0 opens every gate in eval (P(open) ~ 0.99).
 
-    Calling the module returns `sample()` in train mode and `deterministic()` in eval mode, float32.
+    Calling the module returns `(z, prob_open)`: z is `sample()` in train mode and `deterministic()`
+    in eval mode, float32. Both come out of one forward so that ZeRO-3, which gathers a module's
+    parameters around its forward and backward, sees every use of `log_alpha`.
     """
 
     def __init__(self, shape: tuple[int, ...], init_log_alpha: float = 3.0) -> None:
@@ -55,8 +57,8 @@ class HardConcreteGate(nn.Module):
         """P(z != 0) = sigmoid(log_alpha - T * log(-gamma / zeta)) (Louizos et al. 2018, eq. 12)."""
         return torch.sigmoid(self.clamped_log_alpha() - TEMPERATURE * math.log(-STRETCH_LOW / STRETCH_HIGH))
 
-    def forward(self) -> torch.Tensor:
-        return self.sample() if self.training else self.deterministic()
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.sample() if self.training else self.deterministic()), self.prob_open()
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}"
@@ -82,8 +84,8 @@ class FixedGate(nn.Module):
     def constrain_(self) -> None:
         return None
 
-    def forward(self) -> torch.Tensor:
-        return self.values
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.values, self.prob_open()
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}"

@@ -1,4 +1,5 @@
-"""The `visprune` command line. Verbs arrive with their issues; today: `flops`."""
+"""The `visprune` command line: `train` (a recipe), `flops` (the cost model), `data toy` (tiny local
+model + data for CPU runs). Verbs arrive with their issues."""
 
 from __future__ import annotations
 
@@ -56,6 +57,25 @@ def run_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train(args: argparse.Namespace) -> int:
+    from visprune.trainer.config import load_recipe
+    from visprune.trainer.trainer import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_dir = train(recipe, resume=args.resume)
+    logger.info("run folder: %s", run_dir)
+    return 0
+
+
+def run_data_toy(args: argparse.Namespace) -> int:
+    from visprune.data_prep.toy import write_toy_inputs
+
+    paths = write_toy_inputs(args.out, num_samples=args.num_samples, seed=args.seed)
+    for name, path in paths.items():
+        logger.info("%s: %s", name, path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visprune", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -68,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--system-tokens", type=int, default=35, help="text tokens before the image(s)")
     flops.add_argument("--text-tokens", type=int, default=60, help="text tokens after the image(s)")
     flops.set_defaults(func=run_flops)
+
+    train = sub.add_parser("train", help="train gates + LoRA under a FLOPs budget from a recipe YAML")
+    train.add_argument("recipe", help="recipes/<model>/<budget>.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. budget.visual_flops=0.25")
+    train.add_argument("--resume", default="auto",
+                       help="auto (newest checkpoint in the run folder, default), never, or a checkpoint folder")
+    train.set_defaults(func=run_train)
+
+    data = sub.add_parser("data", help="data preparation")
+    data_sub = data.add_subparsers(dest="data_verb", required=True)
+    toy = data_sub.add_parser("toy", help="write a tiny LLaVA (model + processor) and a generated dataset")
+    toy.add_argument("--out", required=True, help="output folder (model/ and data/ are written inside)")
+    toy.add_argument("--num-samples", type=int, default=256)
+    toy.add_argument("--seed", type=int, default=0)
+    toy.set_defaults(func=run_data_toy)
     return parser
 
 
@@ -76,9 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:  # bad user input: one clear line, no traceback
+    except _user_errors(args.verb) as err:  # bad user input: one clear line, no traceback
         print(f"visprune {args.verb}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _user_errors(verb: str) -> tuple[type[Exception], ...]:
+    """Errors that are about the user's input; anything else keeps its traceback."""
+    from visprune.modeling import PlanError
+
+    if verb == "flops":
+        return (ValueError, FileNotFoundError)
+    from visprune.trainer.config import RecipeError
+    from visprune.trainer.data import DataError
+
+    return (RecipeError, DataError, PlanError, FileNotFoundError)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ class OptimConfig:
     lr: float = 2.0e-4  # LoRA (or full fine-tuning) learning rate
     gate_lr: float = 5.0e-2  # gate log_alpha learning rate, no weight decay
     lambda_lr: float = 5.0e-2  # Lagrange multipliers (gradient ascent through gradient reversal)
+    gate_momentum: float = 0.0  # Adam beta1 of the gates: momentum makes the constraint overshoot
+    lambda_momentum: float = 0.0  # Adam beta1 of the multipliers
     weight_decay: float = 0.0
     scheduler: str = "cosine"
     warmup_ratio: float = 0.03

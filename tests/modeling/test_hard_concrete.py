@@ -8,7 +8,7 @@ from visprune.modeling.hard_concrete import LOG_ALPHA_LIMIT
 def test_sample_in_unit_interval_with_exact_zeros_and_ones():
     torch.manual_seed(0)
     gate = HardConcreteGate((20000,), init_log_alpha=0.0).train()
-    z = gate()
+    z, _ = gate()
     assert z.min() >= 0 and z.max() <= 1
     assert (z == 0).any() and (z == 1).any()
 
@@ -24,18 +24,18 @@ def test_prob_open_matches_monte_carlo():
 def test_eval_is_deterministic_and_train_is_not():
     gate = HardConcreteGate((64,), init_log_alpha=0.5)
     gate.eval()
-    assert torch.equal(gate(), gate())
+    assert torch.equal(gate()[0], gate()[0])
     expected = min(1.0, max(0.0, 1 / (1 + math.exp(-0.5)) * 1.2 - 0.1))
-    assert torch.allclose(gate(), torch.full((64,), expected))
+    assert torch.allclose(gate()[0], torch.full((64,), expected))
     gate.train()
-    assert not torch.equal(gate(), gate())
+    assert not torch.equal(gate()[0], gate()[0])
 
 
 def test_limits_give_exact_zero_and_one_and_clamp():
     gate = HardConcreteGate((2,))
     with torch.no_grad():
         gate.log_alpha.copy_(torch.tensor([50.0, -50.0]))
-    assert gate.eval()().tolist() == [1.0, 0.0]
+    assert gate.eval()()[0].tolist() == [1.0, 0.0]
     gate.constrain_()
     assert gate.log_alpha.tolist() == [LOG_ALPHA_LIMIT, -LOG_ALPHA_LIMIT]
 
@@ -43,5 +43,6 @@ def test_limits_give_exact_zero_and_one_and_clamp():
 def test_gradients_reach_log_alpha():
     torch.manual_seed(0)
     gate = HardConcreteGate((8,), init_log_alpha=0.0).train()
-    (gate().sum() + gate.prob_open().sum()).backward()
+    z, prob = gate()
+    (z.sum() + prob.sum()).backward()
     assert gate.log_alpha.grad is not None and gate.log_alpha.grad.abs().sum() > 0

@@ -1,0 +1,121 @@
+"""A few CPU steps of the real `train()` on the toy model: budget tracking, distillation, param
+groups, checkpoints (adapter + gates + recipe) and exact resume."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+from visprune.data_prep.toy import write_toy_inputs
+from visprune.trainer.config import load_recipe
+from visprune.trainer.trainer import (
+    GATES_FILE,
+    VispruneTrainer,
+    build_model,
+    build_training_args,
+    prepare_model,
+    render_deepspeed_config,
+    train,
+)
+
+TOY_RECIPE = "recipes/toy/flops25.yaml"
+
+
+@pytest.fixture(scope="module")
+def toy_inputs(tmp_path_factory):
+    return write_toy_inputs(tmp_path_factory.mktemp("toy"), num_samples=96, seed=0)
+
+
+def toy_recipe(toy_inputs, out_dir, *overrides):
+    return load_recipe(TOY_RECIPE, [f"model.path={toy_inputs['model']}", f"data.path={toy_inputs['data']}",
+                                    f"data.image_folder={toy_inputs['image_folder']}", f"output.dir={out_dir}",
+                                    *overrides])
+
+
+def test_budget_reached_and_loss_finite(toy_inputs, tmp_path):
+    recipe = toy_recipe(toy_inputs, tmp_path / "run", "train.max_steps=30", "budget.warmup_steps=15",
+                        "output.save_steps=30", "budget.visual_flops=0.25")
+    run_dir = train(recipe, resume="never")
+    state = json.loads((run_dir / "checkpoint-30" / "trainer_state.json").read_text())
+    history = [e for e in state["log_history"] if "visprune/expected_visual_flops" in e]
+    assert len(history) == 30
+    assert all(math.isfinite(e["loss"]) for e in history)
+    assert abs(history[-1]["visprune/expected_visual_flops"] - 0.25) < 0.02, [
+        round(e["visprune/expected_visual_flops"], 3) for e in history]
+    for name in ("adapter_model.safetensors", GATES_FILE, "recipe.yaml", "optimizer.pt"):
+        assert (run_dir / "checkpoint-30" / name).is_file(), name
+    gates = load_file(run_dir / "checkpoint-30" / GATES_FILE)
+    assert gates["gates.head.log_alpha"].shape == (3, 4) and "sparsity.lambda_1" in gates
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _trainer(toy_inputs, out_dir, *overrides):
+    recipe = toy_recipe(toy_inputs, out_dir, *overrides)
+    model, processor = build_model(recipe)
+    model, gates, controller = prepare_model(model, recipe)
+    from visprune.trainer.data import LlavaCollator, build_dataset
+
+    args = build_training_args(recipe, render_deepspeed_config(recipe))
+    return VispruneTrainer(model=model, args=args, train_dataset=build_dataset(recipe.data),
+                           data_collator=LlavaCollator(processor, recipe.data), processing_class=processor,
+                           recipe=recipe, gates=gates, controller=controller)
+
+
+def test_param_groups_and_trainable_parameters(toy_inputs, tmp_path):
+    trainer = _trainer(toy_inputs, tmp_path / "run")
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "visprune_gates" in n or "visprune_sparsity" in n for n in trainable)
+    assert not any("vision_tower" in n for n in trainable)
+    assert any("language_model" in n and "lora_A" in n for n in trainable)
+    optimizer = trainer.create_optimizer()
+    lrs = sorted({g["lr"] for g in optimizer.param_groups})
+    recipe = trainer.recipe
+    assert {recipe.optim.lr, recipe.optim.gate_lr, recipe.optim.lambda_lr} <= set(lrs)
+    gate_group = [g for g in optimizer.param_groups if any(p is trainer.gates.head.log_alpha for p in g["params"])]
+    assert gate_group[0]["weight_decay"] == 0.0 and gate_group[0]["lr"] == recipe.optim.gate_lr
+
+
+def test_distillation_kl_zero_for_dense_student_and_positive_otherwise(toy_inputs, tmp_path):
+    trainer = _trainer(toy_inputs, tmp_path / "run", "distill.enabled=true", "lora.dropout=0.0")
+    model = trainer.model
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    model.eval()
+    with torch.no_grad(), model.disable_adapter(), trainer.gates.open_all():
+        logits = model(**batch).logits
+    with torch.no_grad(), model.disable_adapter(), trainer.gates.open_all():
+        assert float(trainer.distillation_loss(model, batch, logits)) == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():  # the student: window on, gates not all open, adapters on (B=0 init: still window)
+        student = model(**batch).logits
+        assert float(trainer.distillation_loss(model, batch, student)) > 1e-6
+
+
+class StopAt(TrainerCallback):
+    """Simulates a stop after `step` (the checkpoint of that step is written first)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def test_resume_equals_uninterrupted(toy_inputs, tmp_path):
+    common = ["train.max_steps=8", "budget.warmup_steps=4", "output.save_steps=4"]
+    straight = _trainer(toy_inputs, tmp_path / "straight", *common)
+    straight.train()
+    interrupted = _trainer(toy_inputs, tmp_path / "resumed", *common)
+    interrupted.add_callback(StopAt(4))
+    interrupted.train()
+    assert interrupted.state.global_step == 4
+    resumed = _trainer(toy_inputs, tmp_path / "resumed", *common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-4"))
+    for name in (GATES_FILE, "adapter_model.safetensors"):
+        a = load_file(tmp_path / "straight" / "checkpoint-8" / name)
+        b = load_file(tmp_path / "resumed" / "checkpoint-8" / name)
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=f"{name}: {key}")

@@ -1,0 +1,403 @@
+"""The Trainer subclass and the typed builders around it: model + gates + LoRA, DeepSpeed config,
+TrainingArguments, and the loss (LM + optional self-distillation + Lagrangian FLOPs constraint)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments, set_seed
+from transformers.trainer_callback import TrainerCallback
+from visprune.modeling import GateConfig, GateSet, attach_gates, default_layout, get_gate_set
+from visprune.modeling.flops import dims_from_config
+
+from .config import Recipe, recipe_to_dict, save_recipe
+from .sparsity import ExpectedFlops, SparsityController
+
+logger = logging.getLogger(__name__)
+
+GATES_FILE = "gates.safetensors"
+RECIPE_FILE = "recipe.yaml"
+SPARSITY_ATTR = "visprune_sparsity"
+LM_LINEAR_REGEX = r".*language_model.*\.({targets})$"
+
+
+# ---- builders ------------------------------------------------------------------------------------
+def pick_dtype(recipe: Recipe) -> torch.dtype:
+    if recipe.model.dtype == "bf16" or (recipe.model.dtype == "auto" and torch.cuda.is_available()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_model(recipe: Recipe) -> tuple[nn.Module, Any]:
+    """Load the base model and its processor with the stock `from_pretrained` (local or hub).
+
+    Seeds every RNG first: LoRA and gate initialisation are then the same in every run of a recipe.
+    """
+    set_seed(recipe.train.seed)
+    cfg = recipe.model
+    model = AutoModelForImageTextToText.from_pretrained(
+        cfg.path, dtype=pick_dtype(recipe), attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code)
+    processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    if model.config.model_type != cfg.family:
+        raise ValueError(f"model.family is {cfg.family!r} but {cfg.path} is a {model.config.model_type!r} model")
+    return model, processor
+
+
+def prepare_model(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, GateSet, SparsityController]:
+    """Freeze what is not trained, attach gates and the sparsity controller, add LoRA (peft).
+
+    Trainable: LoRA adapters on the language model's linear layers (or the whole LM when
+    `lora: null`), optionally the projector, the gates and the Lagrange multipliers.
+    """
+    g = recipe.gates
+    gates = attach_gates(model, GateConfig(heads=g.heads, visual_skip=g.visual_skip, visual_mlp=g.visual_mlp,
+                                           window=recipe.window, init_log_alpha=g.init_log_alpha, backend=g.backend))
+    controller = SparsityController(recipe.budget.visual_flops, recipe.budget.warmup_steps)
+    setattr(model, SPARSITY_ATTR, controller.to(next(model.parameters()).device))
+
+    for name, param in model.named_parameters():
+        param.requires_grad = False
+    if recipe.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        targets = "|".join(recipe.lora.targets)
+        peft_config = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                                 target_modules=LM_LINEAR_REGEX.format(targets=targets),
+                                 modules_to_save=["multi_modal_projector"] if recipe.model.train_projector else None)
+        model = get_peft_model(model, peft_config)
+    else:
+        for param in model.model.language_model.parameters():
+            param.requires_grad = True
+        if recipe.model.train_projector:
+            for param in model.model.multi_modal_projector.parameters():
+                param.requires_grad = True
+    # peft freezes raw parameters it does not know; gates and λ are always trained
+    for param in list(gates.parameters()) + list(controller.parameters()):
+        param.requires_grad = True
+    return model, gates, controller
+
+
+def render_deepspeed_config(recipe: Recipe) -> dict[str, Any] | None:
+    """DeepSpeed config for the recipe's ZeRO stage (HF "auto" values are filled by the Trainer)."""
+    stage = recipe.distributed.zero_stage
+    if stage == 0:
+        return None
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
+                            "reduce_bucket_size": "auto"}
+    if stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+                     "stage3_gather_16bit_weights_on_model_save": True})
+    if recipe.distributed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True}
+
+
+def build_training_args(recipe: Recipe, deepspeed_config: dict[str, Any] | None) -> TrainingArguments:
+    t, o, opt = recipe.train, recipe.output, recipe.optim
+    on_gpu = torch.cuda.is_available()
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(o.dir) / "tensorboard"))
+    return TrainingArguments(
+        output_dir=o.dir, max_steps=t.max_steps, per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=opt.lr, weight_decay=opt.weight_decay,
+        lr_scheduler_type=opt.scheduler, warmup_steps=opt.warmup_ratio, max_grad_norm=opt.max_grad_norm,
+        logging_steps=t.logging_steps, save_steps=o.save_steps, save_total_limit=o.save_total_limit,
+        seed=t.seed, data_seed=t.seed, bf16=on_gpu and pick_dtype(recipe) == torch.bfloat16,
+        use_cpu=not on_gpu, deepspeed=deepspeed_config, report_to=["tensorboard"],
+        remove_unused_columns=False, dataloader_num_workers=recipe.data.num_workers,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5.x name of gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        ddp_find_unused_parameters=False, disable_tqdm=False,
+    )
+
+
+# ---- the Trainer ----------------------------------------------------------------------------------
+class VispruneTrainer(Trainer):
+    """transformers.Trainer with the visprune loss, parameter groups and checkpoint extras.
+
+    loss = LM loss + distill.weight * KL(dense teacher || student) on answer tokens
+           + λ1(ŝ − t) + λ2(ŝ − t)²
+    """
+
+    def __init__(self, *args, recipe: Recipe, gates: GateSet, controller: SparsityController, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.recipe, self.gates, self.controller = recipe, gates, controller
+        base = _base_model(self.model)
+        dims = dims_from_config(base.config)
+        layout = default_layout(dims, system=recipe.budget.system_tokens, text=recipe.budget.text_tokens)
+        self.expected_flops = ExpectedFlops(dims, layout, recipe.window)
+        self.loss_is_scaled_for_ga = False  # every term is a per-micro-batch mean: the Trainer divides by GA
+        self._metrics: dict[str, float] = {}
+        self._metric_count = 0
+        self.add_callback(GateHeatmapCallback(self))
+
+    # -- optimizer: LoRA / LM, gates, λ each with their own group ---------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model
+        opt = self.recipe.optim
+        special = {id(p) for p in self.gates.parameters()} | {id(p) for p in self.controller.parameters()}
+        decay_names = set(self.get_decay_parameter_names(model))
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad and id(param) not in special:
+                (decay if name in decay_names else no_decay).append(param)
+        groups = [{"params": decay, "lr": opt.lr, "weight_decay": opt.weight_decay},
+                  {"params": no_decay, "lr": opt.lr, "weight_decay": 0.0},
+                  {"params": list(self.gates.parameters()), "lr": opt.gate_lr, "weight_decay": 0.0,
+                   "betas": (opt.gate_momentum, 0.999)},
+                  {"params": list(self.controller.parameters()), "lr": opt.lambda_lr, "weight_decay": 0.0,
+                   "betas": (opt.lambda_momentum, 0.999)}]
+        groups = [g for g in groups if g["params"]]
+        # by index: ZeRO flattens each group but keeps their order
+        self._constant_lr_groups = [idx for idx, g in enumerate(groups) if any(id(p) in special for p in g["params"])]
+        self.optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(0.9, 0.999), eps=1e-8)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The recipe's schedule (cosine + warm-up) for LoRA / LM weights; gates and λ keep a constant
+        learning rate so the constraint can act until the last step (as in CoFi)."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if lambdas is None or len(lambdas) != len(scheduler.optimizer.param_groups):
+            raise RuntimeError(f"cannot give gates a constant learning rate with {type(scheduler).__name__}")
+        for idx in self._constant_lr_groups:
+            lambdas[idx] = _constant_lr
+            scheduler.optimizer.param_groups[idx]["lr"] = scheduler.base_lrs[idx]
+        return scheduler
+
+    # -- loss ----------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        vision_anchor = self._vision_anchor(model, inputs)
+        outputs = model(**inputs)
+        lm_loss = outputs.loss
+        loss = lm_loss + vision_anchor
+        metrics: dict[str, float] = {"loss_lm": float(lm_loss.detach())}
+
+        if self.recipe.distill.enabled:
+            kl = self.distillation_loss(model, inputs, outputs.logits)
+            loss = loss + self.recipe.distill.weight * kl
+            metrics["loss_distill"] = float(kl.detach())
+
+        probs = self.gates.last_probs
+        if probs is not None and self.gates.learnable():
+            expected = self.expected_flops(probs)
+            penalty = self.controller(expected, self.state.global_step)
+            loss = loss + penalty
+            effective = probs.layer[:, None] * probs.head
+            metrics.update({
+                "loss_lagrangian": float(penalty.detach()), "expected_visual_flops": float(expected.detach()),
+                "target_visual_flops": self.controller.target_at(self.state.global_step),
+                "lambda_1": self.controller.last_lambdas[0], "lambda_2": self.controller.last_lambdas[1],
+                "open_heads": float((effective > 0.5).sum()), "open_layers": float((probs.layer > 0.5).sum()),
+            })
+        if model.training:
+            for key, value in metrics.items():
+                self._metrics[key] = self._metrics.get(key, 0.0) + value
+            self._metric_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def _vision_anchor(self, model, inputs) -> torch.Tensor:
+        """A text-only batch still runs the vision tower (zero-weighted): ZeRO-3 hangs when ranks skip it."""
+        if "pixel_values" in inputs:
+            return torch.zeros((), device=inputs["input_ids"].device)
+        base = _base_model(model)
+        vision = base.config.vision_config
+        dummy = torch.zeros(1, 3, vision.image_size, vision.image_size, device=inputs["input_ids"].device,
+                            dtype=next(base.model.vision_tower.parameters()).dtype)
+        features = base.model.get_image_features(pixel_values=dummy).pooler_output
+        return 0.0 * torch.cat(list(features)).float().sum()
+
+    def distillation_loss(self, model, inputs, student_logits: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) on answer tokens; the teacher is this model with adapters disabled
+        and every gate open (no second copy of the weights)."""
+        if not hasattr(model, "disable_adapter") and not hasattr(_unwrap(model), "disable_adapter"):
+            raise ValueError("distill.enabled needs LoRA (the teacher is the model with adapters disabled)")
+        peft_model = model if hasattr(model, "disable_adapter") else _unwrap(model)
+        temperature = self.recipe.distill.temperature
+        with torch.no_grad(), peft_model.disable_adapter(), self.gates.open_all():
+            teacher_logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        answer = inputs["labels"][:, 1:] != -100  # logits at i predict token i + 1
+        if not answer.any():
+            return student_logits.sum() * 0.0
+        student = F.log_softmax(student_logits[:, :-1][answer].float() / temperature, dim=-1)
+        teacher = F.log_softmax(teacher_logits[:, :-1][answer].float() / temperature, dim=-1)
+        return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+    # -- logging ------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._metric_count and "loss" in logs:
+            for key, value in self._metrics.items():
+                logs[f"visprune/{key}"] = round(value / self._metric_count, 6)
+            self._metrics, self._metric_count = {}, 0
+        super().log(logs, start_time)
+
+    # -- checkpoints: gates, λ and the recipe beside the adapter ----------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        tensors = gate_state_dict(self.gates, self.controller)  # collective under ZeRO-3
+        if self.args.should_save:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            save_file(tensors, os.path.join(output_dir, GATES_FILE), metadata=gate_metadata(self.gates))
+            save_recipe(self.recipe, os.path.join(output_dir, RECIPE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_gate_state(self.gates, self.controller, os.path.join(resume_from_checkpoint, GATES_FILE))
+
+
+def _constant_lr(step: int) -> float:
+    return 1.0
+
+
+class GateHeatmapCallback(TrainerCallback):
+    """Clamps gate log_alpha after each optimizer step and writes an L x H image of head-gate
+    probabilities to TensorBoard every `output.heatmap_steps` steps (rank 0)."""
+
+    def __init__(self, trainer: VispruneTrainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.gates.constrain_()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        every = self.trainer.recipe.output.heatmap_steps
+        probs = self.trainer.gates.last_probs
+        if not state.is_world_process_zero or probs is None or every <= 0 or state.global_step % every:
+            return
+        writer = _tensorboard_writer(self.trainer)
+        if writer is None:
+            return
+        effective = (probs.layer[:, None] * probs.head).detach().float().cpu().clamp(0, 1)  # (L, H)
+        writer.add_image("visprune/head_gate_prob", effective[None], state.global_step, dataformats="CHW")
+        writer.flush()
+
+
+def _tensorboard_writer(trainer: Trainer):
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            return callback.tb_writer
+    return None
+
+
+# ---- gate state ------------------------------------------------------------------------------------
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    model = _unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _gathered(params: list[nn.Parameter]):
+    """Context that makes ZeRO-3 partitioned parameters whole (a no-op otherwise)."""
+    import contextlib
+
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+def gate_state_dict(gates: GateSet, controller: SparsityController) -> dict[str, torch.Tensor]:
+    """Gate log_alpha tensors and λ as plain CPU float32 tensors (gathered under ZeRO-3)."""
+    named = {f"gates.{n}": p for n, p in gates.named_parameters()}
+    named.update({f"sparsity.{n}": p for n, p in controller.named_parameters()})
+    with _gathered(list(named.values())):
+        tensors = {name: p.detach().float().cpu().clone().contiguous() for name, p in named.items()}
+    for name, tensor in tensors.items():
+        if tensor.numel() == 0:
+            raise RuntimeError(f"gate tensor {name} is empty after gathering; refusing to save it")
+    return tensors
+
+
+def gate_metadata(gates: GateSet) -> dict[str, str]:
+    return {"format": "visprune-gates/1", "family": gates.family, "window": json.dumps(gates.window),
+            "dims": json.dumps(asdict(gates.dims)), "config": json.dumps(asdict(gates.cfg))}
+
+
+def load_gate_state(gates: GateSet, controller: SparsityController, path: str) -> None:
+    """Restore gates and λ from a checkpoint's gates.safetensors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: this checkpoint has no gates to resume from")
+    tensors = load_file(path)
+    named = {f"gates.{n}": p for n, p in gates.named_parameters()}
+    named.update({f"sparsity.{n}": p for n, p in controller.named_parameters()})
+    missing = sorted(set(named) - set(tensors))
+    if missing:
+        raise ValueError(f"{path} lacks {missing}")
+    with _gathered(list(named.values())), torch.no_grad():
+        for name, param in named.items():
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}")
+            param.copy_(tensors[name].to(param.device, param.dtype))
+
+
+def get_sparsity_controller(model: nn.Module) -> SparsityController | None:
+    return getattr(_base_model(model), SPARSITY_ATTR, None)
+
+
+# ---- one run ----------------------------------------------------------------------------------------
+def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str) -> str | None:
+    """`resume`: "auto" (newest checkpoint-N in the run folder, if any), "never", or a checkpoint path."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        if not os.path.isdir(resume):
+            raise ValueError(f"--resume {resume}: no such checkpoint folder")
+        return resume
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(run_dir)) if os.path.isdir(run_dir) else None
+
+
+def train(recipe: Recipe, resume: str = "auto") -> Path:
+    """Run a recipe: build, train, checkpoint; returns the run folder."""
+    from .data import LlavaCollator, build_dataset
+
+    run_dir = Path(recipe.output.dir)
+    args = build_training_args(recipe, render_deepspeed_config(recipe))
+    if args.should_save:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / RECIPE_FILE)
+        if args.deepspeed:
+            (run_dir / "deepspeed_config.json").write_text(json.dumps(render_deepspeed_config(recipe), indent=1))
+    dataset = build_dataset(recipe.data)
+    model, processor = build_model(recipe)
+    model, gates, controller = prepare_model(model, recipe)
+    collator = LlavaCollator(processor, recipe.data)
+    trainer = VispruneTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                              processing_class=processor, recipe=recipe, gates=gates, controller=controller)
+    checkpoint = find_resume_checkpoint(run_dir, resume)
+    if checkpoint:
+        done = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0)
+        if done >= recipe.train.max_steps:  # transformers would still run one more step
+            logger.info("%s is at step %d of %d: nothing left to train", checkpoint, done, recipe.train.max_steps)
+            return run_dir
+        logger.info("resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(str(run_dir / "final"))
+    if collator.num_dropped:
+        logger.warning("%d over-long samples were dropped (data.drop_overlong)", collator.num_dropped)
+    return run_dir
+
+
+__all__ = ["GATES_FILE", "RECIPE_FILE", "VispruneTrainer", "build_model", "build_training_args",
+           "gate_state_dict", "get_gate_set", "get_sparsity_controller", "load_gate_state", "prepare_model",
+           "recipe_to_dict", "render_deepspeed_config", "train"]
