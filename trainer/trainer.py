@@ -106,7 +106,8 @@ def render_deepspeed_config(recipe: Recipe) -> dict[str, Any] | None:
 def build_training_args(recipe: Recipe, deepspeed_config: dict[str, Any] | None) -> TrainingArguments:
     t, o, opt = recipe.train, recipe.output, recipe.optim
     on_gpu = torch.cuda.is_available()
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(o.dir) / "tensorboard"))
+    # transformers 5.x reads the TensorBoard folder from this variable (TrainingArguments.logging_dir is gone)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(o.dir) / "tensorboard")
     return TrainingArguments(
         output_dir=o.dir, max_steps=t.max_steps, per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=opt.lr, weight_decay=opt.weight_decay,
@@ -139,6 +140,7 @@ class VispruneTrainer(Trainer):
         self.loss_is_scaled_for_ga = False  # every term is a per-micro-batch mean: the Trainer divides by GA
         self._metrics: dict[str, float] = {}
         self._metric_count = 0
+        self._constant_lr_groups: list[int] = []
         self.add_callback(GateHeatmapCallback(self))
 
     # -- optimizer: LoRA / LM, gates, λ each with their own group ---------------------------------
@@ -241,6 +243,11 @@ class VispruneTrainer(Trainer):
             for key, value in self._metrics.items():
                 logs[f"visprune/{key}"] = round(value / self._metric_count, 6)
             self._metrics, self._metric_count = {}, 0
+            groups = self.optimizer.param_groups if self.optimizer is not None else []
+            if len(groups) >= 2 and len(self._constant_lr_groups) == 2:
+                gate_idx, lambda_idx = self._constant_lr_groups
+                logs["visprune/lr_gates"] = groups[gate_idx]["lr"]
+                logs["visprune/lr_lambda"] = groups[lambda_idx]["lr"]
         super().log(logs, start_time)
 
     # -- checkpoints: gates, λ and the recipe beside the adapter ----------------------------------

@@ -119,3 +119,49 @@ def test_resume_equals_uninterrupted(toy_inputs, tmp_path):
         assert a.keys() == b.keys() and a
         for key in a:
             torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=f"{name}: {key}")
+
+
+def test_tensorboard_has_scalars_and_gate_heatmap(toy_inputs, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = train(toy_recipe(toy_inputs, tmp_path / "run", "train.max_steps=4", "output.heatmap_steps=2",
+                               "output.save_steps=4"), resume="never")
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("loss_lm", "loss_lagrangian", "expected_visual_flops", "target_visual_flops", "lambda_1",
+                "lambda_2", "open_heads", "open_layers", "lr_gates", "lr_lambda"):
+        assert f"train/visprune/{tag}" in scalars, (tag, sorted(scalars))
+    assert "train/learning_rate" in scalars
+    assert "visprune/head_gate_prob" in events.Tags()["images"]
+
+
+def test_text_only_batch_runs_the_vision_tower_and_gradient_checkpointing_with_distillation(toy_inputs, tmp_path):
+    trainer = _trainer(toy_inputs, tmp_path / "run", "distill.enabled=true", "train.gradient_checkpointing=true")
+    rows = [row for row in trainer.train_dataset if not row["images"]][:3]
+    batch = trainer.data_collator(rows)
+    assert "pixel_values" not in batch
+    trainer.model.train()
+    calls = []
+    hook = trainer.model.get_base_model().model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    hook.remove()
+    assert calls and torch.isfinite(loss)
+    assert trainer.gates.head.log_alpha.grad is not None
+
+
+@pytest.mark.parametrize("lora, projector", [(True, True), (False, False)])
+def test_projector_and_full_fine_tuning(toy_inputs, tmp_path, lora, projector):
+    overrides = [f"model.train_projector={str(projector).lower()}"] + ([] if lora else ["lora=null"])
+    recipe = toy_recipe(toy_inputs, tmp_path / "run", *overrides)
+    model, _ = build_model(recipe)
+    model, _, _ = prepare_model(model, recipe)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not any("vision_tower" in n for n in trainable)
+    assert any("multi_modal_projector" in n for n in trainable) == projector
+    if lora:
+        assert any("lora_A" in n for n in trainable)
+    else:
+        lm = [n for n, _ in model.model.language_model.named_parameters()]
+        assert len([n for n in trainable if "language_model" in n]) == len(lm)
