@@ -7,17 +7,17 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .families import LayerSlot, TextDims, VisualAttentionWrapper, VisualMLPWrapper, family_for
-from .flops import GateProbs
+from .flops import GateProbs, ModelDims, TokenLayout, default_layout, visual_flops
 from .gated_attention import CTX_KWARG, FLEX_NAME, SDPA_NAME, GateValues, VisualContext
 from .hard_concrete import FixedGate, HardConcreteGate
-from .plan import Plan
+from .plan import LayerPlan, Plan
 
 GATES_ATTR = "visprune_gates"  # the GateSet's name as a submodule of the multimodal model
 BACKENDS = ("auto", "sdpa", "flex")
@@ -58,9 +58,10 @@ class GateSet(nn.Module):
     Gates that a config disables are constant ones. `train()` samples, `eval()` is deterministic.
     """
 
-    def __init__(self, dims: TextDims, cfg: GateConfig, family: str) -> None:
+    def __init__(self, dims: TextDims, cfg: GateConfig, family: str,
+                 image_grid: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.dims, self.cfg, self.family = dims, cfg, family
+        self.dims, self.cfg, self.family, self.image_grid = dims, cfg, family, image_grid
         L, H = dims.num_layers, dims.num_heads
         self.head = HardConcreteGate((L, H), cfg.init_log_alpha) if cfg.heads else FixedGate(torch.ones(L, H))
         self.router = HardConcreteGate((L,), cfg.init_log_alpha) if cfg.visual_skip else FixedGate(torch.ones(L))
@@ -109,12 +110,74 @@ class GateSet(nn.Module):
             frac[layer_idx] = mask.float().mean()
         return frac
 
+    def to_plan(self, budget: float, layout: TokenLayout | None = None) -> Plan:
+        """Harden the gates: deterministic top-k by `log_alpha` under the visual-FLOPs budget.
+
+        Units are the visual heads (l, h) and visual MLPs (l); a unit's score is the smaller of its
+        own log_alpha and its layer router's (the hierarchy: nothing is kept in a layer whose router
+        is weakest). Units are added in score order while the plan's visual FLOPs (the one FLOPs
+        model, with this GateSet's window) stay within `budget` x dense; the first unit that does not
+        fit ends the plan. The ranking is global, so a smaller budget keeps a subset of a larger one.
+
+        Args:
+            budget: fraction of the dense visual FLOPs (the paper's unit), in (0, 1].
+            layout: token layout costed; default one image with 35 system and 60 text tokens.
+        """
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        dims = self.model_dims()
+        layout = layout or default_layout(dims)
+        L, H = self.dims.num_layers, self.dims.num_heads
+        scores = _unit_scores(self)
+        order = sorted(scores, key=lambda unit: (-unit[0], unit[1], unit[2], unit[3]))
+        limit = budget * float(visual_flops(dims, layout))
+        head = torch.zeros(L, H)
+        mlp = torch.zeros(L)
+        for _, kind, layer_idx, head_idx in order:
+            trial_head, trial_mlp = head.clone(), mlp.clone()
+            if kind == 0:
+                trial_head[layer_idx, head_idx] = 1.0
+            else:
+                trial_mlp[layer_idx] = 1.0
+            router = ((trial_head.sum(dim=1) > 0) | (trial_mlp > 0)).float()
+            cost = float(visual_flops(dims, layout, GateProbs(trial_head, router, trial_mlp), self.window))
+            if cost > limit:
+                break
+            head, mlp = trial_head, trial_mlp
+        layers = tuple(LayerPlan(heads=tuple(int(h) for h in head[l].nonzero().flatten().tolist()),
+                                 mlp=bool(mlp[l] > 0)) for l in range(L))
+        return Plan(family=self.family, window=self.window, num_layers=L, num_heads=H, layers=layers)
+
+    def model_dims(self) -> ModelDims:
+        """The FLOPs model's view of this GateSet's model."""
+        if self.image_grid is None:
+            raise ValueError("this GateSet does not know its image grid")
+        return ModelDims(name=self.family, family=self.family, image_grid=tuple(self.image_grid),
+                         **asdict(self.dims))
+
     def constrain_(self) -> None:
         for gate in (self.head, self.router, self.mlp):
             gate.constrain_()
 
     def learnable(self) -> bool:
         return any(isinstance(g, HardConcreteGate) for g in (self.head, self.router, self.mlp))
+
+
+def _unit_scores(gates: GateSet) -> list[tuple[float, int, int, int]]:
+    """(score, kind, layer, head) for every head (kind 0) and MLP (kind 1) unit; fixed gates score +-inf."""
+
+    def logits(gate) -> torch.Tensor:
+        if isinstance(gate, HardConcreteGate):
+            return gate.log_alpha.detach().float().cpu()
+        return torch.where(gate.values.cpu() > 0, torch.tensor(float("inf")), torch.tensor(float("-inf")))
+
+    head, router, mlp = logits(gates.head), logits(gates.router), logits(gates.mlp)
+    units = []
+    for layer_idx in range(gates.dims.num_layers):
+        for head_idx in range(gates.dims.num_heads):
+            units.append((float(min(head[layer_idx, head_idx], router[layer_idx])), 0, layer_idx, head_idx))
+        units.append((float(min(mlp[layer_idx], router[layer_idx])), 1, layer_idx, -1))
+    return units
 
 
 def get_gate_set(model: nn.Module) -> GateSet | None:
@@ -137,9 +200,8 @@ def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GateSet:
         raise ValueError("gates are already attached to this model; call detach_gates(model) first")
     family = family_for(base)
     dims = family.text_dims(base.config)
-    family.image_grid(base.config)  # fail now on an unsupported vision layout
     param = next(base.parameters())
-    gates = GateSet(dims, cfg, family.name).to(param.device).train(base.training)
+    gates = GateSet(dims, cfg, family.name, family.image_grid(base.config)).to(param.device).train(base.training)
     setattr(base, GATES_ATTR, gates)
 
     for layer_idx, layer in enumerate(family.decoder_layers(base)):

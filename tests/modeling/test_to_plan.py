@@ -1,0 +1,77 @@
+"""GateSet.to_plan: global top-k by log_alpha that meets a visual-FLOPs budget, monotone in the budget."""
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_llava
+from visprune.modeling import GateConfig, GateProbs, GateSet, apply_plan, attach_gates, visual_flops
+from visprune.modeling.families import TextDims
+from visprune.modeling.flops import default_layout
+
+
+def llava7b_gates(seed=0, window=5):
+    dims = TextDims(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=32, head_dim=128,
+                    intermediate_size=11008)
+    gates = GateSet(dims, GateConfig(window=window), "llava", (24, 24))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in gates.parameters():
+            param.copy_(torch.randn_like(param) * 3)
+    return gates
+
+
+def plan_fraction(gates, plan):
+    dims = gates.model_dims()
+    layout = default_layout(dims)
+    probs = GateProbs.from_plan(plan, dims.intermediate_size)
+    return float(visual_flops(dims, layout, probs, plan.window) / visual_flops(dims, layout))
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.12, 0.25, 0.5])
+def test_meets_budget_and_next_unit_would_not_fit(budget):
+    gates = llava7b_gates()
+    plan = gates.to_plan(budget)
+    fraction = plan_fraction(gates, plan)
+    assert fraction <= budget
+    assert budget - fraction < 0.025  # the slack is at most one MLP unit (6ndm / dense = 2%)
+    assert plan.window == 5 and plan.num_layers == 32
+
+
+def test_monotone_in_the_budget():
+    gates = llava7b_gates(seed=1)
+    previous = None
+    for budget in (0.03, 0.08, 0.12, 0.25, 0.4, 0.7, 1.0):
+        plan = gates.to_plan(budget)
+        kept = {(l, h) for l, layer in enumerate(plan.layers) for h in layer.heads}
+        kept |= {(l, "mlp") for l, layer in enumerate(plan.layers) if layer.mlp}
+        if previous is not None:
+            assert previous <= kept, budget
+        previous = kept
+    assert len(previous) == 32 * 33  # budget 1.0 keeps everything (the window alone costs less than dense)
+
+
+def test_ranking_follows_log_alpha_and_router_hierarchy():
+    gates = llava7b_gates(seed=2)
+    with torch.no_grad():
+        gates.router.log_alpha[3] = -10.0  # layer 3's router is weakest: nothing kept there
+        gates.head.log_alpha[5, 7] = 10.0
+        gates.router.log_alpha[5] = 10.0
+    plan = gates.to_plan(0.12)
+    assert plan.layers[3].skipped
+    assert 7 in plan.layers[5].heads
+
+
+def test_plan_of_attached_gates_applies():
+    model = tiny_llava()
+    gates = attach_gates(model, GateConfig(window=3, init_log_alpha=0.0))
+    with torch.no_grad():
+        gates.head.log_alpha.copy_(torch.randn(3, 4))
+    plan = gates.to_plan(0.3)
+    assert plan_fraction(gates, plan) <= 0.3
+    apply_plan(model, plan)
+    with torch.no_grad():
+        assert torch.isfinite(model(**tiny_batch()).logits).all()
+
+
+def test_bad_budget():
+    with pytest.raises(ValueError, match="budget"):
+        llava7b_gates().to_plan(0.0)
