@@ -1,5 +1,5 @@
-"""The `visprune` command line: `train` (a recipe), `flops` (the cost model), `data toy` (tiny local
-model + data for CPU runs). Verbs arrive with their issues."""
+"""The `visprune` command line: `train` (a recipe), `harden` (checkpoint -> plan + merged export),
+`flops` (the cost model), `data toy` (tiny local model + data for CPU runs)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,18 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_harden(args: argparse.Namespace) -> int:
+    from visprune.trainer.export import harden
+
+    report = harden(args.checkpoint, args.out, budget=args.budget, plan_path=args.plan)
+    vf = report["visual_flops"]
+    print(f"{args.out}: visual FLOPs {vf['pruned'] / 1e9:.2f} G of {vf['dense'] / 1e9:.2f} G dense "
+          f"({vf['ratio']:.2%}, budget {report['budget']:.2%}); visual layers kept "
+          f"{report['visual_layers_kept']}/{len(report['heads_kept_per_layer'])}; "
+          f"heads kept per layer {report['heads_kept_per_layer']}")
+    return 0
+
+
 def run_data_toy(args: argparse.Namespace) -> int:
     from visprune.data_prep.toy import write_toy_inputs
 
@@ -95,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default="auto",
                        help="auto (newest checkpoint in the run folder, default), never, or a checkpoint folder")
     train.set_defaults(func=run_train)
+
+    harden = sub.add_parser("harden", help="checkpoint -> merged HF folder + pruning_plan.json + pruning_report.json")
+    harden.add_argument("checkpoint", help="RUN_DIR/checkpoint-N of `visprune train`")
+    harden.add_argument("--out", required=True, help="output folder")
+    harden.add_argument("--budget", type=float, help="visual-FLOPs fraction to keep (default: the recipe's budget)")
+    harden.add_argument("--plan", help="use this pruning_plan.json instead of the gates' top-k (checked against --budget)")
+    harden.set_defaults(func=run_harden)
 
     data = sub.add_parser("data", help="data preparation")
     data_sub = data.add_subparsers(dest="data_verb", required=True)
@@ -128,8 +147,9 @@ def _user_errors(verb: str) -> tuple[type[Exception], ...]:
         return (ValueError, FileNotFoundError)
     from visprune.trainer.config import RecipeError
     from visprune.trainer.data import DataError
+    from visprune.trainer.export import HardenError
 
-    return (RecipeError, DataError, PlanError, FileNotFoundError)
+    return (RecipeError, DataError, PlanError, HardenError, FileNotFoundError)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""`visprune harden`: checkpoint -> merged HF folder + plan within the budget + report."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+from visprune.data_prep.toy import write_toy_inputs
+from visprune.modeling import LayerPlan, Plan, apply_plan
+from visprune.trainer.cli import main
+from visprune.trainer.config import load_recipe
+from visprune.trainer.data import LlavaCollator, build_dataset
+from visprune.trainer.export import PLAN_FILE, REPORT_FILE, HardenError, harden
+from visprune.trainer.trainer import train
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("harden")
+    inputs = write_toy_inputs(root / "inputs", num_samples=32, seed=0)
+    recipe = load_recipe("recipes/toy/flops25.yaml", [
+        f"model.path={inputs['model']}", f"data.path={inputs['data']}", f"data.image_folder={inputs['image_folder']}",
+        f"output.dir={root / 'run'}", "train.max_steps=6", "output.save_steps=6", "budget.warmup_steps=3"])
+    return train(recipe, resume="never") / "checkpoint-6", recipe
+
+
+def test_harden_exports_a_plain_model_with_plan_and_report(checkpoint, tmp_path, capsys):
+    ckpt, recipe = checkpoint
+    assert main(["harden", str(ckpt), "--out", str(tmp_path / "v12"), "--budget", "0.12"]) == 0
+    assert "visual FLOPs" in capsys.readouterr().out
+    out = tmp_path / "v12"
+    plan = Plan.from_json(out / PLAN_FILE)
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["budget"] == 0.12 and report["visual_flops"]["ratio"] <= 0.12
+    assert report["heads_kept_per_layer"] == [len(layer.heads) for layer in plan.layers]
+    assert set(report) >= {"visual_kv_bytes", "prefill_flops", "visual_layers_kept"}
+    # stock transformers loads it as a dense model: the merged weights, plain module names
+    model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert model.config.text_config._attn_implementation != "visprune_sdpa"
+    assert list(out.glob("model*.safetensors"))
+    batch = LlavaCollator(processor, recipe.data)([build_dataset(recipe.data)[i] for i in range(2)])
+    with torch.no_grad():
+        dense = model(**batch).logits
+    apply_plan(model, plan)  # and executes its plan in gated mode
+    with torch.no_grad():
+        gated = model(**batch).logits
+    assert torch.isfinite(gated).all() and not torch.allclose(dense, gated)
+
+
+def test_merged_weights_differ_from_base_and_same_run_any_budget(checkpoint, tmp_path):
+    ckpt, recipe = checkpoint
+    small = harden(ckpt, tmp_path / "a", budget=0.12)
+    large = harden(ckpt, tmp_path / "b", budget=0.25)
+    assert small["visual_flops"]["pruned"] <= large["visual_flops"]["pruned"]
+    base = LlavaForConditionalGeneration.from_pretrained(recipe.model.path)
+    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a")
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(dict(base.named_parameters())[name], dict(merged.named_parameters())[name])
+
+
+def test_given_plan_over_budget_is_refused_with_numbers(checkpoint, tmp_path):
+    ckpt, _ = checkpoint
+    Plan.dense(3, 4, window=3).to_json(tmp_path / "dense.json")
+    with pytest.raises(HardenError, match=r"keeps 0\.\d+ of the dense visual FLOPs .* over the budget 0.25"):
+        harden(ckpt, tmp_path / "x", budget=0.25, plan_path=str(tmp_path / "dense.json"))
+    small = Plan(family="llava", window=3, num_layers=3, num_heads=4,
+                 layers=(LayerPlan(heads=(0,), mlp=False),) + (LayerPlan(heads=(), mlp=False),) * 2)
+    small.to_json(tmp_path / "small.json")
+    assert harden(ckpt, tmp_path / "y", budget=0.25, plan_path=str(tmp_path / "small.json"))["visual_layers_kept"] == 1

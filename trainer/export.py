@@ -1,0 +1,131 @@
+"""Harden a training checkpoint: base model + LoRA (merged) + gates -> a plan within the budget,
+exported as a plain HF folder (config.json, sharded *.safetensors, processor files) with
+`pruning_plan.json` and `pruning_report.json`. Executing the plan fast is modeling's job."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from visprune.modeling import (
+    GateConfig,
+    GateProbs,
+    GateSet,
+    Plan,
+    attach_gates,
+    default_layout,
+    detach_gates,
+    flops_report,
+)
+
+from .config import Recipe, load_recipe
+from .trainer import GATES_FILE, RECIPE_FILE, build_model
+
+logger = logging.getLogger(__name__)
+
+PLAN_FILE = "pruning_plan.json"
+REPORT_FILE = "pruning_report.json"
+
+
+class HardenError(ValueError):
+    """A checkpoint or plan that cannot be hardened; the message says why, with the numbers."""
+
+
+def load_gates_into(gates: GateSet, path: Path) -> None:
+    """Copy `gates.*` tensors of a checkpoint's gates.safetensors into an attached GateSet."""
+    if not path.is_file():
+        raise HardenError(f"{path} is missing: not a visprune training checkpoint")
+    tensors = load_file(str(path))
+    for name, param in gates.named_parameters():
+        key = f"gates.{name}"
+        if key not in tensors:
+            raise HardenError(f"{path} lacks {key}")
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            raise HardenError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(tensors[key])
+
+
+def _load_full_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Full fine-tuning checkpoints hold the whole (gated) model; load its language-model weights."""
+    files = sorted(checkpoint.glob("model*.safetensors"))
+    if not files:
+        raise HardenError(f"{checkpoint} has neither adapter_model.safetensors nor model*.safetensors")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "language_model" in k]
+    if missing:
+        raise HardenError(f"{checkpoint}: weights missing for {missing[:3]} (and {max(0, len(missing) - 3)} more)")
+    logger.info("loaded %d tensors from %s (%d not in the model)", len(state), checkpoint, len(unexpected))
+
+
+def build_report(gates: GateSet, plan: Plan, budget: float) -> dict[str, Any]:
+    dims = gates.model_dims()
+    layout = default_layout(dims)
+    dense = flops_report(dims, layout)
+    pruned = flops_report(dims, layout, GateProbs.from_plan(plan, dims.intermediate_size), window=plan.window)
+    return {
+        "budget": budget, "model": asdict(dims), "layout": layout.to_dict(), "window": plan.window,
+        "visual_flops": {"dense": dense["visual_flops"], "pruned": pruned["visual_flops"],
+                         "ratio": pruned["visual_flops"] / dense["visual_flops"]},
+        "prefill_flops": {"dense": dense["prefill_flops"], "pruned": pruned["prefill_flops"],
+                          "ratio": pruned["prefill_flops"] / dense["prefill_flops"]},
+        "visual_kv_bytes": {"dense": dense["visual_kv_bytes"], "pruned": pruned["visual_kv_bytes"]},
+        "heads_kept_per_layer": [len(layer.heads) for layer in plan.layers],
+        "mlp_kept_per_layer": [layer.mlp for layer in plan.layers],
+        "visual_layers_kept": sum(not layer.skipped for layer in plan.layers),
+    }
+
+
+def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None, plan_path: str | None = None,
+           max_shard_size: str = "5GB") -> dict[str, Any]:
+    """Export `checkpoint` hardened at `budget` (default: the recipe's) or with a given plan.
+
+    Returns the report. Raises HardenError when a given plan's visual FLOPs exceed the budget.
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    recipe: Recipe = load_recipe(checkpoint / RECIPE_FILE)
+    budget = recipe.budget.visual_flops if budget is None else budget
+    model, processor = build_model(recipe)
+    g = recipe.gates
+    gates = attach_gates(model, GateConfig(heads=g.heads, visual_skip=g.visual_skip, visual_mlp=g.visual_mlp,
+                                           window=recipe.window, init_log_alpha=g.init_log_alpha))
+    load_gates_into(gates, checkpoint / GATES_FILE)
+    if (checkpoint / "adapter_model.safetensors").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
+    else:
+        _load_full_weights(model, checkpoint)
+
+    if plan_path is None:
+        plan = gates.to_plan(budget)
+    else:
+        plan = Plan.from_json(plan_path)
+        dims = gates.model_dims()
+        plan.validate_for(dims.num_layers, dims.num_heads, dims.intermediate_size)
+    report = build_report(gates, plan, budget)
+    ratio = report["visual_flops"]["ratio"]
+    if ratio > budget + 1e-9:
+        raise HardenError(f"the plan keeps {ratio:.4f} of the dense visual FLOPs "
+                          f"({report['visual_flops']['pruned']:.4g} of {report['visual_flops']['dense']:.4g}), "
+                          f"over the budget {budget}")
+    detach_gates(model)  # plain module names and attention again: the folder is a standard HF model
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    processor.save_pretrained(out)
+    plan.to_json(out / PLAN_FILE)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+    logger.info("hardened %s -> %s: %.2f%% of dense visual FLOPs (budget %.2f%%), %d of %d visual layers kept",
+                checkpoint, out, 100 * ratio, 100 * budget, report["visual_layers_kept"], plan.num_layers)
+    return report
+
+
+__all__ = ["PLAN_FILE", "REPORT_FILE", "HardenError", "build_report", "harden", "load_gates_into"]
