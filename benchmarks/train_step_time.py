@@ -38,9 +38,9 @@ def main() -> None:
                                              LM_LINEAR_REGEX.format(targets="|".join(recipe.lora.targets))))
     gated, _ = build_model(recipe)
     gated, gates, controller = prepare_model(gated, recipe)
-    from visprune.modeling.flops import default_layout, dims_from_config
+    from visprune.modeling.flops import default_layout
 
-    dims = dims_from_config(gated.get_base_model().config)
+    dims = gates.model_dims()
     expected = ExpectedFlops(dims, default_layout(dims, system=4, text=12), recipe.window)
     runs = {
         "plain_lora": (plain, torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-3), None),

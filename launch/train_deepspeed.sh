@@ -9,37 +9,20 @@
 #   DRY_RUN=1            print the command instead of running it
 set -euo pipefail
 
-if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-  echo "usage: $0 RECIPE [dotted.key=value ...]   (env: HOSTFILE, MASTER_PORT, PYTHON, DRY_RUN)" >&2
-  exit 2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/common.bash"
+require_recipe "$0" "HOSTFILE, MASTER_PORT, PYTHON, DRY_RUN" "$@"
 recipe=$1
 shift
-if [[ ! -f "$recipe" ]]; then
-  echo "$0: recipe not found: $recipe" >&2
-  exit 2
-fi
 if [[ -n "${HOSTFILE:-}" && ! -f "$HOSTFILE" ]]; then
   echo "$0: HOSTFILE=$HOSTFILE does not exist" >&2
   exit 2
 fi
 hostfile=${HOSTFILE:-hostfile}
 
-if [[ -n "${PYTHON:-}" ]]; then
-  launcher=("$PYTHON" -m deepspeed.launcher.runner)
-elif command -v deepspeed >/dev/null 2>&1; then
-  launcher=(deepspeed)
-else
-  echo "$0: deepspeed not found: activate the environment visprune is installed in, or set PYTHON=.venv/bin/python" >&2
-  exit 127
-fi
+mapfile -t launcher < <(find_launcher "$0" deepspeed deepspeed.launcher.runner)
+[[ ${#launcher[@]} -gt 0 ]] || exit 127
 
 # --no_local_rank: the CLI takes RECIPE and overrides only; ranks come from the LOCAL_RANK/RANK env vars
 cmd=("${launcher[@]}" --hostfile "$hostfile" --master_port "${MASTER_PORT:-29500}" --no_local_rank
      --module visprune.trainer.cli train "$recipe" "$@")
-if [[ -n "${DRY_RUN:-}" ]]; then
-  printf '%q ' "${cmd[@]}"
-  echo
-  exit 0
-fi
-exec "${cmd[@]}"
+run_or_print "${cmd[@]}"

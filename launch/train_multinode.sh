@@ -12,16 +12,10 @@
 #   DRY_RUN=1            print the command instead of running it
 set -euo pipefail
 
-if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-  echo "usage: $0 RECIPE [dotted.key=value ...]   (env: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE)" >&2
-  exit 2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/common.bash"
+require_recipe "$0" "NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE, PYTHON, DRY_RUN" "$@"
 recipe=$1
 shift
-if [[ ! -f "$recipe" ]]; then
-  echo "$0: recipe not found: $recipe" >&2
-  exit 2
-fi
 
 nnodes=${NNODES:-1}
 node_rank=${NODE_RANK:-${SLURM_NODEID:-0}}
@@ -42,43 +36,12 @@ if (( nnodes > 1 )) && [[ -z "${MASTER_ADDR:-}" ]]; then
 fi
 master_addr=${MASTER_ADDR:-127.0.0.1}
 
-count_gpus() {
-  if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
-    if [[ -z "$CUDA_VISIBLE_DEVICES" || "$CUDA_VISIBLE_DEVICES" == -1 ]]; then
-      echo 0
-    else
-      awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES"
-    fi
-  elif command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-  else
-    echo 0
-  fi
-}
-
-num_gpus=$(count_gpus)
-nproc=${NPROC_PER_NODE:-$((num_gpus > 0 ? num_gpus : 2))}
-if ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
-  echo "$0: NPROC_PER_NODE must be a positive integer, got '$nproc'" >&2
-  exit 2
-fi
-
-if [[ -n "${PYTHON:-}" ]]; then
-  torchrun=("$PYTHON" -m torch.distributed.run)
-elif command -v torchrun >/dev/null 2>&1; then
-  torchrun=(torchrun)
-else
-  echo "$0: torchrun not found: activate the environment visprune is installed in, or set PYTHON=.venv/bin/python" >&2
-  exit 127
-fi
+nproc=$(processes_per_node "$0" NPROC_PER_NODE)
+mapfile -t torchrun < <(find_launcher "$0" torchrun torch.distributed.run)
+[[ ${#torchrun[@]} -gt 0 ]] || exit 127
 
 cmd=("${torchrun[@]}" --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$nproc"
      --master_addr "$master_addr" --master_port "$master_port"
      -m visprune.trainer.cli train "$recipe" "$@")
 echo "$0: node $node_rank of $nnodes, $nproc process(es), rendezvous at $master_addr:$master_port" >&2
-if [[ -n "${DRY_RUN:-}" ]]; then
-  printf '%q ' "${cmd[@]}"
-  echo
-  exit 0
-fi
-exec "${cmd[@]}"
+run_or_print "${cmd[@]}"

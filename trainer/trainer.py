@@ -16,10 +16,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import TrainerCallback
-from visprune.modeling import GateConfig, GateSet, attach_gates, default_layout, get_gate_set
-from visprune.modeling.flops import dims_from_config
+from visprune.modeling import GateConfig, GateSet, attach_gates, default_layout
 
-from .config import Recipe, recipe_to_dict, save_recipe
+from .config import Recipe, save_recipe
 from .sparsity import ExpectedFlops, SparsityController
 
 logger = logging.getLogger(__name__)
@@ -133,8 +132,7 @@ class VispruneTrainer(Trainer):
     def __init__(self, *args, recipe: Recipe, gates: GateSet, controller: SparsityController, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.recipe, self.gates, self.controller = recipe, gates, controller
-        base = _base_model(self.model)
-        dims = dims_from_config(base.config)
+        dims = gates.model_dims()
         layout = default_layout(dims, system=recipe.budget.system_tokens, text=recipe.budget.text_tokens)
         self.expected_flops = ExpectedFlops(dims, layout, recipe.window)
         self.loss_is_scaled_for_ga = False  # every term is a per-micro-batch mean: the Trainer divides by GA
@@ -356,10 +354,6 @@ def load_gate_state(gates: GateSet, controller: SparsityController, path: str) -
             param.copy_(tensors[name].to(param.device, param.dtype))
 
 
-def get_sparsity_controller(model: nn.Module) -> SparsityController | None:
-    return getattr(_base_model(model), SPARSITY_ATTR, None)
-
-
 # ---- one run ----------------------------------------------------------------------------------------
 def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str) -> str | None:
     """`resume`: "auto" (newest checkpoint-N in the run folder, if any), "never", or a checkpoint path."""
@@ -406,5 +400,5 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
 
 
 __all__ = ["GATES_FILE", "RECIPE_FILE", "VispruneTrainer", "build_model", "build_training_args",
-           "gate_state_dict", "get_gate_set", "get_sparsity_controller", "load_gate_state", "prepare_model",
-           "recipe_to_dict", "render_deepspeed_config", "train"]
+           "gate_state_dict", "load_gate_state", "prepare_model",
+           "render_deepspeed_config", "train"]
