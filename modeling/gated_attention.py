@@ -7,7 +7,7 @@ through the `visprune_ctx` kwarg; the MLP side lives in the family wrappers."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +22,10 @@ CTX_KWARG = "visprune_ctx"
 LOG_GATE_FLOOR = 1e-6  # training: log(max(e, eps)) keeps gradients finite where a sampled gate is 0
 
 
-@dataclass
-class GateValues:
-    """Effective gates of one forward, float32: `head` e = r*g (L, H), `router` r (L), `mlp` u = r*m (L)."""
+class GateValues(NamedTuple):
+    """Effective gates of one forward, float32: `head` e = r*g (L, H), `router` r (L), `mlp` u = r*m (L).
+
+    A NamedTuple so that DeepSpeed ZeRO-3 finds the tensors in the GateSet's output."""
 
     head: torch.Tensor
     router: torch.Tensor

@@ -62,9 +62,20 @@ def run_train(args: argparse.Namespace) -> int:
     from visprune.trainer.trainer import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run_dir = train(recipe, resume=args.resume)
+    try:
+        run_dir = train(recipe, resume=args.resume)
+    finally:
+        _close_process_group()
     logger.info("run folder: %s", run_dir)
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear down torch.distributed before exit: gloo threads left running abort the process at shutdown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_harden(args: argparse.Namespace) -> int:
