@@ -53,11 +53,13 @@ class VisualContext:
 
     def row_has_key(self, layer_idx: int) -> torch.Tensor:
         """(B, H, Q) bool: the query row sees at least one key (DESIGN.md rule 6: otherwise zeros)."""
-        lay = self.layout
-        q_vis = lay.query_visual_mask[:, None, :]
-        q_valid = lay.key_valid[:, lay.num_keys - lay.num_queries:][:, None, :]
+        if "row_base" not in self._cache:  # layer-independent part, once per forward
+            lay = self.layout
+            q_valid = lay.key_valid[:, lay.num_keys - lay.num_queries:]
+            self._cache["row_base"] = (q_valid[:, None, :], (~lay.query_visual_mask | lay.has_text_before())[:, None, :])
+        q_valid, sees_text = self._cache["row_base"]
         open_head = (self.gates.head[layer_idx] > 0)[None, :, None]
-        return q_valid & (~q_vis | lay.has_text_before()[:, None, :] | open_head)
+        return q_valid & (sees_text | open_head)
 
 
 def _ctx_from(kwargs: dict[str, Any], module: torch.nn.Module) -> VisualContext:
