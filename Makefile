@@ -20,9 +20,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Until the see-task demo lands (issue 5), the main job prints the FLOPs of LLaVA-1.5-7B.
+# Until the see-task demo lands (issue 5), the main job is the toy pipeline on CPU:
+# FLOPs of LLaVA-1.5-7B, tiny local model + data, 60 training steps at a 25% budget, harden.
 demo: $(STAMP)
 	$(BIN)/visprune flops llava-1.5-7b
+	$(BIN)/visprune data toy --out runs/toy-inputs
+	$(BIN)/visprune train recipes/toy/flops25.yaml
+	$(BIN)/visprune harden runs/toy-flops25/checkpoint-60 --out runs/toy-v25
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

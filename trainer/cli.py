@@ -83,7 +83,7 @@ def run_harden(args: argparse.Namespace) -> int:
 
     report = harden(args.checkpoint, args.out, budget=args.budget, plan_path=args.plan)
     vf = report["visual_flops"]
-    print(f"{args.out}: visual FLOPs {vf['pruned'] / 1e9:.2f} G of {vf['dense'] / 1e9:.2f} G dense "
+    print(f"{args.out}: visual FLOPs {_format_flops(vf['pruned'])}FLOPs of {_format_flops(vf['dense'])}FLOPs dense "
           f"({vf['ratio']:.2%}, budget {report['budget']:.2%}); visual layers kept "
           f"{report['visual_layers_kept']}/{len(report['heads_kept_per_layer'])}; "
           f"heads kept per layer {report['heads_kept_per_layer']}")
