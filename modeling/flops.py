@@ -121,17 +121,23 @@ def visual_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None =
     attention (as the paper's table counts it); with a window, the pairs inside the window."""
     probs = probs or GateProbs.dense(dims.num_layers, dims.num_heads)
     _check(dims, probs)
-    n, d, Dh, m = layout.visual, dims.hidden_size, dims.head_dim, dims.intermediate_size
     if window is None:
         pairs = layout.visual ** 2
     else:
         pairs = layout.num_images * window_pairs(*layout.image_grid, window)
-    effective = probs.layer.float()[:, None] * probs.head.float()  # (L, H)
-    per_head = 2 * (2 * n * d * Dh) + 4 * pairs * Dh  # Q and O projections + QK^T and AV
+    return _visual_row_flops(dims, layout.visual, probs, pairs).sum()
+
+
+def _visual_row_flops(dims: ModelDims, n: int, probs: GateProbs, key_pairs: int) -> torch.Tensor:
+    """(L,) FLOPs of the n visual rows: QO per open head, KV per needed group, attention over
+    `key_pairs` (query, key) pairs per open head, and the kept MLP (channels)."""
+    d, Dh, m = dims.hidden_size, dims.head_dim, dims.intermediate_size
+    open_heads = (probs.layer.float()[:, None] * probs.head.float()).sum(dim=1)  # (L,) effective
+    per_head = 2 * (2 * n * d * Dh) + 4 * key_pairs * Dh  # Q and O projections + QK^T and AV
     kv = _kv_group_probs(dims, probs).sum(dim=1) * 2 * (2 * n * d * Dh)
     channels = probs.mlp_channels.float() if probs.mlp_channels is not None else 1.0
     mlp = probs.layer.float() * probs.mlp.float() * channels * 6 * n * d * m
-    return (effective.sum(dim=1) * per_head + kv + mlp).sum()
+    return open_heads * per_head + kv + mlp
 
 
 def prefill_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None = None,
@@ -156,13 +162,8 @@ def prefill_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None 
         visual_visual_pairs = n * (n + 1) // 2
     else:
         visual_visual_pairs = layout.num_images * window_pairs(*layout.image_grid, window)
-    visual_attn = effective.sum(dim=1) * 4 * Dh * (n * s + visual_visual_pairs)
-    visual_proj = effective.sum(dim=1) * 2 * (2 * n * d * Dh) + _kv_group_probs(dims, probs).sum(dim=1) * 2 * (
-        2 * n * d * Dh)
-    channels = probs.mlp_channels.float() if probs.mlp_channels is not None else 1.0
-    visual_mlp = probs.layer.float() * probs.mlp.float() * channels * 6 * n * d * m
-    per_layer = text_proj + text_mlp + text_attn + visual_attn + visual_proj + visual_mlp
-    return per_layer.sum()
+    visual_rows = _visual_row_flops(dims, n, probs, n * s + visual_visual_pairs)
+    return (text_proj + text_mlp + text_attn + visual_rows).sum()
 
 
 def visual_kv_bytes(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None = None) -> torch.Tensor:

@@ -79,12 +79,17 @@ class GateSet(nn.Module):
         has gathered the gate parameters)."""
         if self._open_all:
             L, H = self.dims.num_layers, self.dims.num_heads
-            device = self.head.log_alpha.device if isinstance(self.head, HardConcreteGate) else self.head.values.device
+            device = self.device
             ones = torch.ones(L, device=device)
             return GateValues(head=torch.ones(L, H, device=device), router=ones, mlp=ones)
         (g, p_g), (r, p_r), (m, p_m) = self.head(), self.router(), self.mlp()
         self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions())
         return GateValues(head=r[:, None] * g, router=r, mlp=r * m)
+
+    @property
+    def device(self) -> torch.device:
+        gate = self.head
+        return (gate.log_alpha if isinstance(gate, HardConcreteGate) else gate.values).device
 
     @contextlib.contextmanager
     def open_all(self) -> Iterator[None]:
@@ -180,9 +185,14 @@ def _unit_scores(gates: GateSet) -> list[tuple[float, int, int, int]]:
     return units
 
 
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def get_gate_set(model: nn.Module) -> GateSet | None:
     """The GateSet attached to `model` (a transformers model, possibly inside a peft wrapper), or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrap_peft(model)
     return getattr(base, GATES_ATTR, None)
 
 
@@ -195,7 +205,7 @@ def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GateSet:
     multimodal core so each forward gets its visual layout and gate values through `visprune_ctx`.
     """
     cfg = cfg or GateConfig()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrap_peft(model)
     if get_gate_set(base) is not None:
         raise ValueError("gates are already attached to this model; call detach_gates(model) first")
     family = family_for(base)
@@ -256,7 +266,7 @@ def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GateSet:
 
 def detach_gates(model: nn.Module) -> None:
     """Undo `attach_gates`: unwrap layers, restore the attention implementation, remove hooks and gates."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrap_peft(model)
     gates = get_gate_set(base)
     if gates is None:
         raise ValueError("no gates are attached to this model")
@@ -278,7 +288,7 @@ def apply_plan(model: nn.Module, plan: Plan, mode: str = "gated", backend: str =
     """
     if mode != "gated":
         raise ValueError(f"apply_plan: unknown mode {mode!r}; available: 'gated'")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrap_peft(model)
     family = family_for(base)
     dims = family.text_dims(base.config)
     plan.validate_for(dims.num_layers, dims.num_heads, dims.intermediate_size)
@@ -288,7 +298,7 @@ def apply_plan(model: nn.Module, plan: Plan, mode: str = "gated", backend: str =
     if gates is None:
         gates = attach_gates(base, GateConfig(window=plan.window, backend=backend))
     gates.window = plan.window
-    device = gates.head.log_alpha.device if isinstance(gates.head, HardConcreteGate) else gates.head.values.device
+    device = gates.device
     head = torch.tensor(plan.head_mask(), dtype=torch.float32, device=device)
     router = torch.tensor([not layer.skipped for layer in plan.layers], dtype=torch.float32, device=device)
     mlp = torch.tensor([layer.mlp for layer in plan.layers], dtype=torch.float32, device=device)

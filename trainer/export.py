@@ -24,7 +24,7 @@ from visprune.modeling import (
 )
 
 from .config import Recipe, load_recipe
-from .trainer import GATES_FILE, RECIPE_FILE, build_model
+from .trainer import GATES_FILE, RECIPE_FILE, build_model, load_gate_state
 
 logger = logging.getLogger(__name__)
 
@@ -34,21 +34,6 @@ REPORT_FILE = "pruning_report.json"
 
 class HardenError(ValueError):
     """A checkpoint or plan that cannot be hardened; the message says why, with the numbers."""
-
-
-def load_gates_into(gates: GateSet, path: Path) -> None:
-    """Copy `gates.*` tensors of a checkpoint's gates.safetensors into an attached GateSet."""
-    if not path.is_file():
-        raise HardenError(f"{path} is missing: not a visprune training checkpoint")
-    tensors = load_file(str(path))
-    for name, param in gates.named_parameters():
-        key = f"gates.{name}"
-        if key not in tensors:
-            raise HardenError(f"{path} lacks {key}")
-        if tuple(tensors[key].shape) != tuple(param.shape):
-            raise HardenError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(tensors[key])
 
 
 def _load_full_weights(model: torch.nn.Module, checkpoint: Path) -> None:
@@ -97,7 +82,7 @@ def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None,
     g = recipe.gates
     gates = attach_gates(model, GateConfig(heads=g.heads, visual_skip=g.visual_skip, visual_mlp=g.visual_mlp,
                                            window=recipe.window, init_log_alpha=g.init_log_alpha))
-    load_gates_into(gates, checkpoint / GATES_FILE)
+    load_gate_state(gates, None, checkpoint / GATES_FILE)
     if (checkpoint / "adapter_model.safetensors").is_file():
         from peft import PeftModel
 
@@ -128,4 +113,4 @@ def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None,
     return report
 
 
-__all__ = ["PLAN_FILE", "REPORT_FILE", "HardenError", "build_report", "harden", "load_gates_into"]
+__all__ = ["PLAN_FILE", "REPORT_FILE", "HardenError", "build_report", "harden"]

@@ -222,9 +222,9 @@ class VispruneTrainer(Trainer):
     def distillation_loss(self, model, inputs, student_logits: torch.Tensor) -> torch.Tensor:
         """KL(teacher || student) on answer tokens; the teacher is this model with adapters disabled
         and every gate open (no second copy of the weights)."""
-        if not hasattr(model, "disable_adapter") and not hasattr(_unwrap(model), "disable_adapter"):
+        peft_model = _unwrap(model)  # the peft model, also inside a DeepSpeed engine
+        if not hasattr(peft_model, "disable_adapter"):
             raise ValueError("distill.enabled needs LoRA (the teacher is the model with adapters disabled)")
-        peft_model = model if hasattr(model, "disable_adapter") else _unwrap(model)
         temperature = self.recipe.distill.temperature
         with torch.no_grad(), peft_model.disable_adapter(), self.gates.open_all():
             teacher_logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
@@ -337,13 +337,14 @@ def gate_metadata(gates: GateSet) -> dict[str, str]:
             "dims": json.dumps(asdict(gates.dims)), "config": json.dumps(asdict(gates.cfg))}
 
 
-def load_gate_state(gates: GateSet, controller: SparsityController, path: str) -> None:
-    """Restore gates and λ from a checkpoint's gates.safetensors."""
+def load_gate_state(gates: GateSet, controller: SparsityController | None, path: str | os.PathLike) -> None:
+    """Restore gates (and λ, when a controller is given) from a checkpoint's gates.safetensors."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: this checkpoint has no gates to resume from")
-    tensors = load_file(path)
+        raise FileNotFoundError(f"{path} is missing: this checkpoint has no gates")
+    tensors = load_file(str(path))
     named = {f"gates.{n}": p for n, p in gates.named_parameters()}
-    named.update({f"sparsity.{n}": p for n, p in controller.named_parameters()})
+    if controller is not None:
+        named.update({f"sparsity.{n}": p for n, p in controller.named_parameters()})
     missing = sorted(set(named) - set(tensors))
     if missing:
         raise ValueError(f"{path} lacks {missing}")
