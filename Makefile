@@ -21,12 +21,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Until the see-task demo lands (issue 5), the main job is the toy pipeline on CPU:
-# FLOPs of LLaVA-1.5-7B, tiny local model + data, 60 training steps at a 25% budget, harden.
+# FLOPs of LLaVA-1.5-7B, tiny local model + data, 60 training steps at a 25% budget, harden,
+# then answer with the hardened model (load_pruned) beside the gated reference.
 demo: $(STAMP)
 	$(BIN)/visprune flops llava-1.5-7b
 	$(BIN)/visprune data toy --out runs/toy-inputs
 	$(BIN)/visprune train recipes/toy/flops25.yaml
 	$(BIN)/visprune harden runs/toy-flops25/checkpoint-60 --out runs/toy-v25
+	$(BIN)/python examples/generate_pruned.py runs/toy-v25 runs/toy-inputs/data/train.json runs/toy-inputs/data/images
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -285,10 +285,19 @@ def apply_plan(model: nn.Module, plan: Plan, mode: str = "gated", backend: str =
 
     mode="gated": gates fixed to the plan's 0/1 values (constant in train and eval) on the gated
     attention with the plan's window; this is the reference semantics of DESIGN.md.
+    mode="hardened": the same function computed without the removed visual work (see
+    `visprune.modeling.hardened`); attached gates are detached first. For inference.
     """
-    if mode != "gated":
-        raise ValueError(f"apply_plan: unknown mode {mode!r}; available: 'gated'")
+    if mode not in ("gated", "hardened"):
+        raise ValueError(f"apply_plan: unknown mode {mode!r}; available: 'gated', 'hardened'")
     base = _unwrap_peft(model)
+    if mode == "hardened":
+        from .hardened import harden_model
+
+        if get_gate_set(base) is not None:
+            detach_gates(base)
+        harden_model(base, plan)
+        return model
     family = family_for(base)
     dims = family.text_dims(base.config)
     plan.validate_for(dims.num_layers, dims.num_heads, dims.intermediate_size)

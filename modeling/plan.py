@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 PLAN_FORMAT = "visprune-plan/1"
+PLAN_FILE = "pruning_plan.json"  # the plan inside an exported folder
 _TOP_KEYS = {"format", "family", "window", "num_layers", "num_heads", "layers"}
 _LAYER_KEYS = {"heads", "mlp", "mlp_channels"}
 

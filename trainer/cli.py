@@ -1,5 +1,5 @@
 """The `visprune` command line: `train` (a recipe), `harden` (checkpoint -> plan + merged export),
-`flops` (the cost model), `data toy` (tiny local model + data for CPU runs)."""
+`flops` (the cost model), `bench` (measured hardened speed-up), `data toy` (tiny local model + data)."""
 
 from __future__ import annotations
 
@@ -90,6 +90,15 @@ def run_harden(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from visprune.trainer.bench import format_bench, run_bench
+
+    result = run_bench(model=args.model, layers=args.layers, plan_path=args.plan, budget=args.budget,
+                       repeats=args.repeats, seed=args.seed, device=args.device, progress=not args.json)
+    print(json.dumps(result, indent=1) if args.json else format_bench(result))
+    return 0
+
+
 def run_data_toy(args: argparse.Namespace) -> int:
     from visprune.data_prep.toy import write_toy_inputs
 
@@ -126,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     harden.add_argument("--plan", help="use this pruning_plan.json instead of the gates' top-k (checked against --budget)")
     harden.set_defaults(func=run_harden)
 
+    bench = sub.add_parser("bench", help="measured prefill speed-up of the hardened model vs dense, beside the "
+                                         "FLOPs model's prediction (random weights at real layer dimensions)")
+    bench.add_argument("--model", default="llava-1.5-7b", help="built-in model or a local config folder")
+    bench.add_argument("--layers", type=int, default=4, help="decoder layers to build (default 4)")
+    bench.add_argument("--plan", help="a pruning_plan.json of the full model (N of its layers, spread over the depth, are used)")
+    bench.add_argument("--budget", type=float, help="a synthetic plan at this visual-FLOPs fraction (default 0.25)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs of each model (default 3)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(func=run_bench)
+
     data = sub.add_parser("data", help="data preparation")
     data_sub = data.add_subparsers(dest="data_verb", required=True)
     toy = data_sub.add_parser("toy", help="write a tiny LLaVA (model + processor) and a generated dataset")
@@ -154,7 +175,7 @@ def _user_errors(verb: str) -> tuple[type[Exception], ...]:
     """Errors that are about the user's input; anything else keeps its traceback."""
     from visprune.modeling import PlanError
 
-    if verb == "flops":
+    if verb in ("flops", "bench"):
         return (ValueError, FileNotFoundError)
     from visprune.trainer.config import RecipeError
     from visprune.trainer.data import DataError

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from visprune.modeling import (
+    PLAN_FILE,
     GateConfig,
     GateProbs,
     GateSet,
@@ -28,7 +29,6 @@ from .trainer import GATES_FILE, RECIPE_FILE, build_model, load_gate_state
 
 logger = logging.getLogger(__name__)
 
-PLAN_FILE = "pruning_plan.json"
 REPORT_FILE = "pruning_report.json"
 
 
@@ -69,15 +69,11 @@ def build_report(gates: GateSet, plan: Plan, budget: float) -> dict[str, Any]:
     }
 
 
-def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None, plan_path: str | None = None,
-           max_shard_size: str = "5GB") -> dict[str, Any]:
-    """Export `checkpoint` hardened at `budget` (default: the recipe's) or with a given plan.
-
-    Returns the report. Raises HardenError when a given plan's visual FLOPs exceed the budget.
-    """
-    checkpoint, out = Path(checkpoint), Path(out)
+def load_checkpoint(checkpoint: str | Path) -> tuple[torch.nn.Module, GateSet, Any, Recipe]:
+    """A training checkpoint in memory: (base model with LoRA merged and gates attached, its GateSet,
+    the processor, the recipe)."""
+    checkpoint = Path(checkpoint)
     recipe: Recipe = load_recipe(checkpoint / RECIPE_FILE)
-    budget = recipe.budget.visual_flops if budget is None else budget
     model, processor = build_model(recipe)
     g = recipe.gates
     gates = attach_gates(model, GateConfig(heads=g.heads, visual_skip=g.visual_skip, visual_mlp=g.visual_mlp,
@@ -89,7 +85,18 @@ def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None,
         model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
     else:
         _load_full_weights(model, checkpoint)
+    return model, gates, processor, recipe
 
+
+def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None, plan_path: str | None = None,
+           max_shard_size: str = "5GB") -> dict[str, Any]:
+    """Export `checkpoint` hardened at `budget` (default: the recipe's) or with a given plan.
+
+    Returns the report. Raises HardenError when a given plan's visual FLOPs exceed the budget.
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    model, gates, processor, recipe = load_checkpoint(checkpoint)
+    budget = recipe.budget.visual_flops if budget is None else budget
     if plan_path is None:
         plan = gates.to_plan(budget)
     else:
@@ -113,4 +120,4 @@ def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None,
     return report
 
 
-__all__ = ["PLAN_FILE", "REPORT_FILE", "HardenError", "build_report", "harden"]
+__all__ = ["PLAN_FILE", "REPORT_FILE", "HardenError", "build_report", "harden", "load_checkpoint"]

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 from visprune.data_prep.toy import write_toy_inputs
-from visprune.modeling import LayerPlan, Plan, apply_plan
+from visprune.modeling import LayerPlan, Plan, apply_plan, load_pruned
 from visprune.trainer.cli import main
 from visprune.trainer.config import load_recipe
 from visprune.trainer.data import LlavaCollator, build_dataset
-from visprune.trainer.export import PLAN_FILE, REPORT_FILE, HardenError, harden
+from visprune.trainer.export import PLAN_FILE, REPORT_FILE, HardenError, harden, load_checkpoint
 from visprune.trainer.trainer import train
 
 
@@ -68,3 +68,35 @@ def test_given_plan_over_budget_is_refused_with_numbers(checkpoint, tmp_path):
                  layers=(LayerPlan(heads=(0,), mlp=False),) + (LayerPlan(heads=(), mlp=False),) * 2)
     small.to_json(tmp_path / "small.json")
     assert harden(ckpt, tmp_path / "y", budget=0.25, plan_path=str(tmp_path / "small.json"))["visual_layers_kept"] == 1
+
+
+def test_harden_then_load_pruned_reproduces_in_memory_hardened_and_gated(checkpoint, tmp_path):
+    ckpt, recipe = checkpoint
+    out = tmp_path / "v25"
+    harden(ckpt, out, budget=0.25)
+    plan = Plan.from_json(out / PLAN_FILE)
+    processor = AutoProcessor.from_pretrained(out)
+    batch = LlavaCollator(processor, recipe.data)([build_dataset(recipe.data)[i] for i in range(3)])
+    batch.pop("labels")
+    valid = batch["attention_mask"].bool()
+
+    in_memory, _, _, _ = load_checkpoint(ckpt)  # base + LoRA merged, never saved
+    apply_plan(in_memory, plan, mode="hardened")
+    loaded = load_pruned(out)
+    assert loaded.visprune_plan == plan and not loaded.training
+    stock = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    apply_plan(stock, plan)  # gated reference on the exported weights
+    with torch.no_grad():
+        expected = in_memory.eval()(**batch).logits[valid]
+        got = loaded(**batch).logits[valid]
+        gated = stock(**batch).logits[valid]
+        generated = loaded.generate(**batch, max_new_tokens=4, do_sample=False)
+        reference = stock.generate(**batch, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, gated, atol=1e-4, rtol=0)
+    assert torch.equal(generated, reference)
+
+
+def test_load_pruned_needs_a_plan(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pruning_plan.json"):
+        load_pruned(tmp_path)
