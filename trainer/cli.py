@@ -1,5 +1,6 @@
 """The `visprune` command line: `train` (a recipe), `harden` (checkpoint -> plan + merged export),
-`flops` (the cost model), `bench` (measured hardened speed-up), `data toy` (tiny local model + data)."""
+`flops` (the cost model), `bench` (measured hardened speed-up), `eval` (accuracy of a model folder),
+`data toy` / `data seetask` (local models and data)."""
 
 from __future__ import annotations
 
@@ -99,10 +100,32 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    from visprune.trainer.evaluate import evaluate_dir, format_eval
+
+    result = evaluate_dir(args.model_dir, args.data, args.images, batch_size=args.batch_size, limit=args.limit,
+                          progress=not args.json)
+    print(json.dumps(result, indent=1) if args.json else format_eval(result))
+    return 0
+
+
 def run_data_toy(args: argparse.Namespace) -> int:
     from visprune.data_prep.toy import write_toy_inputs
 
     paths = write_toy_inputs(args.out, num_samples=args.num_samples, seed=args.seed)
+    for name, path in paths.items():
+        logger.info("%s: %s", name, path)
+    return 0
+
+
+def run_data_seetask(args: argparse.Namespace) -> int:
+    from visprune.data_prep.seetask import SeeTaskConfig, write_seetask
+
+    cfg = SeeTaskConfig(image_size=args.image_size, grid=args.grid, patch_size=args.patch_size,
+                        num_colours=args.num_colours, num_shapes=args.num_shapes, empty_fraction=args.empty_fraction,
+                        describe_fraction=args.describe_fraction, num_train=args.num_train, num_val=args.num_val,
+                        num_test=args.num_test, seed=args.seed)
+    paths = write_seetask(args.out, cfg)
     for name, path in paths.items():
         logger.info("%s: %s", name, path)
     return 0
@@ -147,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=run_bench)
 
+    ev = sub.add_parser("eval", help="teacher-forced token accuracy and exact match per question type, and the "
+                                     "visual FLOPs of the model's plan (hardened when the folder has one)")
+    ev.add_argument("model_dir", help="an HF model folder, e.g. one written by `visprune harden`")
+    ev.add_argument("--data", required=True, help="LLaVA-format JSON (see-task records carry a qtype)")
+    ev.add_argument("--images", help="image folder the samples' paths are inside")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--limit", type=int, help="score only the first N samples")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=run_eval)
+
     data = sub.add_parser("data", help="data preparation")
     data_sub = data.add_subparsers(dest="data_verb", required=True)
     toy = data_sub.add_parser("toy", help="write a tiny LLaVA (model + processor) and a generated dataset")
@@ -154,6 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--num-samples", type=int, default=256)
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(func=run_data_toy)
+    see = data_sub.add_parser("seetask", help="the synthetic see-task: grid-of-shapes images with describe and "
+                                              "ask samples, train/val/test splits (deterministic per seed)")
+    see.add_argument("--out", required=True, help="output folder")
+    see.add_argument("--image-size", type=int, default=36)
+    see.add_argument("--grid", type=int, default=3, help="cells per side")
+    see.add_argument("--patch-size", type=int, default=6, help="the vision tower's patch (smaller than a cell)")
+    see.add_argument("--num-colours", type=int, default=4)
+    see.add_argument("--num-shapes", type=int, default=3)
+    see.add_argument("--empty-fraction", type=float, default=0.35)
+    see.add_argument("--describe-fraction", type=float, default=0.5)
+    see.add_argument("--num-train", type=int, default=4000)
+    see.add_argument("--num-val", type=int, default=200)
+    see.add_argument("--num-test", type=int, default=400)
+    see.add_argument("--seed", type=int, default=0)
+    see.set_defaults(func=run_data_seetask)
     return parser
 
 
@@ -175,7 +223,7 @@ def _user_errors(verb: str) -> tuple[type[Exception], ...]:
     """Errors that are about the user's input; anything else keeps its traceback."""
     from visprune.modeling import PlanError
 
-    if verb in ("flops", "bench"):
+    if verb in ("flops", "bench", "data"):
         return (ValueError, FileNotFoundError)
     from visprune.trainer.config import RecipeError
     from visprune.trainer.data import DataError

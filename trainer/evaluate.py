@@ -1,0 +1,147 @@
+"""`visprune eval`: score a model folder on LLaVA-format data with one teacher-forced forward per
+batch. A sample's answer tokens (and its end-of-turn token) are predicted from the correct prefix:
+
+- token accuracy = correct answer tokens / answer tokens (the see-task's describe metric);
+- exact match = every answer token correct, which is exactly when greedy decoding reproduces the
+  answer and stops (so no generation loop is needed).
+
+Results are broken down by the records' `qtype` (see-task) or reported overall. A folder with a
+`pruning_plan.json` is loaded hardened (`load_pruned`); its plan's visual FLOPs are reported
+beside the dense model's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from visprune.modeling import (
+    PLAN_FILE,
+    GateProbs,
+    default_layout,
+    flops_report,
+    load_pruned,
+)
+from visprune.modeling.flops import dims_from_config
+
+from .config import DataConfig
+from .data import IGNORE_INDEX, LlavaCollator, build_dataset
+
+logger = logging.getLogger(__name__)
+
+
+def load_for_eval(model_dir: str | Path):
+    """(model, processor): hardened when the folder has a plan, else the plain model; eval mode."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json)")
+    if (model_dir / PLAN_FILE).is_file():
+        model = load_pruned(model_dir)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
+    return model, AutoProcessor.from_pretrained(str(model_dir))
+
+
+def plan_flops(model: torch.nn.Module) -> dict[str, float]:
+    """Visual FLOPs of the model's plan (dense when it has none) under the default layout."""
+    dims = dims_from_config(model.config)
+    layout = default_layout(dims)
+    dense = flops_report(dims, layout)
+    plan = getattr(model, "visprune_plan", None)
+    if plan is None:
+        pruned = dense
+    else:
+        pruned = flops_report(dims, layout, GateProbs.from_plan(plan, dims.intermediate_size), window=plan.window)
+    return {"dense": dense["visual_flops"], "model": pruned["visual_flops"],
+            "ratio": pruned["visual_flops"] / dense["visual_flops"]}
+
+
+def answer_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample (correct answer tokens, answer tokens) under teacher forcing."""
+    pred = logits[:, :-1].argmax(dim=-1)
+    target = labels[:, 1:]
+    supervised = target != IGNORE_INDEX
+    return ((pred == target) & supervised).sum(dim=1), supervised.sum(dim=1)
+
+
+def evaluate(model: torch.nn.Module, processor: Any, data_path: str | Path, image_folder: str | Path | None,
+             batch_size: int = 32, max_length: int = 2048, limit: int | None = None,
+             progress: bool = True, **forward_kwargs: Any) -> dict[str, Any]:
+    """Score `model` on a LLaVA-format JSON; see the module docstring. `forward_kwargs` go to every
+    forward (baseline inference modes use them)."""
+    from tqdm.auto import tqdm
+
+    data_cfg = DataConfig(path=str(data_path), image_folder=None if image_folder is None else str(image_folder),
+                          max_length=max_length)
+    dataset = build_dataset(data_cfg)
+    records = {str(r["id"]): r for r in json.loads(Path(data_path).read_text(encoding="utf-8"))}
+    collator = LlavaCollator(processor, data_cfg)
+    total = len(dataset) if limit is None else min(limit, len(dataset))
+    stats: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # correct, tokens, exact, samples
+    model.eval()
+    bar = tqdm(total=total, desc="eval", disable=not progress)
+    for start in range(0, total, batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, total))]
+        batch = collator(rows)
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            logits = model(**batch, **forward_kwargs).logits
+        correct, tokens = answer_scores(logits.float(), labels)
+        for row, c, t in zip(rows, correct.tolist(), tokens.tolist()):
+            qtype = records.get(str(row["id"]), {}).get("qtype", "all")
+            entry = stats[qtype]
+            entry[0] += c
+            entry[1] += t
+            entry[2] += int(c == t)
+            entry[3] += 1
+        bar.update(len(rows))
+    bar.close()
+
+    by_type = {q: {"token_accuracy": c / t if t else 0.0, "exact_match": e / n, "samples": n}
+               for q, (c, t, e, n) in sorted(stats.items())}
+    ask = [v for q, v in stats.items() if q not in ("describe", "all")]
+    ask_n = sum(v[3] for v in ask)
+    result: dict[str, Any] = {
+        "samples": total,
+        "by_type": by_type,
+        "token_accuracy": sum(v[0] for v in stats.values()) / max(1, sum(v[1] for v in stats.values())),
+        "exact_match": sum(v[2] for v in stats.values()) / max(1, total),
+    }
+    if "describe" in stats:
+        result["describe_token_accuracy"] = by_type["describe"]["token_accuracy"]
+    if ask_n:
+        result["ask_exact_match"] = sum(v[2] for v in ask) / ask_n
+    return result
+
+
+def evaluate_dir(model_dir: str | Path, data_path: str | Path, image_folder: str | Path | None,
+                 batch_size: int = 32, limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+    model, processor = load_for_eval(model_dir)
+    result = evaluate(model, processor, data_path, image_folder, batch_size=batch_size, limit=limit, progress=progress)
+    result["model"] = str(model_dir)
+    result["hardened"] = getattr(model, "visprune_plan", None) is not None
+    result["visual_flops"] = plan_flops(model)
+    return result
+
+
+def format_eval(result: dict[str, Any]) -> str:
+    lines = [(f"{result['model']}: {result['samples']} samples, "
+             f"{'hardened' if result['hardened'] else 'plain'} model, visual FLOPs "
+             f"{result['visual_flops']['ratio']:.1%} of dense")]
+    if "describe_token_accuracy" in result:
+        lines.append(f"describe token accuracy {result['describe_token_accuracy']:.2%}")
+    if "ask_exact_match" in result:
+        lines.append(f"ask exact match {result['ask_exact_match']:.2%}")
+    for qtype, entry in result["by_type"].items():
+        lines.append(f"  {qtype:10} exact match {entry['exact_match']:.2%}  token accuracy "
+                     f"{entry['token_accuracy']:.2%}  ({entry['samples']} samples)")
+    return "\n".join(lines)
+
+
+__all__ = ["answer_scores", "evaluate", "evaluate_dir", "format_eval", "load_for_eval", "plan_flops"]
