@@ -5,7 +5,7 @@ embeddings, norms, softmax or LM head."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -172,6 +172,21 @@ def visual_kv_bytes(dims: ModelDims, layout: TokenLayout, probs: GateProbs | Non
     _check(dims, probs)
     groups = _kv_group_probs(dims, probs).sum()
     return groups * layout.visual * 2 * dims.head_dim * dims.kv_bytes_per_value
+
+
+def token_drop_visual_flops(dims: ModelDims, layout: TokenLayout, layer: int, keep: int) -> torch.Tensor:
+    """Visual FLOPs of FastV-style token dropping: every visual token in layers < `layer`, only `keep`
+    visual tokens (per image layout) from `layer` on; full causal attention (no window)."""
+    if not 0 <= layer <= dims.num_layers:
+        raise ValueError(f"layer must be in [0, {dims.num_layers}], got {layer}")
+    n = layout.visual
+    if not 0 <= keep <= n:
+        raise ValueError(f"keep must be in [0, {n}], got {keep}")
+    dense = GateProbs.dense(1, dims.num_heads)
+    one = replace(dims, num_layers=1)
+    full = _visual_row_flops(one, n, dense, n * n).sum()
+    kept = _visual_row_flops(one, keep, dense, keep * keep).sum()
+    return full * layer + kept * (dims.num_layers - layer)
 
 
 def flops_report(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None = None,

@@ -109,6 +109,16 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_demo(args: argparse.Namespace) -> int:
+    from visprune.trainer.demo import run_demo
+
+    size = args.size or ("quick" if args.quick else "full")
+    results = run_demo(args.out, size=size)
+    print((__import__("pathlib").Path(args.out) / "report.md").read_text())
+    logger.info("report: %s/report.md, plot: %s/pareto.png (%.1f min)", args.out, args.out, results["minutes"])
+    return 0
+
+
 def run_data_toy(args: argparse.Namespace) -> int:
     from visprune.data_prep.toy import write_toy_inputs
 
@@ -179,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="score only the first N samples")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=run_eval)
+
+    demo = sub.add_parser("demo", help="the see-task accuracy-vs-FLOPs experiment on CPU: data, dense base, "
+                                       "visprune and baselines at 50/25/12%% -> report.md + pareto.png")
+    demo.add_argument("--out", default="runs/demo", help="output folder (stages resume from what is there)")
+    demo.add_argument("--quick", action="store_true", help="a smaller run (about 5 minutes)")
+    demo.add_argument("--size", choices=["full", "quick", "ci"], help=argparse.SUPPRESS)
+    demo.set_defaults(func=run_demo)
 
     data = sub.add_parser("data", help="data preparation")
     data_sub = data.add_subparsers(dest="data_verb", required=True)

@@ -142,6 +142,7 @@ class Recipe:
     train: TrainConfig
     output: OutputConfig
     window: int | None = 5
+    plan: str | None = None  # a pruning_plan.json: train LoRA with these gates fixed (no gate learning)
     gates: GatesConfig = field(default_factory=GatesConfig)
     lora: LoraConfig | None = field(default_factory=LoraConfig)  # null: full fine-tuning of the LM
     distill: DistillConfig = field(default_factory=DistillConfig)

@@ -72,9 +72,9 @@ def answer_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 
 def evaluate(model: torch.nn.Module, processor: Any, data_path: str | Path, image_folder: str | Path | None,
              batch_size: int = 32, max_length: int = 2048, limit: int | None = None,
-             progress: bool = True, **forward_kwargs: Any) -> dict[str, Any]:
-    """Score `model` on a LLaVA-format JSON; see the module docstring. `forward_kwargs` go to every
-    forward (baseline inference modes use them)."""
+             progress: bool = True, batch_kwargs: Any = None) -> dict[str, Any]:
+    """Score `model` on a LLaVA-format JSON; see the module docstring. `batch_kwargs(batch, labels)`
+    may add keyword arguments to each forward (baseline inference modes use it)."""
     from tqdm.auto import tqdm
 
     data_cfg = DataConfig(path=str(data_path), image_folder=None if image_folder is None else str(image_folder),
@@ -90,8 +90,9 @@ def evaluate(model: torch.nn.Module, processor: Any, data_path: str | Path, imag
         rows = [dataset[i] for i in range(start, min(start + batch_size, total))]
         batch = collator(rows)
         labels = batch.pop("labels")
+        extra = batch_kwargs(batch, labels) if batch_kwargs is not None else {}
         with torch.no_grad():
-            logits = model(**batch, **forward_kwargs).logits
+            logits = model(**batch, **extra).logits
         correct, tokens = answer_scores(logits.float(), labels)
         for row, c, t in zip(rows, correct.tolist(), tokens.tolist()):
             qtype = records.get(str(row["id"]), {}).get("qtype", "all")

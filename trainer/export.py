@@ -18,6 +18,7 @@ from visprune.modeling import (
     GateProbs,
     GateSet,
     Plan,
+    apply_plan,
     attach_gates,
     default_layout,
     detach_gates,
@@ -78,6 +79,8 @@ def load_checkpoint(checkpoint: str | Path) -> tuple[torch.nn.Module, GateSet, A
     g = recipe.gates
     gates = attach_gates(model, GateConfig(heads=g.heads, visual_skip=g.visual_skip, visual_mlp=g.visual_mlp,
                                            window=recipe.window, init_log_alpha=g.init_log_alpha))
+    if recipe.plan is not None:  # a fixed-plan run: its gates are the plan's
+        apply_plan(model, Plan.from_json(recipe.plan))
     load_gate_state(gates, None, checkpoint / GATES_FILE)
     if (checkpoint / "adapter_model.safetensors").is_file():
         from peft import PeftModel
@@ -97,6 +100,8 @@ def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None,
     checkpoint, out = Path(checkpoint), Path(out)
     model, gates, processor, recipe = load_checkpoint(checkpoint)
     budget = recipe.budget.visual_flops if budget is None else budget
+    if plan_path is None and recipe.plan is not None:
+        plan_path = recipe.plan  # a fixed-plan run exports its plan
     if plan_path is None:
         plan = gates.to_plan(budget)
     else:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import TrainerCallback
-from visprune.modeling import GateConfig, GateSet, attach_gates, default_layout
+from visprune.modeling import GateConfig, GateSet, Plan, apply_plan, attach_gates, default_layout
 
 from .config import Recipe, save_recipe
 from .sparsity import ExpectedFlops, SparsityController
@@ -60,6 +60,8 @@ def prepare_model(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, GateSet,
     g = recipe.gates
     gates = attach_gates(model, GateConfig(heads=g.heads, visual_skip=g.visual_skip, visual_mlp=g.visual_mlp,
                                            window=recipe.window, init_log_alpha=g.init_log_alpha, backend=g.backend))
+    if recipe.plan is not None:  # fixed gates: fine-tune under a given plan (baselines, re-training)
+        apply_plan(model, Plan.from_json(recipe.plan))
     controller = SparsityController(recipe.budget.visual_flops, recipe.budget.warmup_steps)
     setattr(model, SPARSITY_ATTR, controller.to(next(model.parameters()).device))
 
