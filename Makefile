@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo toy test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Until the see-task demo lands (issue 5), the main job is the toy pipeline on CPU:
-# FLOPs of LLaVA-1.5-7B, tiny local model + data, 60 training steps at a 25% budget, harden,
-# then answer with the hardened model (load_pruned) beside the gated reference.
+# The main job: the see-task accuracy-vs-FLOPs experiment on CPU (report.md + pareto.png).
 demo: $(STAMP)
+	$(BIN)/visprune demo --out runs/demo
+
+# The toy pipeline in about a minute: FLOPs of LLaVA-1.5-7B, tiny local model + data, 60 training
+# steps at a 25% budget, harden, then answer with the hardened model beside the gated reference.
+toy: $(STAMP)
 	$(BIN)/visprune flops llava-1.5-7b
 	$(BIN)/visprune data toy --out runs/toy-inputs
 	$(BIN)/visprune train recipes/toy/flops25.yaml

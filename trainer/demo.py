@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from visprune.data_prep.seetask import SeeTaskConfig, write_seetask
-from visprune.modeling import default_layout, load_pruned
+from visprune.modeling import PLAN_FILE, default_layout, load_pruned
 from visprune.modeling.flops import dims_from_config
 
 from .base import BASE_REPORT, BaseModelConfig, train_base
@@ -44,14 +44,18 @@ class DemoSize:
     num_test: int
     base_steps: int
     prune_steps: int  # visprune's prune-training = every plan baseline's fine-tuning budget
+    recovery_steps: int  # visprune's LoRA recovery per budget after hardening (plan fixed)
     batch_size: int
     speed_repeats: int
 
 
 SIZES = {
-    "full": DemoSize(num_train=4000, num_test=400, base_steps=300, prune_steps=120, batch_size=16, speed_repeats=5),
-    "quick": DemoSize(num_train=1500, num_test=200, base_steps=150, prune_steps=30, batch_size=16, speed_repeats=3),
-    "ci": DemoSize(num_train=200, num_test=40, base_steps=12, prune_steps=4, batch_size=8, speed_repeats=1),
+    "full": DemoSize(num_train=4000, num_test=400, base_steps=300, prune_steps=120, recovery_steps=120,
+                     batch_size=16, speed_repeats=5),
+    "quick": DemoSize(num_train=1500, num_test=200, base_steps=150, prune_steps=30, recovery_steps=10,
+                      batch_size=16, speed_repeats=3),
+    "ci": DemoSize(num_train=200, num_test=40, base_steps=12, prune_steps=4, recovery_steps=2, batch_size=8,
+                   speed_repeats=1),
 }
 
 
@@ -74,15 +78,17 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def _train_run(recipe_file: Path, out_dir: Path, cfg: DemoConfig, size: DemoSize, extra: list[str]) -> Path:
+def _train_run(recipe_file: Path, out_dir: Path, cfg: DemoConfig, size: DemoSize, extra: list[str],
+               steps: int | None = None) -> Path:
     """Train one recipe (resumable); returns its final checkpoint folder."""
+    steps = steps or size.prune_steps
     overrides = [f"model.path={cfg.out / 'base'}", f"data.path={cfg.out / 'data' / 'train.json'}",
                  f"data.image_folder={cfg.out / 'data' / 'images'}", f"output.dir={out_dir}",
-                 f"train.max_steps={size.prune_steps}", f"output.save_steps={size.prune_steps}",
+                 f"train.max_steps={steps}", f"output.save_steps={steps}",
                  f"train.micro_batch_size={size.batch_size}", f"train.seed={cfg.seed + 17}", *extra]
     recipe = load_recipe(recipe_file, overrides)
     run_dir = train(recipe, resume="auto")
-    return run_dir / f"checkpoint-{size.prune_steps}"
+    return run_dir / f"checkpoint-{steps}"
 
 
 def _prefill_speedup(dense_model, model_dir: Path, batch: dict[str, torch.Tensor], repeats: int) -> float:
@@ -180,10 +186,16 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", progress: bool =
                           [f"budget.visual_flops={lowest}", f"budget.warmup_steps={warmup}",
                            f"budget.system_tokens={layout.system}", f"budget.text_tokens={layout.text}",
                            f"window={cfg.window}"])
-        for budget in tqdm(todo, desc="visprune harden + eval", disable=not progress, leave=False):
+        for budget in tqdm(todo, desc="visprune harden + recover + eval", disable=not progress, leave=False):
+            hardened = cfg.out / "models" / f"visprune-{budget}-prerecovery"
+            harden(ckpt, hardened, budget=budget)
+            # recovery: LoRA fine-tuning of the hardened (merged) model with its plan fixed, as CoFi does
+            recovered = _train_run(RECIPES / "finetune.yaml", cfg.out / "runs" / f"visprune-{budget}-recovery", cfg,
+                                   sz, [f"model.path={hardened}", f"plan={hardened / PLAN_FILE}",
+                                        f"window={cfg.window}"], steps=sz.recovery_steps)
             target = cfg.out / "models" / f"visprune-{budget}"
-            harden(ckpt, target, budget=budget)
-            finish("visprune", budget, target)
+            harden(recovered, target, budget=budget, plan_path=str(hardened / PLAN_FILE))
+            finish("visprune", budget, target, f"{sz.prune_steps} shared + {sz.recovery_steps} recovery steps")
     stages.update(1)
 
     # 4. plan baselines, each fine-tuned with its plan fixed
