@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import random
-import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
-from .toy import COLOURS, IMAGE, SHAPES, draw_shape
+from .toy import COLOURS, IMAGE, SHAPES, draw_shape, words_in
 
 logger = logging.getLogger(__name__)
 
@@ -195,12 +194,7 @@ def seetask_words(cfg: SeeTaskConfig) -> list[str]:
     """Every word the see-task can use, for `toy.build_tokenizer`."""
     texts = [("describe the grid none what colour is the shape in row column what shape is in how many "
              "shapes are there is there a yes no"), " ".join(COLOURS), " ".join(SHAPES), " ".join(NUMBER_WORDS)]
-    words = set()
-    for text in texts:
-        for char in string.punctuation:
-            text = text.replace(char, " ")
-        words.update(text.split())
-    return sorted(words)
+    return words_in(texts)
 
 
 def write_seetask(out_dir: str | Path, cfg: SeeTaskConfig | None = None, progress: bool = True) -> dict[str, Any]:

@@ -201,6 +201,11 @@ def toy_words() -> list[str]:
         for position in POSITIONS:
             texts += [ask_about((shape, "red", position), kind)[0]
                       for kind in ("colour", "shape", "where")]
+    return words_in(texts)
+
+
+def words_in(texts: Iterable[str]) -> list[str]:
+    """The distinct words of `texts` (punctuation removed), sorted: a vocabulary for `build_tokenizer`."""
     words = set()
     for text in texts:
         for char in string.punctuation:
