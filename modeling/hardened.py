@@ -611,12 +611,6 @@ class HardenedDecoderLayer(nn.Module):
 
 
 # ---- applying and loading -------------------------------------------------------------------------------
-@dataclass
-class _HardenedState:
-    plan: Plan
-    handles: list[Any]
-
-
 def _check_layer(layer: nn.Module, layer_idx: int) -> None:
     attn = getattr(layer, "self_attn", None)
     needed = {"self_attn": attn, "input_layernorm": getattr(layer, "input_layernorm", None),
@@ -673,8 +667,7 @@ def harden_model(model: nn.Module, plan: Plan) -> nn.Module:
         kwargs[HARDENED_KWARG] = HardenedForward(family.build_layout(model, kwargs), plan.window)
         return args, kwargs
 
-    handle = core.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    object.__setattr__(model, "_visprune_hardened", _HardenedState(plan, [handle]))
+    core.register_forward_pre_hook(pre_hook, with_kwargs=True)
     object.__setattr__(model, HARDENED_ATTR, plan)
     return model
 

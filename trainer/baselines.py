@@ -184,10 +184,9 @@ FASTV_KWARG = "fastv_last"
 class FastVLayer(nn.Module):
     """Wraps a decoder layer for FastV (the original stays a child)."""
 
-    def __init__(self, layer: nn.Module, layer_idx: int, settings: FastVSettings, image_token_id: int, rotary_fn):
+    def __init__(self, layer: nn.Module, layer_idx: int, settings: FastVSettings, rotary_fn):
         super().__init__()
         self.layer, self.layer_idx, self.settings = layer, layer_idx, settings
-        self.image_token_id = image_token_id
         self._rotary = rotary_fn
         self.state: _FastVState | None = None  # shared by all wrappers of one model, set per forward
 
@@ -248,7 +247,7 @@ def attach_fastv(model: nn.Module, settings: FastVSettings) -> None:
     family = family_for(model)
     layers = family.decoder_layers(model)
     rotary = sys.modules[type(layers[0].self_attn).__module__].apply_rotary_pos_emb
-    wrappers = [FastVLayer(layer, i, settings, model.config.image_token_id, rotary) for i, layer in enumerate(layers)]
+    wrappers = [FastVLayer(layer, i, settings, rotary) for i, layer in enumerate(layers)]
     for i, wrapper in enumerate(wrappers):
         layers[i] = wrapper
     per_image = model.config.image_seq_length if hasattr(model.config, "image_seq_length") else 1

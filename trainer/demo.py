@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -303,10 +302,6 @@ def _pareto(path: Path, rows: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def clean(out: str | Path) -> None:
-    shutil.rmtree(out, ignore_errors=True)
 
 
 __all__ = ["METHODS", "SIZES", "run_demo", "write_report"]
