@@ -110,23 +110,24 @@ def ordinal(index: int) -> str:
     return NUMBER_WORDS[index + 1]
 
 
-def ask(rng: random.Random, scene: Scene, cfg: SeeTaskConfig, qtype: str) -> tuple[str, str]:
-    """One question of `qtype` about `scene` and its answer (derived from the scene only)."""
+def ask(rng: random.Random, scene: Scene, cfg: SeeTaskConfig, qtype: str) -> tuple[str, str, str]:
+    """(qtype asked, question, answer) about `scene`, the answer derived from the scene only; an empty
+    grid turns a colour_at / shape_at request into a count question."""
     filled = [idx for idx, item in enumerate(scene) if item is not None]
     if qtype in ("colour_at", "shape_at") and not filled:
         qtype = "count"  # an empty grid has no cell to ask about
     if qtype == "colour_at":
         idx = rng.choice(filled)
         row, col = divmod(idx, cfg.grid)
-        return f"what colour is the shape in row {ordinal(row)}, column {ordinal(col)}?", scene[idx][0]
+        return qtype, f"what colour is the shape in row {ordinal(row)}, column {ordinal(col)}?", scene[idx][0]
     if qtype == "shape_at":
         idx = rng.choice(filled)
         row, col = divmod(idx, cfg.grid)
-        return f"what shape is in row {ordinal(row)}, column {ordinal(col)}?", scene[idx][1]
+        return qtype, f"what shape is in row {ordinal(row)}, column {ordinal(col)}?", scene[idx][1]
     if qtype == "count":
         colour = rng.choice(cfg.colours)
         count = sum(1 for item in scene if item is not None and item[0] == colour)
-        return f"how many {colour} shapes are there?", NUMBER_WORDS[count]
+        return qtype, f"how many {colour} shapes are there?", NUMBER_WORDS[count]
     if qtype == "exists":
         present = sorted({(item[0], item[1]) for item in scene if item is not None})
         if present and rng.random() < 0.5:
@@ -134,7 +135,7 @@ def ask(rng: random.Random, scene: Scene, cfg: SeeTaskConfig, qtype: str) -> tup
         else:
             colour, shape = rng.choice(cfg.colours), rng.choice(cfg.shapes)
         answer = "yes" if [colour, shape] in scene else "no"
-        return f"is there a {colour} {shape}?", answer
+        return qtype, f"is there a {colour} {shape}?", answer
     raise ValueError(f"unknown question type {qtype!r}; known: {ASK_TYPES}")
 
 
@@ -168,8 +169,7 @@ def make_split(split: str, num: int, cfg: SeeTaskConfig) -> tuple[list[dict], di
         if qtype == DESCRIBE:
             question, answer = "describe the grid.", describe_answer(scene)
         else:
-            question, answer = ask(rng, scene, cfg, qtype)
-            qtype = _qtype(question)
+            qtype, question, answer = ask(rng, scene, cfg, qtype)
         file_name = f"{sample_id}.png"
         images[file_name] = render(scene, cfg)
         scenes[sample_id] = scene
@@ -178,16 +178,6 @@ def make_split(split: str, num: int, cfg: SeeTaskConfig) -> tuple[list[dict], di
                         "conversations": [{"from": "human", "value": f"{IMAGE}\n{question}"},
                                           {"from": "gpt", "value": answer}]})
     return records, images, scenes
-
-
-def _qtype(question: str) -> str:
-    if question.startswith("what colour"):
-        return "colour_at"
-    if question.startswith("what shape"):
-        return "shape_at"
-    if question.startswith("how many"):
-        return "count"
-    return "exists"
 
 
 def seetask_words(cfg: SeeTaskConfig) -> list[str]:

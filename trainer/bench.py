@@ -92,7 +92,7 @@ def _build_model(dims: ModelDims, dtype: torch.dtype, device: str, seed: int):
     return dense, hardened.to(device).eval(), config
 
 
-def _time(fn, device: str) -> float:
+def _time(fn, device: str) -> tuple[float, Any]:
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from visprune.data_prep.seetask import SeeTaskConfig, write_seetask
-from visprune.modeling import PLAN_FILE, default_layout, load_pruned
+from visprune.modeling import PLAN_FILE, default_layout
 from visprune.modeling.flops import dims_from_config
 
 from .base import BASE_REPORT, BaseModelConfig, train_base
@@ -90,9 +90,8 @@ def _train_run(recipe_file: Path, out_dir: Path, cfg: DemoConfig, size: DemoSize
     return run_dir / f"checkpoint-{steps}"
 
 
-def _prefill_speedup(dense_model, model_dir: Path, batch: dict[str, torch.Tensor], repeats: int) -> float:
+def _prefill_speedup(dense_model, pruned, batch: dict[str, torch.Tensor], repeats: int) -> float:
     """Median dense / hardened prefill time on one test batch, alternating, same process."""
-    pruned = load_pruned(model_dir)
     times: dict[str, list[float]] = {"dense": [], "pruned": []}
     with torch.no_grad():
         for model in (dense_model, pruned):
@@ -159,10 +158,6 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", progress: bool =
         _write_json(results_path, results)
         done.add((method, budget))
 
-    def score(model_dir: Path) -> dict[str, Any]:
-        model, proc = load_for_eval(model_dir)
-        return evaluate(model, proc, test_json, images, progress=False)
-
     if ("dense", 1.0) not in done:
         record("dense", 1.0, evaluate(base_model, processor, test_json, images, progress=False), 1.0, 1.0)
     speed_batch = {k: v for k, v in collator([test_rows[i] for i in range(min(16, len(test_rows)))]).items()
@@ -170,10 +165,10 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", progress: bool =
     stages.update(1)
 
     def finish(method: str, budget: float, model_dir: Path, note: str = "") -> None:
-        scores = score(model_dir)
-        ratio = plan_flops(load_pruned(model_dir))["ratio"]
-        speed = _prefill_speedup(base_model, model_dir, speed_batch, sz.speed_repeats)
-        record(method, budget, scores, ratio, speed, note)
+        model, proc = load_for_eval(model_dir)  # hardened: the folder has a plan
+        scores = evaluate(model, proc, test_json, images, progress=False)
+        speed = _prefill_speedup(base_model, model, speed_batch, sz.speed_repeats)
+        record(method, budget, scores, plan_flops(model)["ratio"], speed, note)
 
     # 3. visprune: one prune-training run, hardened at every budget
     _stage("visprune")
@@ -211,11 +206,10 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", progress: bool =
                 plan = random_plan(dims, layout, budget, cfg.window, seed=cfg.seed)
             else:
                 if calib is None:
-                    calib_rows = build_dataset(DataConfig(path=str(data_dir / "val.json"), image_folder=str(images),
-                                                          max_length=512))
-                    calib_collate = LlavaCollator(processor, DataConfig(path=str(data_dir / "val.json"),
-                                                                         image_folder=str(images), max_length=512))
-                    calib = calibrate(base_model, [calib_collate([calib_rows[i] for i in range(min(32, len(calib_rows)))])])
+                    val_cfg = DataConfig(path=str(data_dir / "val.json"), image_folder=str(images), max_length=512)
+                    val_rows = build_dataset(val_cfg)
+                    calib_batch = LlavaCollator(processor, val_cfg)([val_rows[i] for i in range(min(32, len(val_rows)))])
+                    calib = calibrate(base_model, [calib_batch])
                 plan = yopo_plan(dims, layout, budget, calib, window=5)  # the paper's window
             plan_dir = cfg.out / "plans"
             plan_dir.mkdir(parents=True, exist_ok=True)
