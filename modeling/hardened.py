@@ -25,7 +25,6 @@ the family decides where they are.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +168,9 @@ class HardenedForward:
         """cos, sin flattened to (B*T, D) (shared by every layer of this forward)."""
         if "rotary" not in self._memo:
             cos, sin = position_embeddings
+            if cos.dim() != 3:  # e.g. M-RoPE tables (3, B, T, D) whose sections were not recomposed
+                raise TypeError(f"hardened layers need (B, T, D) rotary tables, got {tuple(cos.shape)}; "
+                                "the family's rotary_fn does not match this transformers version")
             T, D = cos.shape[-2], cos.shape[-1]
             self._memo["rotary"] = (cos.expand(batch, T, D).reshape(batch * T, D),
                                     sin.expand(batch, T, D).reshape(batch * T, D))
@@ -643,9 +645,7 @@ def harden_model(model: nn.Module, plan: Plan) -> nn.Module:
     for layer_idx, layer in enumerate(layers):
         _check_layer(layer, layer_idx)
         if rotary_fn is None:
-            rotary_fn = getattr(sys.modules[type(layer.self_attn).__module__], "apply_rotary_pos_emb", None)
-            if rotary_fn is None:
-                raise TypeError(f"{type(layer.self_attn).__module__} has no apply_rotary_pos_emb")
+            rotary_fn = family.rotary_fn(layer)  # the family knows how its rotary tables are applied
         lp = plan.layers[layer_idx]
         heads, groups = [], []
         if not lp.skipped and lp.heads:

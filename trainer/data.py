@@ -27,6 +27,7 @@ FEATURES = Features({
     "conversations": List({"from": Value("string"), "value": Value("string")}),
 })
 _TEXT_KEYS = {"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets", "token_type_ids"}
+_TOKEN_KEYS = ("mm_token_type_ids",)  # per-token tensors beside input_ids (Qwen2-VL's M-RoPE needs it): padded with 0
 
 
 class DataError(ValueError):
@@ -173,15 +174,17 @@ def image_path_problem(image: str) -> str | None:
 class LlavaCollator:
     """Turn dataset rows into a right-padded training batch.
 
-    Output: `input_ids`, `attention_mask`, `labels` (B, T) long, and `pixel_values` (N, 3, H, W) float
-    with every image of the batch in sample order when there is at least one (plus any other per-image
-    tensor the processor returns). Labels are IGNORE_INDEX except on each assistant answer and its
-    end-of-turn token. Nothing is truncated: an over-long sample is an error or, with
-    `cfg.drop_overlong`, dropped and counted in `num_dropped` (per process: DataLoader workers count
-    in their own copy).
+    Output: `input_ids`, `attention_mask`, `labels` (B, T) long, per-token tensors the processor
+    returns beside them (`mm_token_type_ids`, padded with 0), and `pixel_values` with every image of
+    the batch in sample order when there is at least one (plus any other per-image tensor the
+    processor returns). Labels are
+    IGNORE_INDEX except on each assistant answer and its end-of-turn token. Nothing is truncated: an
+    over-long sample is an error or, with `cfg.drop_overlong`, dropped and counted in `num_dropped`
+    (per process: DataLoader workers count in their own copy). `image_text` is what each `<image>` of
+    the data becomes in the prompt (default: the processor's image token; see `Family.image_text`).
     """
 
-    def __init__(self, processor: Any, cfg: DataConfig):
+    def __init__(self, processor: Any, cfg: DataConfig, image_text: str | None = None):
         tokenizer = processor.tokenizer
         if tokenizer.pad_token_id is None:
             raise ValueError("LlavaCollator: the processor's tokenizer has no pad token")
@@ -192,6 +195,7 @@ class LlavaCollator:
         self.pad_token_id = tokenizer.pad_token_id
         self.bos_token = tokenizer.bos_token
         self.image_token_id = getattr(processor, "image_token_id", None)
+        self.image_text = image_text or getattr(processor, "image_token", IMAGE_PLACEHOLDER)
         self.image_folder = Path(cfg.image_folder).resolve() if cfg.image_folder is not None else None
         self.num_dropped = 0
 
@@ -222,7 +226,8 @@ class LlavaCollator:
         if reasons:
             raise DataError(f"sample {sample_id!r}: {'; '.join(reasons)}")
         images = [self.load_image(sample_id, image) for image in row["images"]]
-        messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in row["conversations"]]
+        messages = [{"role": ROLES[turn["from"]], "content": turn["value"].replace(IMAGE_PLACEHOLDER, self.image_text)}
+                    for turn in row["conversations"]]
         text, spans = self.render(sample_id, messages)
         kwargs = {"images": images} if images else {}
         try:
@@ -247,8 +252,9 @@ class LlavaCollator:
         if self.image_token_id is not None:
             labels[input_ids == self.image_token_id] = IGNORE_INDEX
         sample = {"input_ids": input_ids, "labels": labels}
+        sample.update({key: out[key][0] for key in _TOKEN_KEYS if key in out})
         if images:
-            sample.update({key: value for key, value in out.items() if key not in _TEXT_KEYS})
+            sample.update({key: value for key, value in out.items() if key not in _TEXT_KEYS and key not in _TOKEN_KEYS})
         return sample
 
     def render(self, sample_id: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -311,6 +317,12 @@ class LlavaCollator:
             attention_mask[b, :num_tokens] = 1
             labels[b, :num_tokens] = sample["labels"]
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        for key in _TOKEN_KEYS:
+            if any(key in sample for sample in samples):
+                batch[key] = torch.zeros((len(samples), length), dtype=torch.long)
+                for b, sample in enumerate(samples):
+                    if key in sample:
+                        batch[key][b, :sample[key].numel()] = sample[key]
         image_keys = dict.fromkeys(key for sample in samples for key in sample if key not in batch)
         for key in image_keys:
             batch[key] = torch.cat([sample[key] for sample in samples if key in sample])

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import TrainerCallback
 from visprune.modeling import GateConfig, GateSet, Plan, apply_plan, attach_gates, default_layout
+from visprune.modeling.families import FAMILIES, family_for
 
 from .config import Recipe, save_recipe
 from .sparsity import ExpectedFlops, SparsityController
@@ -215,10 +216,8 @@ class VispruneTrainer(Trainer):
         if "pixel_values" in inputs:
             return torch.zeros((), device=inputs["input_ids"].device)
         base = _base_model(model)
-        vision = base.config.vision_config
-        dummy = torch.zeros(1, 3, vision.image_size, vision.image_size, device=inputs["input_ids"].device,
-                            dtype=next(base.model.vision_tower.parameters()).dtype)
-        features = base.model.get_image_features(pixel_values=dummy).pooler_output
+        dummy = family_for(base).vision_inputs(base, inputs["input_ids"].device)  # the family's smallest image
+        features = base.model.get_image_features(**dummy).pooler_output
         return 0.0 * torch.cat(list(features)).float().sum()
 
     def distillation_loss(self, model, inputs, student_logits: torch.Tensor) -> torch.Tensor:
@@ -385,7 +384,7 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
     dataset = build_dataset(recipe.data)
     model, processor = build_model(recipe)
     model, gates, controller = prepare_model(model, recipe)
-    collator = LlavaCollator(processor, recipe.data)
+    collator = LlavaCollator(processor, recipe.data, image_text=FAMILIES[recipe.model.family].image_text(processor))
     trainer = VispruneTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                               processing_class=processor, recipe=recipe, gates=gates, controller=controller)
     checkpoint = find_resume_checkpoint(run_dir, resume)

@@ -1,4 +1,5 @@
-"""Model families by short registry name; `family_for(model)` picks the one that matches."""
+"""Model families by short registry name (the transformers `model_type`); `family_for(model)` picks
+the one that matches."""
 
 from __future__ import annotations
 
@@ -6,8 +7,13 @@ from torch import nn
 
 from .base import Family, LayerSlot, TextDims, VisualAttentionWrapper, VisualMLPWrapper
 from .llava import LlavaFamily
+from .qwen2_vl import Qwen2VLFamily
 
-FAMILIES: dict[str, Family] = {"llava": LlavaFamily()}
+FAMILIES: dict[str, Family] = {
+    "llava": LlavaFamily(),
+    "qwen2_vl": Qwen2VLFamily("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": Qwen2VLFamily("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+}
 
 
 def family_for(model: nn.Module) -> Family:

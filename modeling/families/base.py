@@ -1,8 +1,11 @@
 """The family protocol: the only place that knows attribute paths inside a transformers model,
-plus the layer wrappers (original module kept as a child) that gate the visual MLP rows."""
+plus the layer wrappers (original module kept as a child) that gate the visual MLP rows and the
+helpers the Llama-style families share (text dims, the rotary function, attribute checks)."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,7 +28,21 @@ class TextDims:
     intermediate_size: int
 
 
+RotaryFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (q, k, cos, sin, unsqueeze_dim=1) -> (q, k)
+
+
 class Family(Protocol):
+    """What visprune needs to know about one kind of multimodal transformers model.
+
+    `image_grid` is the reference grid the FLOPs model costs per image (families whose grid depends
+    on the input say which image size they assume); `build_layout` gives the real grids of a forward.
+    `rotary_fn` is what the hardened layers apply to Q/K with the (B, T, D) cos/sin tables the
+    decoder layers receive. `vision_inputs` is a smallest valid input for `get_image_features`
+    (the trainer runs it on text-only batches). `image_text` is the text one image takes in a prompt
+    before the processor expands it (what LLaVA-format data's `<image>` becomes). `check` raises when a path the family relies on
+    is missing; `decoder_layers` runs it, so every entry point (gates, hardening) checks.
+    """
+
     name: str
 
     def matches(self, model: nn.Module) -> bool: ...
@@ -34,6 +51,65 @@ class Family(Protocol):
     def multimodal_core(self, model: nn.Module) -> nn.Module: ...
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList: ...
     def build_layout(self, model: nn.Module, kwargs: dict[str, Any]) -> VisualLayout: ...
+    def rotary_fn(self, layer: nn.Module) -> RotaryFn: ...
+    def vision_inputs(self, model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]: ...
+    def image_text(self, processor: Any) -> str: ...
+    def check(self, model: nn.Module) -> None: ...
+
+
+def llama_text_dims(text: Any, head_dim: int | None = None) -> TextDims:
+    """TextDims of a Llama-style text config (Llama, Qwen2, Qwen2-VL text)."""
+    head_dim = head_dim or getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return TextDims(num_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
+                    num_heads=text.num_attention_heads,
+                    num_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+                    head_dim=head_dim, intermediate_size=text.intermediate_size)
+
+
+def module_rotary_fn(layer: nn.Module) -> RotaryFn:
+    """The `apply_rotary_pos_emb` of the module that defines the layer's attention class."""
+    module = sys.modules[type(layer.self_attn).__module__]
+    fn = getattr(module, "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise TypeError(f"{module.__name__} has no apply_rotary_pos_emb")
+    return fn
+
+
+def require_path(family: str, root: Any, path: str) -> Any:
+    """`root.<path>` (dots; `[i]` indexing not needed), or a TypeError naming the family and the path.
+
+    Families call this for every attribute path they rely on, so a transformers release that moves
+    one fails loudly here instead of silently computing something else.
+    """
+    node = root
+    for part in path.split("."):
+        if not hasattr(node, part):
+            raise TypeError(f"{family} family: {type(root).__name__}.{path} is missing ({type(node).__name__} has "
+                            f"no {part!r}); this transformers version is not supported (see pyproject.toml)")
+        node = getattr(node, part)
+    return node
+
+
+LAYER_PATHS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+               "mlp": ("gate_proj", "up_proj", "down_proj", "act_fn"),
+               "input_layernorm": (), "post_attention_layernorm": ()}
+_WRAPPED = {"self_attn": "attn", "mlp": "mlp"}  # where the gate wrappers keep the original module
+
+
+def check_llama_layers(family: str, layers: nn.ModuleList, text_config: Any) -> None:
+    """Every decoder layer is Llama-style (LAYER_PATHS; gated or hardened layers are looked through)
+    and uses full attention (the gated attention has no sliding window)."""
+    for layer in layers:
+        layer = getattr(layer, "layer", layer)  # a hardened layer keeps the original as .layer
+        for child, names in LAYER_PATHS.items():
+            module = require_path(family, layer, child)
+            module = getattr(module, _WRAPPED.get(child, ""), module)
+            for name in names:
+                require_path(family, module, name)
+    sliding = [i for i, kind in enumerate(getattr(text_config, "layer_types", None) or []) if kind != "full_attention"]
+    if sliding or getattr(text_config, "use_sliding_window", False):
+        raise ValueError(f"{family} family: layers {sliding} use sliding-window attention, which visprune's gated "
+                         "attention does not implement; use a config with use_sliding_window=false")
 
 
 class LayerSlot:

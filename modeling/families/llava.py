@@ -5,10 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..layout import VisualLayout, build_layout
-from .base import TextDims
+from .base import RotaryFn, TextDims, check_llama_layers, llama_text_dims, module_rotary_fn, require_path
+
+# attribute paths this family relies on (tests/modeling/test_families.py checks them)
+PATHS = ("model.language_model.layers", "model.vision_tower", "model.multi_modal_projector",
+         "model.get_image_features", "config.image_token_id")
 
 
 class LlavaFamily:
@@ -18,12 +23,7 @@ class LlavaFamily:
         return type(model).__name__ == "LlavaForConditionalGeneration"
 
     def text_dims(self, config: Any) -> TextDims:
-        text = config.text_config
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return TextDims(num_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
-                        num_heads=text.num_attention_heads,
-                        num_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-                        head_dim=head_dim, intermediate_size=text.intermediate_size)
+        return llama_text_dims(config.text_config)
 
     def image_grid(self, config: Any) -> tuple[int, int]:
         strategy = getattr(config, "vision_feature_select_strategy", "default")
@@ -38,6 +38,7 @@ class LlavaFamily:
         return model.model
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        self.check(model)
         return model.model.language_model.layers
 
     def build_layout(self, model: nn.Module, kwargs: dict[str, Any]) -> VisualLayout:
@@ -56,3 +57,20 @@ class LlavaFamily:
         grid = self.image_grid(model.config)
         return build_layout(input_ids, model.config.image_token_id, [grid] * num_images,
                             kwargs.get("attention_mask"))
+
+    def rotary_fn(self, layer: nn.Module) -> RotaryFn:
+        return module_rotary_fn(layer)
+
+    def vision_inputs(self, model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
+        """One blank image at the tower's input size."""
+        size = model.config.vision_config.image_size
+        dtype = next(model.model.vision_tower.parameters()).dtype
+        return {"pixel_values": torch.zeros(1, 3, size, size, device=device, dtype=dtype)}
+
+    def image_text(self, processor: Any) -> str:
+        return processor.image_token  # "<image>", expanded by the processor
+
+    def check(self, model: nn.Module) -> None:
+        for path in PATHS:
+            require_path(self.name, model, path)
+        check_llama_layers(self.name, model.model.language_model.layers, model.config.text_config)

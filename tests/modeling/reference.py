@@ -15,18 +15,33 @@ def _rotate_half(x):
 
 
 def _token_layout(input_ids, image_token_id, grid):
-    """Per token: (is_visual, (sample, image) id, row, col) by scanning each sample."""
+    """Per token: (is_visual, (sample, image) id, row, col) by scanning each sample.
+
+    `grid` is one side (every image a grid x grid square) or a list, in batch order, of per-image
+    grids (rows, cols) or (rows, cols, newline): with newline, each grid row is followed by one image
+    token that is no grid cell (LLaVA-NeXT) and counts as text."""
     B, T = input_ids.shape
-    info = []
+    per_image = None if isinstance(grid, int) else [tuple(g) + (False,) * (3 - len(g)) for g in grid]
+    info, image_idx = [], 0
     for b in range(B):
-        count, row_info = 0, []
+        count, row_info, image = 0, [], 0
         for t in range(T):
-            if int(input_ids[b, t]) == image_token_id:
+            if int(input_ids[b, t]) != image_token_id:
+                row_info.append((False, None, -1, -1))
+                continue
+            if per_image is None:
                 image, pos = divmod(count, grid * grid)
                 row_info.append((True, (b, image), pos // grid, pos % grid))
                 count += 1
-            else:
-                row_info.append((False, None, -1, -1))
+                continue
+            rows, cols, newline = per_image[image_idx]
+            width = cols + int(newline)
+            r, c = divmod(count, width)
+            row_info.append((c < cols, (b, image_idx) if c < cols else None, r if c < cols else -1,
+                             c if c < cols else -1))
+            count += 1
+            if count == rows * width:
+                count, image_idx = 0, image_idx + 1
         info.append(row_info)
     return info
 
@@ -44,12 +59,11 @@ def _allowed(info, valid, b, i, j, window):
 
 @torch.no_grad()
 def reference_logits(model, batch, plan: Plan, image_token_id: int, grid: int) -> torch.Tensor:
-    """Logits (B, T, V) of `model` (base weights, gates not attached or unwrapped) under `plan`."""
+    """Logits (B, T, V) of a LLaVA `model` (base weights, gates not attached or unwrapped) under `plan`."""
     core = model.model
     lm = core.language_model
     input_ids = batch["input_ids"]
     B, T = input_ids.shape
-    valid = batch["attention_mask"].bool()
     embeds = lm.embed_tokens(input_ids)
     if "pixel_values" in batch:
         feats = core.get_image_features(pixel_values=batch["pixel_values"], vision_feature_layer=-1,
@@ -57,6 +71,39 @@ def reference_logits(model, batch, plan: Plan, image_token_id: int, grid: int) -
         feats = torch.cat(list(feats), dim=0)
         embeds = embeds.clone()
         embeds[input_ids == image_token_id] = feats
+    position_ids = torch.arange(T)[None].expand(B, T)
+    cos, sin = lm.rotary_emb(embeds, position_ids)
+    return _reference(model, batch, plan, image_token_id, grid, embeds, cos, sin)
+
+
+@torch.no_grad()
+def reference_logits_any(model, batch, plan: Plan, image_token_id: int, grids) -> torch.Tensor:
+    """Like `reference_logits` for any family: the embeddings (image features merged) and the rotary
+    tables are what the base model hands its first decoder layer (so M-RoPE positions are the model's
+    own); the gated semantics are computed here. `grids`: per-image grids in batch order."""
+    lm = model.model.language_model
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs.get("hidden_states", args[0] if args else None)
+        seen["rotary"] = kwargs["position_embeddings"]
+
+    handle = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(**batch)
+    finally:
+        handle.remove()
+    cos, sin = seen["rotary"]
+    B, T = batch["input_ids"].shape
+    return _reference(model, batch, plan, image_token_id, grids, seen["embeds"], cos.expand(B, T, -1),
+                      sin.expand(B, T, -1))
+
+
+def _reference(model, batch, plan, image_token_id, grid, embeds, cos, sin):
+    lm = model.model.language_model
+    input_ids = batch["input_ids"]
+    B, T = input_ids.shape
+    valid = batch["attention_mask"].bool()
     info = _token_layout(input_ids, image_token_id, grid)
     is_vis = torch.tensor([[info[b][t][0] for t in range(T)] for b in range(B)])
     allowed = torch.tensor([[[_allowed(info, valid, b, i, j, plan.window) for j in range(T)] for i in range(T)]
@@ -65,8 +112,6 @@ def reference_logits(model, batch, plan: Plan, image_token_id: int, grid: int) -
     cfg = lm.config
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     Dh = cfg.hidden_size // H
-    position_ids = torch.arange(T)[None].expand(B, T)
-    cos, sin = lm.rotary_emb(embeds, position_ids)
     h = embeds
     for l, layer in enumerate(lm.layers):
         attn = getattr(layer.self_attn, "attn", layer.self_attn)

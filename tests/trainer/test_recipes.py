@@ -90,6 +90,25 @@ def test_llava_recipes_match_llava15_lora():
             assert recipe.output.dir == f"runs/llava15-{size}-{stem}"
 
 
+# family recipes: (folder, family, hub id of the native transformers class, run folder prefix)
+FAMILY_RECIPES = [("qwen2-vl-7b", "qwen2_vl", "Qwen/Qwen2-VL-7B-Instruct", "qwen2vl-7b")]
+
+
+@pytest.mark.parametrize("folder, family, hub_id, run", FAMILY_RECIPES, ids=[r[0] for r in FAMILY_RECIPES])
+def test_family_recipes(folder, family, hub_id, run):
+    from visprune.modeling import BUILTIN_MODELS
+    from visprune.modeling.families import FAMILIES
+
+    assert family in FAMILIES and BUILTIN_MODELS[folder].family == family  # `visprune flops <folder>` exists
+    for stem, budget in (("flops25", 0.25), ("flops12", 0.12)):
+        recipe = load_recipe(REPO / "recipes" / folder / f"{stem}.yaml")
+        assert (recipe.model.family, recipe.model.path, recipe.model.dtype) == (family, hub_id, "bf16")
+        assert recipe.budget.visual_flops == budget and recipe.window == 5
+        assert recipe.lora == LoraConfig(rank=128, alpha=256, dropout=0.05)
+        assert recipe.distill.enabled == (stem == "flops12")
+        assert recipe.output.dir == f"runs/{run}-{stem}"
+
+
 def test_toy_recipes_are_small():
     for stem in ("flops25", "flops12"):
         recipe = load_recipe(REPO / "recipes" / "toy" / f"{stem}.yaml")

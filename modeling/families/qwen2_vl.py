@@ -1,0 +1,151 @@
+"""Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`):
+the image grids come from `image_grid_thw` (patches) divided by the vision tower's spatial merge
+size; rotary handling is M-RoPE, whose sections transformers 5.x recomposes in the text rotary
+embedding, so decoder layers receive ordinary (B, T, D) cos/sin tables. Videos are not supported."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layout import VisualLayout, build_layout
+from .base import RotaryFn, TextDims, check_llama_layers, llama_text_dims, module_rotary_fn, require_path
+
+# The FLOPs model costs one image of 16 x 16 visual tokens (the real grid depends on the image: the
+# processor's min/max pixels decide): 448 x 448 px for Qwen2-VL's 14 px patches and 2 x 2 merge. Fixed in
+# tokens, not pixels, so that tiny test configs get the same layout as the real model.
+REFERENCE_GRID = (16, 16)
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+
+# attribute paths this family relies on (tests/modeling/test_families.py checks them)
+PATHS = ("model.language_model.layers", "model.language_model.rotary_emb.recomposition_frequencies",
+         "model.visual", "model.get_image_features", "config.image_token_id", "config.video_token_id",
+         "config.vision_config.spatial_merge_size", "config.vision_config.patch_size",
+         "config.vision_config.temporal_patch_size", "config.vision_config.in_channels")
+
+
+class Qwen2VLFamily:
+    """One instance per model class: `qwen2_vl` and `qwen2_5_vl` differ only in the class name."""
+
+    def __init__(self, name: str, class_name: str) -> None:
+        self.name = name
+        self.class_name = class_name
+
+    def matches(self, model: nn.Module) -> bool:
+        return type(model).__name__ == self.class_name
+
+    def text_dims(self, config: Any) -> TextDims:
+        text = config.text_config
+        # Qwen2VLAttention uses hidden_size // num_heads whatever config.head_dim says
+        return llama_text_dims(text, head_dim=text.hidden_size // text.num_attention_heads)
+
+    def image_grid(self, config: Any) -> tuple[int, int]:
+        return REFERENCE_GRID
+
+    def multimodal_core(self, model: nn.Module) -> nn.Module:
+        return model.model
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        self.check(model)
+        return model.model.language_model.layers
+
+    def image_grids(self, config: Any, image_grid_thw: torch.Tensor) -> list[tuple[int, int]]:
+        """(rows, cols) of visual tokens of each image: its (t, h, w) patch grid over the merge size."""
+        merge = config.vision_config.spatial_merge_size
+        grids = []
+        for t, h, w in image_grid_thw.tolist():
+            if t != 1 or h % merge or w % merge:
+                raise ValueError(f"{self.name} family: image_grid_thw row {(t, h, w)} is not an image grid "
+                                 f"(t must be 1 and h, w multiples of the merge size {merge})")
+            grids.append((h // merge, w // merge))
+        return grids
+
+    def build_layout(self, model: nn.Module, kwargs: dict[str, Any]) -> VisualLayout:
+        """Layout of this forward's tokens: image tokens from `input_ids`, each image's grid from
+        `image_grid_thw` or, when `generate()` has encoded the images up front (it passes
+        `mm_encoder_outputs` and drops `image_grid_thw`), from the M-RoPE positions of its tokens."""
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("visprune needs input_ids (not inputs_embeds) to find the image tokens")
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        if kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None \
+                or bool((input_ids == model.config.video_token_id).any()):
+            raise NotImplementedError(f"{self.name} family: videos are not supported (images only)")
+        grid_thw, position_ids = kwargs.get("image_grid_thw"), kwargs.get("position_ids")
+        if kwargs.get("pixel_values") is not None:
+            if grid_thw is None:
+                raise ValueError(f"{self.name} family: pixel_values without image_grid_thw")
+            grids = self.image_grids(model.config, grid_thw)
+        elif encoded.get("image") is not None:
+            sizes = [len(features) for features in encoded["image"].pooler_output]
+            if grid_thw is not None:
+                grids = self.image_grids(model.config, grid_thw)
+            elif position_ids is not None and position_ids.dim() == 3:
+                grids = self._grids_from_positions(model, input_ids, position_ids, sizes)
+            else:
+                raise ValueError(f"{self.name} family: image features without image_grid_thw or 3D position ids")
+        else:
+            grids = []
+        return build_layout(input_ids, model.config.image_token_id, grids, kwargs.get("attention_mask"))
+
+    def _grids_from_positions(self, model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                              sizes: list[int]) -> list[tuple[int, int]]:
+        """(rows, cols) of each image from its tokens' M-RoPE height / width positions, which are
+        start + row and start + col (`get_rope_index`); position_ids (3 or 4, B, T), t/h/w last."""
+        image = input_ids == model.config.image_token_id
+        heights, widths = position_ids[-2][image], position_ids[-1][image]  # batch-major, as features scatter
+        if int(image.sum()) != sum(sizes):
+            raise ValueError(f"image tokens do not match image features: {int(image.sum())} image tokens, "
+                             f"{sum(sizes)} features (per image {sizes})")
+        grids, start = [], 0
+        for size in sizes:
+            h, w = heights[start:start + size], widths[start:start + size]
+            rows, cols = int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1
+            if rows * cols != size:
+                raise ValueError(f"{self.name} family: an image of {size} tokens has M-RoPE positions spanning "
+                                 f"{rows} x {cols}; its grid cannot be recovered")
+            grids.append((rows, cols))
+            start += size
+        return grids
+
+    def rotary_fn(self, layer: nn.Module) -> RotaryFn:
+        """The plain rotate-half `apply_rotary_pos_emb`: the M-RoPE sections are already recomposed
+        into the (B, T, D) tables by the text rotary embedding (transformers 5.x). A release that
+        applies them in the attention again (`apply_multimodal_rotary_pos_emb`) is refused."""
+        import sys
+
+        module = sys.modules[type(layer.self_attn).__module__]
+        if hasattr(module, "apply_multimodal_rotary_pos_emb"):
+            raise TypeError(f"{self.name} family: {module.__name__} applies M-RoPE inside the attention "
+                            "(apply_multimodal_rotary_pos_emb); this transformers version is not supported")
+        return module_rotary_fn(layer)
+
+    def vision_inputs(self, model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
+        """The smallest image: one merge window of patches (one visual token)."""
+        vision = model.config.vision_config
+        merge = vision.spatial_merge_size
+        width = vision.in_channels * vision.temporal_patch_size * _patch_size(vision) ** 2
+        dtype = next(model.model.visual.parameters()).dtype
+        return {"pixel_values": torch.zeros(merge * merge, width, device=device, dtype=dtype),
+                "image_grid_thw": torch.tensor([[1, merge, merge]], device=device)}
+
+    def image_text(self, processor: Any) -> str:
+        """As Qwen2-VL's chat template renders an image: the pad token (expanded by the processor to
+        the image's visual tokens) between the vision start / end tokens."""
+        return f"{VISION_START}{processor.image_token}{VISION_END}"
+
+    def check(self, model: nn.Module) -> None:
+        for path in PATHS:
+            require_path(self.name, model, path)
+        check_llama_layers(self.name, model.model.language_model.layers, model.config.text_config)
+
+
+def _patch_size(vision: Any) -> int:
+    size = vision.patch_size
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ValueError(f"non-square patches {size} are not supported")
+        size = size[0]
+    return int(size)

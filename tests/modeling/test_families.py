@@ -1,0 +1,158 @@
+"""Every family beyond LLaVA-1.5 on tiny models built from its config classes: the attribute paths it
+relies on, gated dense == base, random plans == the independent reference, hardened == gated,
+cached decoding == recomputation, and `visprune flops` on a local config; batches hold several
+images of mixed sizes, text-only samples and padding on either side."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from reference import reference_logits_any
+from test_gated_equivalence import random_plan
+from tiny_families import IMAGE_TOKEN_ID, TINY_FAMILIES
+from visprune.modeling import Plan, apply_plan, attach_gates, detach_gates
+from visprune.modeling.families import FAMILIES, family_for
+from visprune.modeling.families.base import RotaryFn  # noqa: F401  (the protocol's public names exist)
+from visprune.trainer.cli import main
+
+FAMILY_NAMES = sorted(TINY_FAMILIES)
+ATOL = 1e-4
+
+
+def plan_for(family: str, seed: int, window=3, channels=False) -> Plan:
+    plan = random_plan(seed, window=window, channels=channels)
+    return Plan.from_json({**plan.to_dict(), "family": family})
+
+
+def valid(logits, batch):
+    return logits[batch["attention_mask"].bool()]
+
+
+def logits_of(model, batch, **kwargs):
+    with torch.no_grad():
+        return model(**batch, **kwargs).logits
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_family_paths_exist_and_a_moved_path_fails_loudly(name):
+    tiny = TINY_FAMILIES[name]()
+    family = family_for(tiny.model)
+    assert family.name == name and FAMILIES[name] is family
+    family.check(tiny.model)  # every path the family relies on is there in this transformers version
+    inputs = family.vision_inputs(tiny.model, torch.device("cpu"))
+    with torch.no_grad():
+        features = tiny.model.model.get_image_features(**inputs).pooler_output
+    assert torch.cat(list(features)).numel() > 0
+    broken = copy.deepcopy(tiny.model)
+    del broken.model.language_model.layers[0].mlp.gate_proj
+    with pytest.raises(TypeError, match=rf"{name} family: .*gate_proj is missing"):
+        attach_gates(broken)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_dense_gated_equals_base_and_detach_restores(name, padding):
+    tiny = TINY_FAMILIES[name]()
+    batch, _ = tiny.batch(padding=padding)
+    base = logits_of(tiny.model, batch)
+    apply_plan(tiny.model, Plan.dense(tiny.num_layers, tiny.num_heads, family=name))
+    torch.testing.assert_close(valid(logits_of(tiny.model, batch), batch), valid(base, batch), atol=1e-5, rtol=0)
+    detach_gates(tiny.model)
+    torch.testing.assert_close(logits_of(tiny.model, batch), base, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+@pytest.mark.parametrize("seed, window, channels", [(0, 3, False), (1, None, True)])
+def test_random_plan_matches_reference(name, seed, window, channels):
+    tiny = TINY_FAMILIES[name](seed=seed)
+    batch, grids = tiny.batch(padding="right" if seed else "left", seed=seed)
+    plan = plan_for(name, seed, window, channels)
+    expected = reference_logits_any(tiny.model, batch, plan, IMAGE_TOKEN_ID, grids)
+    base = logits_of(tiny.model, batch)
+    apply_plan(tiny.model, plan)
+    gated = logits_of(tiny.model, batch)
+    torch.testing.assert_close(valid(gated, batch), valid(expected, batch), atol=1e-5, rtol=0)
+    assert (valid(gated, batch) - valid(base, batch)).abs().max() > 1e-3  # the plan did something
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+@pytest.mark.parametrize("window, padding", [(3, "left"), (None, "right"), (5, "right")])
+def test_hardened_equals_gated(name, window, padding):
+    for seed in range(2):
+        tiny = TINY_FAMILIES[name](seed=seed)
+        batch, _ = tiny.batch(padding=padding, seed=seed)
+        plan = plan_for(name, seed + 3, window, channels=seed == 1)
+        gated, hardened = tiny.model, copy.deepcopy(tiny.model)
+        apply_plan(gated, plan)
+        apply_plan(hardened, plan, mode="hardened")
+        torch.testing.assert_close(valid(logits_of(hardened, batch), batch), valid(logits_of(gated, batch), batch),
+                                   atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_text_only_batch(name):
+    tiny = TINY_FAMILIES[name]()
+    batch, _ = tiny.batch(images=((), ()))
+    base = logits_of(tiny.model, batch)
+    hardened = copy.deepcopy(tiny.model)
+    apply_plan(tiny.model, plan_for(name, 7))
+    apply_plan(hardened, plan_for(name, 7), mode="hardened")
+    for model in (tiny.model, hardened):
+        torch.testing.assert_close(valid(logits_of(model, batch), batch), valid(base, batch), atol=ATOL, rtol=0)
+
+
+def _recompute(model, batch, sequences, steps):
+    """Logits of the whole generated sequence in one forward (no cache)."""
+    full = dict(batch)
+    ones = torch.ones(sequences.shape[0], steps, dtype=torch.long)
+    full["input_ids"] = sequences
+    full["attention_mask"] = torch.cat([batch["attention_mask"], ones], dim=1)
+    for key in ("mm_token_type_ids",):  # per-token inputs: generated tokens are text
+        if key in batch:
+            full[key] = torch.cat([batch[key], 0 * ones], dim=1)
+    return logits_of(model, full, use_cache=False)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_cached_decoding_equals_recomputation_gated_and_hardened(name):
+    tiny = TINY_FAMILIES[name]()
+    batch, _ = tiny.batch(padding="left")
+    plan = plan_for(name, 11, window=3)
+    gated, hardened = tiny.model, copy.deepcopy(tiny.model)
+    apply_plan(gated, plan)
+    apply_plan(hardened, plan, mode="hardened")
+    steps = 5
+    outs = {}
+    for label, model in (("gated", gated), ("hardened", hardened)):
+        with torch.no_grad():
+            outs[label] = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                         output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+                                         suppress_tokens=[IMAGE_TOKEN_ID])  # a random model may emit it
+    assert torch.equal(outs["gated"].sequences, outs["hardened"].sequences)
+    prompt = batch["input_ids"].shape[1]
+    for label, model in (("gated", gated), ("hardened", hardened)):
+        full = _recompute(model, batch, outs[label].sequences, steps)
+        for i in range(steps):
+            torch.testing.assert_close(outs[label].logits[i], full[:, prompt - 1 + i], atol=ATOL, rtol=0, msg=label)
+            torch.testing.assert_close(outs[label].logits[i], outs["gated"].logits[i], atol=ATOL, rtol=0, msg=label)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_visprune_flops_on_a_local_config(name, tmp_path, capsys):
+    tiny = TINY_FAMILIES[name]()
+    tiny.model.config.save_pretrained(tmp_path)
+    assert main(["flops", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    family = FAMILIES[name]
+    dims = family.text_dims(tiny.model.config)
+    layout = report["layout"]
+    n = layout["visual"]
+    d, m, L = dims.hidden_size, dims.intermediate_size, dims.num_layers
+    kv = dims.num_kv_heads * dims.head_dim
+    # L * (8nd^2 + 4n^2 d + 6ndm) with the K/V projections of the KV groups only (grouped-query attention)
+    expected = L * (4 * n * d * d + 4 * n * d * kv + 4 * n * n * d + 6 * n * d * m)
+    assert report["dense"]["visual_flops"] == pytest.approx(expected, rel=1e-9)
+    assert report["model"] == str(tmp_path) and n > 0

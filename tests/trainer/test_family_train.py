@@ -1,0 +1,66 @@
+"""Every family beyond LLaVA-1.5 trains a few CPU steps through the real trainer: the tiny model is
+saved and loaded with `from_pretrained` as `build_model` does, `prepare_model` attaches gates and
+LoRA, and `VispruneTrainer` runs the LM loss + Lagrangian FLOPs constraint on batches collated by
+`LlavaCollator.pad` (images of mixed sizes and text-only samples in one batch).
+
+Qwen2-VL's processor (`Qwen2VLProcessor`) cannot be built in this environment: transformers 5.x
+processors with a video processor need torchvision (huggingface/transformers#48556), which visprune
+does not depend on; its samples are therefore encoded here as the processor would encode them."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny_families import TINY_FAMILIES
+from transformers import AutoModelForImageTextToText
+from visprune.trainer.config import load_recipe
+from visprune.trainer.data import LlavaCollator
+from visprune.trainer.trainer import VispruneTrainer, build_training_args, prepare_model
+
+ENCODED_FAMILIES = ["qwen2_vl"]
+VISION_TOWER = {"qwen2_vl": "visual"}  # attribute of the multimodal core
+
+
+def family_recipe(family: str, model_dir, out_dir, *overrides):
+    return load_recipe("recipes/toy/flops25.yaml", [
+        f"model.family={family}", f"model.path={model_dir}", "data.path=unused.json", f"output.dir={out_dir}",
+        "train.max_steps=4", "train.micro_batch_size=3", "budget.warmup_steps=0", "output.save_steps=4",
+        "output.heatmap_steps=0", "budget.system_tokens=4", "budget.text_tokens=6", *overrides])
+
+
+@pytest.mark.parametrize("family", ENCODED_FAMILIES)
+def test_family_trains_a_few_steps(family, tmp_path):
+    tiny = TINY_FAMILIES[family]()
+    tiny.model.save_pretrained(tmp_path / "model")
+    recipe = family_recipe(family, tmp_path / "model", tmp_path / "run")
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "model", dtype=torch.float32,
+                                                        attn_implementation="sdpa")  # as build_model loads it
+    assert model.config.model_type == family
+    model, gates, controller = prepare_model(model, recipe)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("language_model" in n and "lora_A" in n for n in trainable)
+    assert all("language_model" in n or "visprune_" in n for n in trainable), trainable  # never the vision tower
+    before = gates.head.log_alpha.detach().clone()
+
+    collate = LlavaCollator.pad.__get__(SimpleNamespace(pad_token_id=0))  # the real collator's batching
+    samples = tiny.samples(12)
+    trainer = VispruneTrainer(model=model, args=build_training_args(recipe, None), train_dataset=samples,
+                              data_collator=collate, recipe=recipe, gates=gates, controller=controller)
+    text_only = collate([s for s in samples if "pixel_values" not in s][:2])
+    calls = []
+    tower = getattr(trainer.model.get_base_model().model, VISION_TOWER[family])
+    hook = tower.register_forward_hook(lambda *args: calls.append(1))
+    anchor = trainer._vision_anchor(trainer.model, text_only)  # text-only batches still run the vision tower
+    hook.remove()
+    assert calls and float(anchor) == 0.0
+    trainer.train()
+
+    history = [e for e in trainer.state.log_history if "visprune/expected_visual_flops" in e]
+    assert len(history) == 4 and all(math.isfinite(e["loss"]) for e in history)
+    flops = [e["visprune/expected_visual_flops"] for e in history]
+    assert flops[-1] < flops[0] - 0.01, flops  # the constraint pulls ŝ towards the 0.25 budget
+    assert not torch.equal(gates.head.log_alpha.detach(), before)
+    assert (tmp_path / "run" / "checkpoint-4" / "gates.safetensors").is_file()
