@@ -118,11 +118,12 @@ class GateSet(nn.Module):
     def to_plan(self, budget: float, layout: TokenLayout | None = None) -> Plan:
         """Harden the gates: deterministic top-k by `log_alpha` under the visual-FLOPs budget.
 
-        Units are the visual heads (l, h) and visual MLPs (l); a unit's score is the smaller of its
-        own log_alpha and its layer router's (the hierarchy: nothing is kept in a layer whose router
-        is weakest). Units are added in score order while the plan's visual FLOPs (the one FLOPs
-        model, with this GateSet's window) stay within `budget` x dense; the first unit that does not
-        fit ends the plan. The ranking is global, so a smaller budget keeps a subset of a larger one.
+        Units are the visual heads (l, h) and visual MLPs (l); a unit's score is the log-probability
+        that its effective gate is open, log P(r[l] != 0) + log P(g[l,h] != 0) (MLP: m[l]), from the
+        log_alphas: the hierarchy holds (no unit outranks its layer's router) and a strong head in a
+        layer the router kept open part of the time ranks by how often training used it. Units are
+        added in score order while the plan's visual FLOPs (the one FLOPs model, with this GateSet's
+        window) stay within `budget` x dense; the first unit that does not fit ends the plan. The ranking is global, so a smaller budget keeps a subset of a larger one.
 
         Args:
             budget: fraction of the dense visual FLOPs (the paper's unit), in (0, 1].
@@ -169,19 +170,23 @@ class GateSet(nn.Module):
 
 
 def _unit_scores(gates: GateSet) -> list[tuple[float, int, int, int]]:
-    """(score, kind, layer, head) for every head (kind 0) and MLP (kind 1) unit; fixed gates score +-inf."""
+    """(score, kind, layer, head) for every head (kind 0) and MLP (kind 1) unit.
 
-    def logits(gate) -> torch.Tensor:
-        if isinstance(gate, HardConcreteGate):
-            return gate.log_alpha.detach().float().cpu()
-        return torch.where(gate.values.cpu() > 0, torch.tensor(float("inf")), torch.tensor(float("-inf")))
+    A unit's score is log P(its effective gate != 0) = log P(r[l] open) + log P(g[l,h] open) (or
+    P(m[l] open)): how often training had the unit open. It is monotone in each log_alpha, never above
+    the router's own, and ranks a strong head of a contested layer by how much that layer was used.
+    Fixed gates have P(open) 0 or 1 (score -inf or the other gate's).
+    """
 
-    head, router, mlp = logits(gates.head), logits(gates.router), logits(gates.mlp)
+    def log_prob(gate) -> torch.Tensor:
+        return torch.log(gate.prob_open().detach().float().cpu())
+
+    head, router, mlp = log_prob(gates.head), log_prob(gates.router), log_prob(gates.mlp)
     units = []
     for layer_idx in range(gates.dims.num_layers):
         for head_idx in range(gates.dims.num_heads):
-            units.append((float(min(head[layer_idx, head_idx], router[layer_idx])), 0, layer_idx, head_idx))
-        units.append((float(min(mlp[layer_idx], router[layer_idx])), 1, layer_idx, -1))
+            units.append((float(router[layer_idx] + head[layer_idx, head_idx]), 0, layer_idx, head_idx))
+        units.append((float(router[layer_idx] + mlp[layer_idx]), 1, layer_idx, -1))
     return units
 
 

@@ -75,3 +75,20 @@ def test_plan_of_attached_gates_applies():
 def test_bad_budget():
     with pytest.raises(ValueError, match="budget"):
         llava7b_gates().to_plan(0.0)
+
+
+def test_score_is_the_probability_the_effective_gate_was_open():
+    """A strong head in a half-open layer outranks a weak head in a slightly stronger layer:
+    P(r)P(g) = 0.40 * 0.99 against 0.45 * 0.65 (the smaller log_alpha alone would pick the latter)."""
+    from visprune.modeling import LayerPlan, Plan
+
+    gates = llava7b_gates()
+    with torch.no_grad():
+        for param in gates.parameters():
+            param.fill_(-10.0)
+        gates.router.log_alpha[4], gates.head.log_alpha[4, 2] = -2.0, 3.0
+        gates.router.log_alpha[9], gates.head.log_alpha[9, 5] = -1.8, -1.0
+    one_head = Plan(family="llava", window=5, num_layers=32, num_heads=32,
+                    layers=tuple(LayerPlan(heads=(2,) if l == 4 else (), mlp=False) for l in range(32)))
+    plan = gates.to_plan(plan_fraction(gates, one_head) * 1.5)  # room for one head only
+    assert [(l, layer.heads) for l, layer in enumerate(plan.layers) if layer.heads] == [(4, (2,))]
