@@ -76,12 +76,15 @@ class GateProbs:
 
 
 # Built-in configs (dims only, no weights). Grids: LLaVA-1.5 336 px / patch 14 -> 24x24;
-# Qwen2-VL at 448x448 -> 32x32 patches merged 2x2 -> 16x16; InternVL2 one 448 px tile -> 16x16.
+# Qwen2-VL at 448x448 -> 32x32 patches merged 2x2 -> 16x16; InternVL one 448 px tile -> 16x16.
+# internvl2-8b (InternLM2.5-7B LM) has no native transformers class (remote code only): FLOPs only;
+# internvl3-8b (Qwen2.5-7B LM) is OpenGVLab/InternVL3-8B-hf, what InternVLForConditionalGeneration loads.
 BUILTIN_MODELS: dict[str, ModelDims] = {
     "llava-1.5-7b": ModelDims("llava-1.5-7b", "llava", 32, 4096, 32, 32, 128, 11008, (24, 24)),
     "llava-1.5-13b": ModelDims("llava-1.5-13b", "llava", 40, 5120, 40, 40, 128, 13824, (24, 24)),
     "qwen2-vl-7b": ModelDims("qwen2-vl-7b", "qwen2_vl", 28, 3584, 28, 4, 128, 18944, (16, 16)),
     "internvl2-8b": ModelDims("internvl2-8b", "internvl", 32, 4096, 32, 8, 128, 14336, (16, 16)),
+    "internvl3-8b": ModelDims("internvl3-8b", "internvl", 28, 3584, 28, 4, 128, 18944, (16, 16)),
 }
 DEFAULT_SYSTEM_TOKENS = 35  # LLaVA-1.5's system prompt and "USER:" prefix
 DEFAULT_TEXT_TOKENS = 60

@@ -118,7 +118,46 @@ def tiny_qwen2_vl(num_kv_heads: int = 2, seed: int = 0, variant: str = "qwen2_vl
     return Tiny(variant, model, batch, image_sizes=((2, 2), (3, 4)))
 
 
+# ---- InternVL --------------------------------------------------------------------------------------
+def tiny_internvl(num_kv_heads: int = 2, seed: int = 0, vision_layers: int = 1) -> Tiny:
+    """Text: Qwen2 (hidden 32, 4 heads, 3 layers); vision: 16 px tiles, patch 2 -> 8 x 8 patches ->
+    pixel shuffle 0.5 -> a 4 x 4 grid (16 tokens) per tile. An image spec is its number of tiles."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    vision = InternVLVisionConfig(hidden_size=16, num_hidden_layers=vision_layers, num_attention_heads=2,
+                                  intermediate_size=32, image_size=16, patch_size=2)
+    text = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=512,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                            image_seq_length=16, downsample_ratio=0.5, vision_feature_layer=-1,
+                            vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+
+    def batch(images: Sequence[Sequence[int]] = ((2,), (1, 3), ()), padding: str = "left", seed: int = 1,
+              text_len: int = 4):
+        gen = torch.Generator().manual_seed(seed)
+        rows, grids, tiles = [], [], 0
+        for i, sample in enumerate(images):
+            ids = [1] + text_tokens(gen, 2 + i)
+            for num_tiles in sample:
+                ids += [IMAGE_START] + [IMAGE_TOKEN_ID] * (16 * num_tiles) + [IMAGE_END] + text_tokens(gen, 1)
+                grids += [(4, 4)] * num_tiles
+                tiles += num_tiles
+            ids += text_tokens(gen, text_len)
+            rows.append(ids)
+        out = pad_rows(rows, padding)
+        if tiles:
+            out["pixel_values"] = torch.randn(tiles, 3, 16, 16, generator=gen)
+        return out, grids
+
+    return Tiny("internvl", model, batch, image_sizes=(1, 2))
+
+
 TINY_FAMILIES: dict[str, Callable[..., Tiny]] = {
+    "internvl": tiny_internvl,
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": lambda **kw: tiny_qwen2_vl(variant="qwen2_5_vl", **kw),
 }

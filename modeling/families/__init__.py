@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Family, LayerSlot, TextDims, VisualAttentionWrapper, VisualMLPWrapper
+from .internvl import InternVLFamily
 from .llava import LlavaFamily
 from .qwen2_vl import Qwen2VLFamily
 
@@ -13,6 +14,7 @@ FAMILIES: dict[str, Family] = {
     "llava": LlavaFamily(),
     "qwen2_vl": Qwen2VLFamily("qwen2_vl", "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": Qwen2VLFamily("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+    "internvl": InternVLFamily(),
 }
 
 

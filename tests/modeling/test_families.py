@@ -156,3 +156,22 @@ def test_visprune_flops_on_a_local_config(name, tmp_path, capsys):
     expected = L * (4 * n * d * d + 4 * n * d * kv + 4 * n * n * d + 6 * n * d * m)
     assert report["dense"]["visual_flops"] == pytest.approx(expected, rel=1e-9)
     assert report["model"] == str(tmp_path) and n > 0
+
+
+def test_internvl_tile_grid_is_raster_order_after_pixel_shuffle():
+    """The layout puts tile token t at (t // cols, t % cols): perturbing one 2 x 2 px patch of a tile
+    (a vision tower without attention layers, so features stay local) changes exactly that token."""
+    from tiny_families import tiny_internvl
+
+    model = tiny_internvl(vision_layers=0).model
+    rows, cols = FAMILIES["internvl"].image_grid(model.config)
+    tile = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model.model.get_image_features(pixel_values=tile).pooler_output[0]
+        for r, c in [(0, 0), (0, 5), (5, 0), (7, 3)]:  # patch coordinates on the 8 x 8 patch grid
+            moved = tile.clone()
+            moved[:, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2] += 1.0
+            features = model.model.get_image_features(pixel_values=moved).pooler_output[0]
+            changed = ((features - base).abs().sum(-1) > 1e-6).nonzero().flatten().tolist()
+            assert changed == [(r // 2) * cols + c // 2], (r, c, changed)
+    assert (rows, cols) == (4, 4)

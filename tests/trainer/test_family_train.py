@@ -3,9 +3,10 @@ saved and loaded with `from_pretrained` as `build_model` does, `prepare_model` a
 LoRA, and `VispruneTrainer` runs the LM loss + Lagrangian FLOPs constraint on batches collated by
 `LlavaCollator.pad` (images of mixed sizes and text-only samples in one batch).
 
-Qwen2-VL's processor (`Qwen2VLProcessor`) cannot be built in this environment: transformers 5.x
-processors with a video processor need torchvision (huggingface/transformers#48556), which visprune
-does not depend on; its samples are therefore encoded here as the processor would encode them."""
+The Qwen2-VL and InternVL processors (`Qwen2VLProcessor`, `InternVLProcessor`) cannot be built in this
+environment: transformers 5.x processors with a video processor need torchvision
+(huggingface/transformers#48556), which visprune does not depend on; their samples are therefore
+encoded here as the processor would encode them."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from visprune.trainer.config import load_recipe
 from visprune.trainer.data import LlavaCollator
 from visprune.trainer.trainer import VispruneTrainer, build_training_args, prepare_model
 
-ENCODED_FAMILIES = ["qwen2_vl"]
-VISION_TOWER = {"qwen2_vl": "visual"}  # attribute of the multimodal core
+ENCODED_FAMILIES = ["qwen2_vl", "internvl"]
+VISION_TOWER = {"qwen2_vl": "visual", "internvl": "vision_tower"}  # attribute of the multimodal core
 
 
 def family_recipe(family: str, model_dir, out_dir, *overrides):
