@@ -25,30 +25,59 @@ class ModelDims:
     num_kv_heads: int
     head_dim: int
     intermediate_size: int
-    image_grid: tuple[int, int]  # (rows, cols) of visual tokens per image
+    image_grid: tuple[int, int]  # (rows, cols) of visual tokens per image (its first grid)
     kv_bytes_per_value: int = 2  # bf16 KV cache
+    extra_grids: tuple[tuple[int, int], ...] = ()  # an image's further grids (LLaVA-NeXT: the high-res grid)
+    non_grid_tokens: int = 0  # an image's image tokens that are no grid cell (LLaVA-NeXT's newlines): text
+
+    @property
+    def image_grids(self) -> tuple[tuple[int, int], ...]:
+        return (tuple(self.image_grid), *self.extra_grids)
 
     @property
     def tokens_per_image(self) -> int:
-        return self.image_grid[0] * self.image_grid[1]
+        return sum(rows * cols for rows, cols in self.image_grids)
 
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """A prefill sequence: `system` text tokens, then `num_images` images, then `text` tokens."""
+    """A prefill sequence: `system` text tokens, then `num_images` images, then `text` tokens. An image
+    is `image_grid` plus `extra_grids` of visual tokens and `non_grid` image tokens that are no grid
+    cell (LLaVA-NeXT's newlines), costed as text tokens after the images (they see every visual key)."""
 
     system: int
     num_images: int
     image_grid: tuple[int, int]
     text: int
+    extra_grids: tuple[tuple[int, int], ...] = ()
+    non_grid: int = 0
+
+    @property
+    def grids(self) -> tuple[tuple[int, int], ...]:
+        """The grids of one image."""
+        return (tuple(self.image_grid), *self.extra_grids)
 
     @property
     def visual(self) -> int:
-        return self.num_images * self.image_grid[0] * self.image_grid[1]
+        return self.num_images * sum(rows * cols for rows, cols in self.grids)
+
+    @property
+    def text_rows(self) -> int:
+        """Every non-visual token after the system prompt: the text and the images' non-grid tokens."""
+        return self.text + self.num_images * self.non_grid
+
+    def visual_pairs(self, window: int | None) -> int:
+        """Visual (query, key) pairs inside the window on each grid (None: causal pairs of all visual tokens)."""
+        if window is None:
+            return self.visual * (self.visual + 1) // 2
+        return self.num_images * sum(window_pairs(rows, cols, window) for rows, cols in self.grids)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"system": self.system, "visual": self.visual, "text": self.text, "num_images": self.num_images,
-                "image_grid": list(self.image_grid)}
+        out = {"system": self.system, "visual": self.visual, "text": self.text, "num_images": self.num_images,
+               "image_grid": list(self.image_grid)}
+        if self.extra_grids or self.non_grid:
+            out.update({"image_grids": [list(grid) for grid in self.grids], "non_grid": self.non_grid})
+        return out
 
 
 @dataclass
@@ -79,12 +108,15 @@ class GateProbs:
 # Qwen2-VL at 448x448 -> 32x32 patches merged 2x2 -> 16x16; InternVL one 448 px tile -> 16x16.
 # internvl2-8b (InternLM2.5-7B LM) has no native transformers class (remote code only): FLOPs only;
 # internvl3-8b (Qwen2.5-7B LM) is OpenGVLab/InternVL3-8B-hf, what InternVLForConditionalGeneration loads.
+# LLaVA-NeXT (v1.6, Vicuna-7B) at 672x672 px: 24x24 base grid + 2x2 tiles stitched into 48x48 + 48 newlines.
 BUILTIN_MODELS: dict[str, ModelDims] = {
     "llava-1.5-7b": ModelDims("llava-1.5-7b", "llava", 32, 4096, 32, 32, 128, 11008, (24, 24)),
     "llava-1.5-13b": ModelDims("llava-1.5-13b", "llava", 40, 5120, 40, 40, 128, 13824, (24, 24)),
     "qwen2-vl-7b": ModelDims("qwen2-vl-7b", "qwen2_vl", 28, 3584, 28, 4, 128, 18944, (16, 16)),
     "internvl2-8b": ModelDims("internvl2-8b", "internvl", 32, 4096, 32, 8, 128, 14336, (16, 16)),
     "internvl3-8b": ModelDims("internvl3-8b", "internvl", 28, 3584, 28, 4, 128, 18944, (16, 16)),
+    "llava-next-7b": ModelDims("llava-next-7b", "llava_next", 32, 4096, 32, 32, 128, 11008, (24, 24),
+                               extra_grids=((48, 48),), non_grid_tokens=48),
 }
 DEFAULT_SYSTEM_TOKENS = 35  # LLaVA-1.5's system prompt and "USER:" prefix
 DEFAULT_TEXT_TOKENS = 60
@@ -92,7 +124,8 @@ DEFAULT_TEXT_TOKENS = 60
 
 def default_layout(dims: ModelDims, num_images: int = 1, system: int = DEFAULT_SYSTEM_TOKENS,
                    text: int = DEFAULT_TEXT_TOKENS) -> TokenLayout:
-    return TokenLayout(system=system, num_images=num_images, image_grid=dims.image_grid, text=text)
+    return TokenLayout(system=system, num_images=num_images, image_grid=dims.image_grid, text=text,
+                       extra_grids=dims.extra_grids, non_grid=dims.non_grid_tokens)
 
 
 def window_pairs(rows: int, cols: int, window: int | None) -> int:
@@ -124,10 +157,7 @@ def visual_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None =
     attention (as the paper's table counts it); with a window, the pairs inside the window."""
     probs = probs or GateProbs.dense(dims.num_layers, dims.num_heads)
     _check(dims, probs)
-    if window is None:
-        pairs = layout.visual ** 2
-    else:
-        pairs = layout.num_images * window_pairs(*layout.image_grid, window)
+    pairs = layout.visual ** 2 if window is None else layout.visual_pairs(window)
     return _visual_row_flops(dims, layout.visual, probs, pairs).sum()
 
 
@@ -150,7 +180,7 @@ def prefill_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None 
     probs = probs or GateProbs.dense(dims.num_layers, dims.num_heads)
     _check(dims, probs)
     d, Dh, m, H, Hkv = dims.hidden_size, dims.head_dim, dims.intermediate_size, dims.num_heads, dims.num_kv_heads
-    s, n, t = layout.system, layout.visual, layout.text
+    s, n, t = layout.system, layout.visual, layout.text_rows
     num_text = s + t
     effective = probs.layer.float()[:, None] * probs.head.float()  # (L, H)
 
@@ -161,11 +191,7 @@ def prefill_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None 
     text_visual_pairs = t * n
     text_attn = 4 * Dh * (H * text_text_pairs + effective.sum(dim=1) * text_visual_pairs)
 
-    if window is None:
-        visual_visual_pairs = n * (n + 1) // 2
-    else:
-        visual_visual_pairs = layout.num_images * window_pairs(*layout.image_grid, window)
-    visual_rows = _visual_row_flops(dims, n, probs, n * s + visual_visual_pairs)
+    visual_rows = _visual_row_flops(dims, n, probs, n * s + layout.visual_pairs(window))
     return (text_proj + text_mlp + text_attn + visual_rows).sum()
 
 
@@ -209,7 +235,9 @@ def dims_from_config(config: Any, name: str = "local") -> ModelDims:
     if family is None:
         raise ValueError(f"config model_type {model_type!r} is not a supported family; supported: {sorted(FAMILIES)}")
     text = family.text_dims(config)
-    return ModelDims(name=name, family=family.name, image_grid=family.image_grid(config), **asdict(text))
+    extra_grids, non_grid = family.image_extras(config)
+    return ModelDims(name=name, family=family.name, image_grid=family.image_grid(config), extra_grids=extra_grids,
+                     non_grid_tokens=non_grid, **asdict(text))
 
 
 def resolve_model_dims(model: str) -> ModelDims:

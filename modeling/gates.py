@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .families import LayerSlot, TextDims, VisualAttentionWrapper, VisualMLPWrapper, family_for
+from .families import LayerSlot, TextDims, VisualAttentionWrapper, VisualMLPWrapper, family_for, forward_inputs
 from .flops import GateProbs, ModelDims, TokenLayout, default_layout, visual_flops
 from .gated_attention import CTX_KWARG, FLEX_NAME, SDPA_NAME, GateValues, VisualContext
 from .hard_concrete import FixedGate, HardConcreteGate
@@ -59,9 +59,11 @@ class GateSet(nn.Module):
     """
 
     def __init__(self, dims: TextDims, cfg: GateConfig, family: str,
-                 image_grid: tuple[int, int] | None = None) -> None:
+                 image_grid: tuple[int, int] | None = None,
+                 image_extras: tuple[tuple[tuple[int, int], ...], int] = ((), 0)) -> None:
         super().__init__()
         self.dims, self.cfg, self.family, self.image_grid = dims, cfg, family, image_grid
+        self.image_extras = image_extras  # further grids and non-grid tokens of an image (FLOPs model)
         L, H = dims.num_layers, dims.num_heads
         self.head = HardConcreteGate((L, H), cfg.init_log_alpha) if cfg.heads else FixedGate(torch.ones(L, H))
         self.router = HardConcreteGate((L,), cfg.init_log_alpha) if cfg.visual_skip else FixedGate(torch.ones(L))
@@ -158,8 +160,9 @@ class GateSet(nn.Module):
         """The FLOPs model's view of this GateSet's model."""
         if self.image_grid is None:
             raise ValueError("this GateSet does not know its image grid")
+        extra_grids, non_grid = self.image_extras
         return ModelDims(name=self.family, family=self.family, image_grid=tuple(self.image_grid),
-                         **asdict(self.dims))
+                         extra_grids=tuple(extra_grids), non_grid_tokens=non_grid, **asdict(self.dims))
 
     def constrain_(self) -> None:
         for gate in (self.head, self.router, self.mlp):
@@ -216,7 +219,8 @@ def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GateSet:
     family = family_for(base)
     dims = family.text_dims(base.config)
     param = next(base.parameters())
-    gates = GateSet(dims, cfg, family.name, family.image_grid(base.config)).to(param.device).train(base.training)
+    gates = GateSet(dims, cfg, family.name, family.image_grid(base.config), family.image_extras(base.config))
+    gates = gates.to(param.device).train(base.training)
     setattr(base, GATES_ATTR, gates)
 
     for layer_idx, layer in enumerate(family.decoder_layers(base)):
@@ -237,10 +241,9 @@ def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GateSet:
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         if kwargs.get(CTX_KWARG) is not None:
             return args, kwargs  # the caller supplied its own context
-        if args:
-            raise ValueError("call the gated model with keyword arguments (input_ids=..., pixel_values=...)")
-        layout = family.build_layout(base, kwargs)
-        cache = kwargs.get("past_key_values")
+        inputs = forward_inputs(module, args, kwargs)
+        layout = family.build_layout(base, inputs)
+        cache = inputs.get("past_key_values")
         past_len = cache.get_seq_length() if cache is not None else 0
         if past_len:
             prev = gates._layouts.get(cache)
@@ -248,7 +251,7 @@ def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GateSet:
                 raise ValueError("the KV cache was not filled by this gated model (its visual layout is unknown); "
                                  "prefill through the gated model first")
             layout = prev.keys(past_len).extend(layout)
-            mask_2d = kwargs.get("attention_mask")
+            mask_2d = inputs.get("attention_mask")
             if mask_2d is not None and mask_2d.shape[1] == layout.num_keys:
                 layout.key_valid = mask_2d.to(layout.key_valid.device).bool()
         values = gates()

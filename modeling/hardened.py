@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from .families import family_for
+from .families import family_for, forward_inputs
 from .layout import VisualLayout
 from .plan import PLAN_FILE, Plan
 
@@ -662,9 +662,8 @@ def harden_model(model: nn.Module, plan: Plan) -> nn.Module:
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         if kwargs.get(HARDENED_KWARG) is not None:
             return args, kwargs
-        if args:
-            raise ValueError("call the hardened model with keyword arguments (input_ids=..., pixel_values=...)")
-        kwargs[HARDENED_KWARG] = HardenedForward(family.build_layout(model, kwargs), plan.window)
+        layout = family.build_layout(model, forward_inputs(module, args, kwargs))
+        kwargs[HARDENED_KWARG] = HardenedForward(layout, plan.window)
         return args, kwargs
 
     core.register_forward_pre_hook(pre_hook, with_kwargs=True)

@@ -1,6 +1,8 @@
-"""The per-batch visual layout: which key positions are image tokens, which image grid (image or
+"""The per-batch visual layout: which key positions are visual tokens, which image grid (image or
 tile) each belongs to and its (row, col) on that grid. Built once per forward from `input_ids`;
-families decide the grids, this module only does the bookkeeping."""
+families decide the grids, this module only does the bookkeeping. An image token that is no grid
+cell (LLaVA-NeXT's newline after each row of its high-resolution grid) is not visual: it is gated
+and attended like text."""
 
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ class VisualLayout:
 def build_layout(
     input_ids: torch.Tensor,
     image_token_id: int,
-    grids: Sequence[tuple[int, int]],
+    grids: Sequence[tuple[int, int] | tuple[int, int, bool]],
     attention_mask: torch.Tensor | None = None,
 ) -> VisualLayout:
     """Assign image tokens to grids in reading order (batch-major), as the model scatters features.
@@ -73,8 +75,9 @@ def build_layout(
     Args:
         input_ids: (B, T) long.
         image_token_id: the placeholder id of one visual token.
-        grids: (rows, cols) of every image grid in the batch, in order; each grid owns rows*cols
-            consecutive image tokens, all in one sample.
+        grids: (rows, cols) or (rows, cols, newline) of every image grid in the batch, in order; each
+            grid owns rows*cols consecutive image tokens (rows*(cols+1) with newline: each row is
+            followed by one image token that is no grid cell and counts as text), all in one sample.
         attention_mask: optional 2D padding mask (1 = real token), (B, T) or (B, cache + T).
 
     Raises:
@@ -89,7 +92,9 @@ def build_layout(
     row = torch.full_like(grid_idx, -1)
     col = torch.full_like(grid_idx, -1)
 
-    sizes = torch.tensor([r * c for r, c in grids], dtype=torch.long)
+    grids = [(int(g[0]), int(g[1]), bool(g[2]) if len(g) > 2 else False) for g in grids]
+    widths = torch.tensor([c + int(nl) for _, c, nl in grids], dtype=torch.long)  # image tokens per grid row
+    sizes = torch.tensor([r * (c + int(nl)) for r, c, nl in grids], dtype=torch.long)
     per_sample = visual_mask.sum(dim=1).tolist()
     total = int(sum(per_sample))
     if total != int(sizes.sum()):
@@ -105,20 +110,26 @@ def build_layout(
     starts = torch.cumsum(sizes, 0) - sizes
     token_grid = torch.repeat_interleave(torch.arange(len(grids)), sizes).to(device)
     offset = torch.arange(total, device=device) - starts.to(device)[token_grid]
-    cols = torch.tensor([c for _, c in grids], dtype=torch.long, device=device)[token_grid]
+    width = widths.to(device)[token_grid]
+    cols = torch.tensor([c for _, c, _ in grids], dtype=torch.long, device=device)[token_grid]
 
     # a grid must not straddle two samples
-    first = token_sample[starts.to(device)]
-    last = token_sample[(starts + sizes - 1).to(device)]
+    nonempty = (sizes > 0).nonzero().squeeze(1)
+    first = token_sample[starts[nonempty].to(device)]
+    last = token_sample[(starts + sizes - 1)[nonempty].to(device)]
     if bool((first != last).any()):
-        bad = int((first != last).nonzero()[0, 0])
+        bad = int(nonempty[(first != last).nonzero()[0, 0]])
         counts = ", ".join(f"sample {b}: {n}" for b, n in enumerate(per_sample))
         raise ValueError(
             f"image tokens do not match image features: image {bad} ({grids[bad][0]}x{grids[bad][1]} = "
-            f"{int(sizes[bad])} tokens) would span samples {int(first[bad])} and {int(last[bad])}; "
+            f"{int(sizes[bad])} tokens) would span samples {int(token_sample[starts[bad]])} and "
+            f"{int(token_sample[starts[bad] + sizes[bad] - 1])}; "
             f"image tokens per sample: {counts}")
 
+    cell = offset % width < cols  # False on the newline that closes a row of a newline grid
+    visual_mask.view(-1)[flat[~cell]] = False
+    flat, token_grid, offset, width = flat[cell], token_grid[cell], offset[cell], width[cell]
     grid_idx.view(-1)[flat] = token_grid
-    row.view(-1)[flat] = offset // cols
-    col.view(-1)[flat] = offset % cols
+    row.view(-1)[flat] = offset // width
+    col.view(-1)[flat] = offset % width
     return VisualLayout(visual_mask, grid_idx, row, col, key_valid, T)

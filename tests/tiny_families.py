@@ -156,7 +156,68 @@ def tiny_internvl(num_kv_heads: int = 2, seed: int = 0, vision_layers: int = 1) 
     return Tiny("internvl", model, batch, image_sizes=(1, 2))
 
 
+# ---- LLaVA-NeXT -----------------------------------------------------------------------------------
+NEXT_TILE, NEXT_PATCH = 8, 2  # 8 px tiles of 2 px patches: a 4 x 4 grid per tile
+NEXT_PINPOINTS = [[8, 16], [16, 8], [16, 16]]
+
+
+def next_grids(height: int, width: int) -> tuple[int, list[tuple[int, ...]]]:
+    """(tiles incl. the base image, grids) of an image, from transformers' anyres helpers: the base
+    grid, then the stitched tiles' grid cropped to the image's aspect ratio with a newline per row."""
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+        unpad_image,
+    )
+
+    side = NEXT_TILE // NEXT_PATCH
+    tiles_h, tiles_w = get_anyres_image_grid_shape([height, width], NEXT_PINPOINTS, NEXT_TILE)
+    rows, cols = unpad_image(torch.zeros(1, tiles_h * side, tiles_w * side), [height, width]).shape[1:]
+    return image_size_to_num_patches([height, width], NEXT_PINPOINTS, NEXT_TILE), [(side, side), (rows, cols, True)]
+
+
+def tiny_llava_next(num_kv_heads: int = 2, seed: int = 0, vision_layers: int = 1) -> Tiny:
+    """Text: Llama (hidden 32, 4 heads, 3 layers); vision: CLIP on 8 px tiles of 2 px patches; anyres
+    pinpoints 8x16, 16x8, 16x16. An image spec is its (height, width) in px."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = CLIPVisionConfig(image_size=NEXT_TILE, patch_size=NEXT_PATCH, hidden_size=16, intermediate_size=32,
+                              num_hidden_layers=vision_layers, num_attention_heads=2, projection_dim=16)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=512,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                             image_grid_pinpoints=NEXT_PINPOINTS, vision_feature_layer=-1,
+                             vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+
+    def batch(images: Sequence[Sequence[tuple[int, int]]] = (((8, 16),), ((6, 14), (16, 9)), ()),
+              padding: str = "left", seed: int = 1, text_len: int = 4):
+        gen = torch.Generator().manual_seed(seed)
+        rows, grids, tiles, sizes = [], [], [], []
+        for i, sample in enumerate(images):
+            ids = [1] + text_tokens(gen, 2 + i)
+            for height, width in sample:
+                num_tiles, image_grids = next_grids(height, width)
+                count = sum(g[0] * (g[1] + (len(g) > 2)) for g in image_grids)
+                ids += [IMAGE_TOKEN_ID] * count + text_tokens(gen, 1)
+                grids += image_grids
+                tiles.append(num_tiles)
+                sizes.append([height, width])
+            ids += text_tokens(gen, text_len)
+            rows.append(ids)
+        out = pad_rows(rows, padding)
+        if tiles:
+            out["pixel_values"] = torch.randn(len(tiles), max(tiles), 3, NEXT_TILE, NEXT_TILE, generator=gen)
+            out["image_sizes"] = torch.tensor(sizes)
+        return out, grids
+
+    return Tiny("llava_next", model, batch, image_sizes=((8, 16), (6, 14)))
+
+
 TINY_FAMILIES: dict[str, Callable[..., Tiny]] = {
+    "llava_next": tiny_llava_next,
     "internvl": tiny_internvl,
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": lambda **kw: tiny_qwen2_vl(variant="qwen2_5_vl", **kw),

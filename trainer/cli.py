@@ -46,8 +46,11 @@ def run_flops(args: argparse.Namespace) -> int:
         return 0
     print(f"{dims.name}: {dims.num_layers} layers, hidden {dims.hidden_size}, {dims.num_heads} heads "
           f"({dims.num_kv_heads} KV), MLP {dims.intermediate_size}")
-    print(f"layout: {layout.system} system + {layout.visual} visual ({layout.num_images} x "
-          f"{layout.image_grid[0]}x{layout.image_grid[1]}) + {layout.text} text tokens")
+    grids = " + ".join(f"{rows}x{cols}" for rows, cols in layout.grids)
+    grids = grids if len(layout.grids) == 1 else f"[{grids}]"
+    newlines = f" + {layout.num_images * layout.non_grid} newline" if layout.non_grid else ""
+    print(f"layout: {layout.system} system + {layout.visual} visual ({layout.num_images} x {grids}){newlines} + "
+          f"{layout.text} text tokens")
     rows = [("dense", dense)] + ([(f"plan (window {plan.window})", plan_report)] if plan_report else [])
     print(f"{'':24}{'visual FLOPs':>16}{'prefill FLOPs':>16}{'visual KV cache':>18}")
     for name, rep in rows:

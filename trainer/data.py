@@ -177,7 +177,7 @@ class LlavaCollator:
     Output: `input_ids`, `attention_mask`, `labels` (B, T) long, per-token tensors the processor
     returns beside them (`mm_token_type_ids`, padded with 0), and `pixel_values` with every image of
     the batch in sample order when there is at least one (plus any other per-image tensor the
-    processor returns). Labels are
+    processor returns; LLaVA-NeXT's per-image tile stacks of different sizes are zero-padded). Labels are
     IGNORE_INDEX except on each assistant answer and its end-of-turn token. Nothing is truncated: an
     over-long sample is an error or, with `cfg.drop_overlong`, dropped and counted in `num_dropped`
     (per process: DataLoader workers count in their own copy). `image_text` is what each `<image>` of
@@ -325,8 +325,18 @@ class LlavaCollator:
                         batch[key][b, :sample[key].numel()] = sample[key]
         image_keys = dict.fromkeys(key for sample in samples for key in sample if key not in batch)
         for key in image_keys:
-            batch[key] = torch.cat([sample[key] for sample in samples if key in sample])
+            batch[key] = cat_images([sample[key] for sample in samples if key in sample])
         return batch
+
+
+def cat_images(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-sample image tensors along dim 0; LLaVA-NeXT's (images, tiles, 3, H, W) stacks
+    with different tile counts are zero-padded along dim 1 first (the model reads only each image's
+    own tiles, from `image_sizes`)."""
+    if parts[0].dim() == 5 and len({part.shape[1] for part in parts}) > 1:
+        tiles = max(part.shape[1] for part in parts)
+        parts = [torch.nn.functional.pad(part, (0, 0, 0, 0, 0, 0, 0, tiles - part.shape[1])) for part in parts]
+    return torch.cat(parts)
 
 
 def shift_char(char: int, replacements: list[dict]) -> int:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Family, LayerSlot, TextDims, VisualAttentionWrapper, VisualMLPWrapper
+from .base import Family, LayerSlot, TextDims, VisualAttentionWrapper, VisualMLPWrapper, forward_inputs
 from .internvl import InternVLFamily
 from .llava import LlavaFamily
+from .llava_next import LlavaNextFamily
 from .qwen2_vl import Qwen2VLFamily
 
 FAMILIES: dict[str, Family] = {
@@ -15,6 +16,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2_vl": Qwen2VLFamily("qwen2_vl", "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": Qwen2VLFamily("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
     "internvl": InternVLFamily(),
+    "llava_next": LlavaNextFamily(),
 }
 
 
@@ -25,4 +27,5 @@ def family_for(model: nn.Module) -> Family:
     raise ValueError(f"no visprune family supports {type(model).__name__}; supported: {sorted(FAMILIES)}")
 
 
-__all__ = ["FAMILIES", "Family", "LayerSlot", "TextDims", "VisualAttentionWrapper", "VisualMLPWrapper", "family_for"]
+__all__ = ["FAMILIES", "Family", "LayerSlot", "TextDims", "VisualAttentionWrapper", "VisualMLPWrapper", "family_for",
+           "forward_inputs"]

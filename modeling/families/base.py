@@ -4,6 +4,7 @@ helpers the Llama-style families share (text dims, the rotary function, attribut
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ class Family(Protocol):
     """What visprune needs to know about one kind of multimodal transformers model.
 
     `image_grid` is the reference grid the FLOPs model costs per image (families whose grid depends
-    on the input say which image size they assume); `build_layout` gives the real grids of a forward.
+    on the input say which image size they assume), `image_extras` that image's further grids and
+    its image tokens that are no grid cell; `build_layout` gives the real grids of a forward.
     `rotary_fn` is what the hardened layers apply to Q/K with the (B, T, D) cos/sin tables the
     decoder layers receive. `vision_inputs` is a smallest valid input for `get_image_features`
     (the trainer runs it on text-only batches). `image_text` is the text one image takes in a prompt
@@ -48,6 +50,7 @@ class Family(Protocol):
     def matches(self, model: nn.Module) -> bool: ...
     def text_dims(self, config: Any) -> TextDims: ...
     def image_grid(self, config: Any) -> tuple[int, int]: ...
+    def image_extras(self, config: Any) -> tuple[tuple[tuple[int, int], ...], int]: ...
     def multimodal_core(self, model: nn.Module) -> nn.Module: ...
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList: ...
     def build_layout(self, model: nn.Module, kwargs: dict[str, Any]) -> VisualLayout: ...
@@ -73,6 +76,19 @@ def module_rotary_fn(layer: nn.Module) -> RotaryFn:
     if fn is None:
         raise TypeError(f"{module.__name__} has no apply_rotary_pos_emb")
     return fn
+
+
+def forward_inputs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword view of a forward call: positional arguments named by the module's forward
+    signature (LLaVA-NeXT's top-level model passes `input_ids` to its core positionally)."""
+    if not args:
+        return kwargs
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [name for name, param in inspect.signature(module.forward).parameters.items() if param.kind in positional]
+    if len(args) > len(names):
+        raise ValueError(f"{type(module).__name__}.forward got {len(args)} positional arguments; "
+                         "call the model with keyword arguments (input_ids=..., pixel_values=...)")
+    return {**kwargs, **dict(zip(names, args))}
 
 
 def require_path(family: str, root: Any, path: str) -> Any:

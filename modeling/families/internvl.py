@@ -45,6 +45,9 @@ class InternVLFamily:
             sides.append(int(side))
         return sides[0], sides[1]
 
+    def image_extras(self, config: Any) -> tuple[tuple[tuple[int, int], ...], int]:
+        return (), 0  # one grid per image (or tile), no other image tokens
+
     def multimodal_core(self, model: nn.Module) -> nn.Module:
         return model.model
 

@@ -34,6 +34,9 @@ class LlavaFamily:
         side = vision.image_size // vision.patch_size
         return side, side
 
+    def image_extras(self, config: Any) -> tuple[tuple[tuple[int, int], ...], int]:
+        return (), 0  # one grid per image (or tile), no other image tokens
+
     def multimodal_core(self, model: nn.Module) -> nn.Module:
         return model.model
 

@@ -44,6 +44,9 @@ class Qwen2VLFamily:
     def image_grid(self, config: Any) -> tuple[int, int]:
         return REFERENCE_GRID
 
+    def image_extras(self, config: Any) -> tuple[tuple[tuple[int, int], ...], int]:
+        return (), 0  # one grid per image (or tile), no other image tokens
+
     def multimodal_core(self, model: nn.Module) -> nn.Module:
         return model.model
 

@@ -175,3 +175,39 @@ def test_internvl_tile_grid_is_raster_order_after_pixel_shuffle():
             changed = ((features - base).abs().sum(-1) > 1e-6).nonzero().flatten().tolist()
             assert changed == [(r // 2) * cols + c // 2], (r, c, changed)
     assert (rows, cols) == (4, 4)
+
+
+@pytest.mark.parametrize("size", [(8, 16), (8, 8)])
+def test_llava_next_grids_follow_the_stitched_unpadded_features(size):
+    """An 8 x 16 px image is two tiles side by side: the high-resolution grid is 4 x 8 (tiles stitched,
+    neighbours across the seam), an 8 x 8 one is cropped to 4 x 4 (its aspect ratio). Perturbing one patch of
+    one tile (a vision tower without attention output, so features stay local) changes exactly the token the
+    family's grid puts at that patch; newline tokens are the image_newline embedding."""
+    from tiny_families import NEXT_PATCH, tiny_llava_next
+
+    model = tiny_llava_next().model
+    with torch.no_grad():  # no attention output in the CLIP tower: each patch's feature stays its own
+        for layer in model.model.vision_tower.encoder.layers:
+            layer.self_attn.out_proj.weight.zero_()
+            layer.self_attn.out_proj.bias.zero_()
+    family = FAMILIES["llava_next"]
+    (side, _, _), (rows, cols, newline) = family.image_grids(model.config, size)
+    assert newline and (size != (8, 16) or (rows, cols) == (4, 8))
+    batch, _ = tiny_llava_next().batch(images=((size,),))
+    pixels, sizes = batch["pixel_values"], batch["image_sizes"]
+    with torch.no_grad():
+        base = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output[0]
+    assert base.shape[0] == side * side + rows * (cols + 1)
+    ends = [side * side + r * (cols + 1) + cols for r in range(rows)]
+    assert (base[ends] == model.model.image_newline).all()
+    full_cols = 2 * side  # both pinpoints used here are two tiles wide, one tile high
+    crop = (full_cols - cols) // 2  # unpad_image crops the columns symmetrically
+    for tile, r, c in [(1, 0, 0), (2, 1, 0), (2, 3, 3), (1, 2, 3)]:  # tile 1 = left, 2 = right
+        moved = pixels.clone()
+        moved[0, tile, :, r * NEXT_PATCH:(r + 1) * NEXT_PATCH, c * NEXT_PATCH:(c + 1) * NEXT_PATCH] += 1.0
+        with torch.no_grad():
+            features = model.model.get_image_features(pixel_values=moved, image_sizes=sizes).pooler_output[0]
+        changed = ((features - base).abs().sum(-1) > 1e-6).nonzero().flatten().tolist()
+        col = (tile - 1) * side + c - crop
+        expected = [side * side + r * (cols + 1) + col] if 0 <= col < cols else []
+        assert changed == expected, (tile, r, c, changed)

@@ -1,5 +1,6 @@
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -126,3 +127,21 @@ def test_cli_local_config_folder_and_errors(capsys, tmp_path):
     bad.to_json(tmp_path / "bad.json")
     assert main(["flops", "llava-1.5-7b", "--plan", str(tmp_path / "bad.json")]) == 2
     assert "3 layers x 4 heads" in capsys.readouterr().err
+
+
+def test_llava_next_image_is_base_plus_high_resolution_grid_plus_newlines():
+    """LLaVA-NeXT-7B at 672 px: 576 + 2304 visual tokens (the paper's formula with n = 2880); the window
+    is counted per grid; the 48 newline tokens are costed as text rows (prefill only)."""
+    dims = BUILTIN_MODELS["llava-next-7b"]
+    layout = default_layout(dims)
+    n, d, m, L = 2880, dims.hidden_size, dims.intermediate_size, dims.num_layers
+    assert layout.visual == n and layout.text_rows == 60 + 48
+    assert float(visual_flops(dims, layout)) == pytest.approx(L * (8 * n * d**2 + 4 * n**2 * d + 6 * n * d * m),
+                                                              rel=1e-9)
+    windowed = float(visual_flops(dims, layout, window=5)) - float(visual_flops(dims, layout, window=1))
+    per_pair = L * 4 * dims.num_heads * dims.head_dim  # QK^T and AV per (query, key) pair, all heads
+    pairs = lambda w: window_pairs(24, 24, w) + window_pairs(48, 48, w)
+    assert windowed == pytest.approx(per_pair * (pairs(5) - pairs(1)), rel=1e-9)
+    plain = default_layout(BUILTIN_MODELS["llava-1.5-7b"])
+    assert float(prefill_flops(dims, layout)) > float(prefill_flops(dims, replace(layout, non_grid=0)))
+    assert plain.text_rows == plain.text

@@ -6,7 +6,8 @@ LoRA, and `VispruneTrainer` runs the LM loss + Lagrangian FLOPs constraint on ba
 The Qwen2-VL and InternVL processors (`Qwen2VLProcessor`, `InternVLProcessor`) cannot be built in this
 environment: transformers 5.x processors with a video processor need torchvision
 (huggingface/transformers#48556), which visprune does not depend on; their samples are therefore
-encoded here as the processor would encode them."""
+encoded here as the processor would encode them. LLaVA-NeXT's processor needs no torchvision, so it
+also runs the whole `train()` (recipe -> from_pretrained model + processor -> collator -> checkpoint)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ import torch
 from tiny_families import TINY_FAMILIES
 from transformers import AutoModelForImageTextToText
 from visprune.trainer.config import load_recipe
-from visprune.trainer.data import LlavaCollator
+from visprune.trainer.data import LlavaCollator, cat_images
 from visprune.trainer.trainer import VispruneTrainer, build_training_args, prepare_model
 
-ENCODED_FAMILIES = ["qwen2_vl", "internvl"]
-VISION_TOWER = {"qwen2_vl": "visual", "internvl": "vision_tower"}  # attribute of the multimodal core
+ENCODED_FAMILIES = ["qwen2_vl", "internvl", "llava_next"]
+VISION_TOWER = {"qwen2_vl": "visual", "internvl": "vision_tower", "llava_next": "vision_tower"}  # attribute of the multimodal core
 
 
 def family_recipe(family: str, model_dir, out_dir, *overrides):
@@ -65,3 +66,30 @@ def test_family_trains_a_few_steps(family, tmp_path):
     assert flops[-1] < flops[0] - 0.01, flops  # the constraint pulls ŝ towards the 0.25 budget
     assert not torch.equal(gates.head.log_alpha.detach(), before)
     assert (tmp_path / "run" / "checkpoint-4" / "gates.safetensors").is_file()
+
+
+def test_llava_next_trains_through_visprune_train(tmp_path):
+    """The whole `train()` path with LLaVA-NeXT's real processor (anyres tiles, newlines) and the real
+    collator: images of two aspect ratios (5 and 3 tiles) in one batch, text-only samples too."""
+    import json
+
+    from visprune.data_prep.toy_families import write_toy_llava_next
+    from visprune.trainer.trainer import train
+
+    inputs = write_toy_llava_next(tmp_path / "inputs", num_samples=24)
+    recipe = family_recipe("llava_next", inputs["model"], tmp_path / "run", f"data.path={inputs['data']}",
+                           f"data.image_folder={inputs['image_folder']}", "train.micro_batch_size=4")
+    run_dir = train(recipe, resume="never")
+    state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    history = [e for e in state["log_history"] if "visprune/expected_visual_flops" in e]
+    assert len(history) == 4 and all(math.isfinite(e["loss"]) for e in history)
+    assert (run_dir / "checkpoint-4" / "gates.safetensors").is_file()
+
+
+def test_tile_stacks_of_different_sizes_are_zero_padded():
+    five, three = torch.ones(1, 5, 3, 2, 2), 2 * torch.ones(2, 3, 3, 2, 2)
+    out = cat_images([five, three])
+    assert out.shape == (3, 5, 3, 2, 2)
+    assert (out[0] == 1).all() and (out[1:, :3] == 2).all() and (out[1:, 3:] == 0).all()
+    flat = cat_images([torch.ones(4, 24), torch.ones(2, 24)])  # Qwen2-VL patch rows: plain concatenation
+    assert flat.shape == (6, 24)

@@ -92,7 +92,8 @@ def test_llava_recipes_match_llava15_lora():
 
 # family recipes: (folder, family, hub id of the native transformers class, run folder prefix)
 FAMILY_RECIPES = [("qwen2-vl-7b", "qwen2_vl", "Qwen/Qwen2-VL-7B-Instruct", "qwen2vl-7b"),
-                  ("internvl3-8b", "internvl", "OpenGVLab/InternVL3-8B-hf", "internvl3-8b")]
+                  ("internvl3-8b", "internvl", "OpenGVLab/InternVL3-8B-hf", "internvl3-8b"),
+                  ("llava-next-7b", "llava_next", "llava-hf/llava-v1.6-vicuna-7b-hf", "llavanext-7b")]
 
 
 @pytest.mark.parametrize("folder, family, hub_id, run", FAMILY_RECIPES, ids=[r[0] for r in FAMILY_RECIPES])

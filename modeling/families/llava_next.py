@@ -1,0 +1,123 @@
+"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`, "anyres"): each image is the base image's grid
+(image_size / patch_size, 24x24 at 336 px) followed by the high-resolution grid the model stitches
+from its tiles and unpads to the image's aspect ratio, with a newline token after each of its rows.
+The tiles are stitched into one spatial map before the language model sees them, so the
+high-resolution grid is one grid (neighbours across a tile seam are neighbours in the image); the
+newline tokens are no grid cells and count as text (never gated, plain causal attention)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layout import VisualLayout, build_layout
+from .base import RotaryFn, TextDims, check_llama_layers, llama_text_dims, module_rotary_fn, require_path
+
+# attribute paths this family relies on (tests/modeling/test_families.py checks them)
+PATHS = ("model.language_model.layers", "model.vision_tower", "model.multi_modal_projector",
+         "model.image_newline", "model.get_image_features", "config.image_token_id",
+         "config.image_grid_pinpoints", "config.vision_config.image_size", "config.vision_config.patch_size")
+Grid = tuple[int, int, bool]
+
+
+class LlavaNextFamily:
+    name = "llava_next"
+
+    def matches(self, model: nn.Module) -> bool:
+        return type(model).__name__ == "LlavaNextForConditionalGeneration"
+
+    def text_dims(self, config: Any) -> TextDims:
+        return llama_text_dims(config.text_config)
+
+    def image_grid(self, config: Any) -> tuple[int, int]:
+        """The base image's grid (the first grid of every image)."""
+        strategy = getattr(config, "vision_feature_select_strategy", "default")
+        if strategy != "default":
+            raise ValueError(f"llava_next family: vision_feature_select_strategy={strategy!r} keeps the CLS token, "
+                             "which is not on the patch grid; only 'default' is supported")
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        return side, side
+
+    def image_extras(self, config: Any) -> tuple[tuple[tuple[int, int], ...], int]:
+        """What the FLOPs model costs beyond the base grid for one reference image, the largest square
+        grid pinpoint (672 x 672 px for LLaVA-v1.6: a 48 x 48 high-resolution grid): its grids and its
+        newline tokens."""
+        side = max(min(int(h), int(w)) for h, w in config.image_grid_pinpoints)
+        rows, cols, _ = self.image_grids(config, (side, side))[1]
+        return ((rows, cols),), rows
+
+    def image_grids(self, config: Any, image_size: tuple[int, int]) -> list[Grid]:
+        """The grids of one image of `image_size` (height, width) px, as `pack_image_features` lays
+        out its features: base grid, then the stitched and unpadded high-resolution grid + newlines."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        tiles_h, tiles_w = get_anyres_image_grid_shape(list(image_size), config.image_grid_pinpoints,
+                                                       config.vision_config.image_size)
+        stitched = torch.empty(0, tiles_h * side, tiles_w * side)  # shape arithmetic only, no data
+        rows, cols = unpad_image(stitched, list(image_size)).shape[1:]
+        return [(side, side, False), (int(rows), int(cols), True)]
+
+    def multimodal_core(self, model: nn.Module) -> nn.Module:
+        return model.model
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        self.check(model)
+        return model.model.language_model.layers
+
+    def build_layout(self, model: nn.Module, kwargs: dict[str, Any]) -> VisualLayout:
+        """Layout of this forward's tokens: grids from `image_sizes` when this forward encodes images,
+        or, when `generate()` has encoded them up front (`mm_encoder_outputs`, no `image_sizes`), from
+        where the newline embedding sits in each image's packed features."""
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("visprune needs input_ids (not inputs_embeds) to find the image tokens")
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        image_sizes = kwargs.get("image_sizes")
+        if kwargs.get("pixel_values") is not None:
+            if image_sizes is None:
+                raise ValueError("llava_next family: pixel_values without image_sizes")
+            grids = [g for size in image_sizes.tolist() for g in self.image_grids(model.config, size)]
+        elif encoded is not None:
+            grids = [g for features in encoded.pooler_output for g in self._grids_from_features(model, features)]
+        else:
+            grids = []
+        return build_layout(input_ids, model.config.image_token_id, grids, kwargs.get("attention_mask"))
+
+    def _grids_from_features(self, model: nn.Module, features: torch.Tensor) -> list[Grid]:
+        """Grids of one image's packed features (N, d): base grid, then rows ending in the newline
+        embedding (an exact copy of `image_newline`, so its positions give rows and cols)."""
+        side, _ = self.image_grid(model.config)
+        base = side * side
+        newline = model.model.image_newline.to(features.device, features.dtype)
+        ends = (features[base:] == newline).all(dim=-1).nonzero().flatten().tolist()
+        high = features.shape[0] - base
+        rows = len(ends)
+        cols = high // rows - 1 if rows else -1
+        if not rows or rows * (cols + 1) != high or ends != [(r + 1) * (cols + 1) - 1 for r in range(rows)]:
+            raise ValueError(f"llava_next family: cannot recover the grids of an image of {features.shape[0]} "
+                             f"features ({rows} newline embeddings found after the {side}x{side} base grid)")
+        return [(side, side, False), (rows, cols, True)]
+
+    def rotary_fn(self, layer: nn.Module) -> RotaryFn:
+        return module_rotary_fn(layer)
+
+    def vision_inputs(self, model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
+        """One blank image of one tile's size (base + its tiles, as the processor would give it)."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        size = model.config.vision_config.image_size
+        num_patches = image_size_to_num_patches((size, size), model.config.image_grid_pinpoints, size)
+        dtype = next(model.model.vision_tower.parameters()).dtype
+        return {"pixel_values": torch.zeros(1, num_patches, 3, size, size, device=device, dtype=dtype),
+                "image_sizes": torch.tensor([[size, size]], device=device)}
+
+    def image_text(self, processor: Any) -> str:
+        return processor.image_token  # "<image>", expanded by the processor to base + high-res + newlines
+
+    def check(self, model: nn.Module) -> None:
+        for path in PATHS:
+            require_path(self.name, model, path)
+        check_llama_layers(self.name, model.model.language_model.layers, model.config.text_config)
