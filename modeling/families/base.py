@@ -41,8 +41,9 @@ class Family(Protocol):
     `rotary_fn` is what the hardened layers apply to Q/K with the (B, T, D) cos/sin tables the
     decoder layers receive. `vision_inputs` is a smallest valid input for `get_image_features`
     (the trainer runs it on text-only batches). `image_text` is the text one image takes in a prompt
-    before the processor expands it (what LLaVA-format data's `<image>` becomes). `check` raises when a path the family relies on
-    is missing; `decoder_layers` runs it, so every entry point (gates, hardening) checks.
+    before the processor expands it (what LLaVA-format data's `<image>` becomes). `check` raises
+    when a path the family relies on is missing; `decoder_layers` runs it, so every entry point
+    (gates, hardening) checks.
     """
 
     name: str
@@ -156,7 +157,7 @@ class VisualAttentionWrapper(nn.Module):
         out, weights = self.attn(*args, **kwargs)
         if self._has_out_bias and ctx is not None:
             bias = self.out_bias()
-            keep = ctx.gates.router[self.layer_idx].to(out.dtype)
+            keep = ctx.gates.router[:, self.layer_idx, None, None].to(out.dtype)  # (N, 1, 1)
             vis = ctx.layout.query_visual_mask[..., None]
             out = torch.where(vis, out - (1 - keep) * bias.to(out.dtype), out)
         return out, weights
@@ -188,5 +189,5 @@ class VisualMLPWrapper(nn.Module):
             hidden = self.mlp.act_fn(self.mlp.gate_proj(x)) * self.mlp.up_proj(x)  # (B, Q, I)
             out = self.mlp.down_proj(hidden)
             visual_out = self.mlp.down_proj(hidden * channels.to(hidden.dtype))
-        u = ctx.gates.mlp[self.layer_idx].to(out.dtype)
+        u = ctx.gates.mlp[:, self.layer_idx, None, None].to(out.dtype)  # (N, 1, 1)
         return torch.where(vis, u * visual_out, out)

@@ -52,6 +52,16 @@ def test_family_paths_exist_and_a_moved_path_fails_loudly(name):
         attach_gates(broken)
 
 
+def test_llava_paths_are_checked_too():
+    from conftest import tiny_llava
+
+    model = tiny_llava()
+    FAMILIES["llava"].check(model)
+    del model.model.multi_modal_projector
+    with pytest.raises(TypeError, match=r"llava family: .*model\.multi_modal_projector is missing"):
+        attach_gates(model)
+
+
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_dense_gated_equals_base_and_detach_restores(name, padding):
