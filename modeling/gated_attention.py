@@ -23,7 +23,8 @@ LOG_GATE_FLOOR = 1e-6  # training: log(max(e, eps)) keeps gradients finite where
 
 
 class GateValues(NamedTuple):
-    """Effective gates of one forward, float32: `head` e = r*g (L, H), `router` r (L), `mlp` u = r*m (L).
+    """Effective gates of one forward, float32: `head` e = r*g (N, L, H), `router` r (N, L), `mlp`
+    u = r*m (N, L); N is the batch size when every sample has its own draw (training), else 1.
 
     A NamedTuple so that DeepSpeed ZeRO-3 finds the tensors in the GateSet's output."""
 
@@ -44,8 +45,8 @@ class VisualContext:
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # layer-independent masks
 
     def log_head_gates(self, layer_idx: int, dtype: torch.dtype) -> torch.Tensor:
-        """(H,) log e[l, h]; closed gates give the dtype's lowest finite value (an exact 0 after softmax)."""
-        e = self.gates.head[layer_idx]
+        """(N, H) log e[l, h]; closed gates give the dtype's lowest finite value (an exact 0 after softmax)."""
+        e = self.gates.head[:, layer_idx]
         if self.training:
             return torch.log(e.clamp_min(LOG_GATE_FLOOR)).to(dtype)
         low = torch.finfo(dtype).min
@@ -58,7 +59,7 @@ class VisualContext:
             q_valid = lay.key_valid[:, lay.num_keys - lay.num_queries:]
             self._cache["row_base"] = (q_valid[:, None, :], (~lay.query_visual_mask | lay.has_text_before())[:, None, :])
         q_valid, sees_text = self._cache["row_base"]
-        open_head = (self.gates.head[layer_idx] > 0)[None, :, None]
+        open_head = (self.gates.head[:, layer_idx] > 0)[:, :, None]  # (N, H, 1)
         return q_valid & (sees_text | open_head)
 
 
@@ -88,9 +89,9 @@ def _window_allowed(ctx: VisualContext, base_allowed: torch.Tensor) -> torch.Ten
 
 def _finish(ctx: VisualContext, layer_idx: int, out: torch.Tensor) -> torch.Tensor:
     """(B, H, Q, D) -> (B, Q, H, D): zero rows with no key, scale visual query rows by e[l, h]."""
-    e = ctx.gates.head[layer_idx].to(out.dtype)  # (H,)
+    e = ctx.gates.head[:, layer_idx].to(out.dtype)[:, :, None]  # (N, H, 1)
     q_vis = ctx.layout.query_visual_mask  # (B, Q)
-    scale = torch.where(q_vis[:, None, :], e[None, :, None], torch.ones_like(e)[None, :, None])  # (B, H, Q)
+    scale = torch.where(q_vis[:, None, :], e, torch.ones_like(e))  # (B, H, Q)
     scale = scale * ctx.row_has_key(layer_idx).to(out.dtype)
     return (out * scale[..., None]).transpose(1, 2).contiguous()
 
@@ -126,8 +127,8 @@ def visprune_sdpa_attention(module, query, key, value, attention_mask, dropout=0
     allowed = ctx._cache[cache_key]  # (B, Q, K)
 
     low = torch.finfo(query.dtype).min
-    log_gate = ctx.log_head_gates(layer_idx, query.dtype)  # (H,)
-    key_gate = torch.where(ctx.layout.visual_mask[:, None, None, :], log_gate[None, :, None, None],
+    log_gate = ctx.log_head_gates(layer_idx, query.dtype)  # (N, H)
+    key_gate = torch.where(ctx.layout.visual_mask[:, None, None, :], log_gate[:, :, None, None],
                            torch.zeros((), dtype=query.dtype, device=query.device))  # (B, H, 1, K)
     base = torch.where(allowed, 0.0, low).to(query.dtype)[:, None]  # (B, 1, Q, K)
     bias = (base + key_gate).clamp_min(low)  # (B, H, Q, K); rows without keys are zeroed in _finish
@@ -186,10 +187,10 @@ def visprune_flex_attention(module, query, key, value, attention_mask, dropout=0
     if cache_key not in ctx._cache:
         ctx._cache[cache_key] = _flex_block_mask(ctx, Q, query.device)
     vis = ctx.layout.visual_mask
-    log_gate = ctx.log_head_gates(layer_idx, torch.float32)
+    log_gate = ctx.log_head_gates(layer_idx, torch.float32).expand(vis.shape[0], -1)  # (B, H)
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        return score + torch.where(vis[b, kv_idx], log_gate[h], 0.0)
+        return score + torch.where(vis[b, kv_idx], log_gate[b, h], 0.0)
 
     out = _flex_kernel(query.is_cuda)(query, key, value, score_mod=score_mod, block_mask=ctx._cache[cache_key],
                          scale=scaling, enable_gqa=key.shape[1] != query.shape[1])

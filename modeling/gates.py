@@ -33,6 +33,7 @@ class GateConfig:
     window: int | None = 5  # neighbour window w (w x w on the grid); None = ordinary causal attention
     init_log_alpha: float = 3.0  # every gate starts open (P(open) ~ 0.99)
     backend: str = "auto"  # "sdpa", "flex", or "auto" (flex on CUDA when available, else sdpa)
+    per_sample: bool = True  # training draws independent gates for every sample of a batch (else one draw)
 
     def __post_init__(self) -> None:
         if self.window is not None and (self.window < 1 or self.window % 2 == 0):
@@ -76,17 +77,19 @@ class GateSet(nn.Module):
         self._open_all = False
         self.last_probs: GateProbs | None = None  # P(open) of the latest forward, for the FLOPs constraint
 
-    def forward(self) -> GateValues:
-        """This forward's effective gates; also records `last_probs` (computed here so that ZeRO-3
-        has gathered the gate parameters)."""
+    def forward(self, batch_size: int = 1) -> GateValues:
+        """This forward's effective gates, with a leading sample dimension N: one draw per sample
+        (N = `batch_size`) in training with `cfg.per_sample`, else N = 1 (shared by the batch). Also
+        records `last_probs` (computed here so that ZeRO-3 has gathered the gate parameters)."""
+        L, H = self.dims.num_layers, self.dims.num_heads
         if self._open_all:
-            L, H = self.dims.num_layers, self.dims.num_heads
-            device = self.device
-            ones = torch.ones(L, device=device)
-            return GateValues(head=torch.ones(L, H, device=device), router=ones, mlp=ones)
-        (g, p_g), (r, p_r), (m, p_m) = self.head(), self.router(), self.mlp()
+            ones = torch.ones(1, L, device=self.device)
+            return GateValues(head=torch.ones(1, L, H, device=self.device), router=ones, mlp=ones)
+        num_samples = batch_size if self.cfg.per_sample else 1
+        (g, p_g), (r, p_r), (m, p_m) = self.head(num_samples), self.router(num_samples), self.mlp(num_samples)
         self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions())
-        return GateValues(head=r[:, None] * g, router=r, mlp=r * m)
+        g, r, m = g.reshape(-1, L, H), r.reshape(-1, L), m.reshape(-1, L)  # (N, L, H), (N, L): N = 1 or batch
+        return GateValues(head=r[:, :, None] * g, router=r, mlp=r * m)
 
     @property
     def device(self) -> torch.device:
@@ -254,7 +257,7 @@ def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GateSet:
             mask_2d = inputs.get("attention_mask")
             if mask_2d is not None and mask_2d.shape[1] == layout.num_keys:
                 layout.key_valid = mask_2d.to(layout.key_valid.device).bool()
-        values = gates()
+        values = gates(batch_size=layout.visual_mask.shape[0])
         kwargs[CTX_KWARG] = VisualContext(layout=layout, gates=values, window=gates.window,
                                           training=gates.training and not gates._open_all,
                                           mlp_channel_masks={} if gates._open_all else gates.mlp_channel_masks)

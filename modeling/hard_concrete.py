@@ -40,10 +40,12 @@ class HardConcreteGate(nn.Module):
         """Clamp the stored `log_alpha` in place (call after each optimizer step)."""
         self.log_alpha.clamp_(-LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
 
-    def sample(self) -> torch.Tensor:
-        """One reparameterised draw z in [0, 1]; exact 0 and 1 have non-zero probability."""
+    def sample(self, num_samples: int | None = None) -> torch.Tensor:
+        """One reparameterised draw z in [0, 1] (shape `shape`), or `num_samples` independent draws
+        (shape `(num_samples, *shape)`); exact 0 and 1 have non-zero probability."""
         log_alpha = self.clamped_log_alpha()
-        u = torch.rand_like(log_alpha).clamp(_EPS, 1.0 - _EPS)
+        size = self.shape if num_samples is None else (num_samples, *self.shape)
+        u = torch.rand(size, dtype=log_alpha.dtype, device=log_alpha.device).clamp(_EPS, 1.0 - _EPS)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / TEMPERATURE)
         # stretch, then clip: exact 0/1 get mass (Louizos et al. 2018, eq. 10)
         return (s * (STRETCH_HIGH - STRETCH_LOW) + STRETCH_LOW).clamp(0.0, 1.0)
@@ -57,8 +59,10 @@ class HardConcreteGate(nn.Module):
         """P(z != 0) = sigmoid(log_alpha - T * log(-gamma / zeta)) (Louizos et al. 2018, eq. 12)."""
         return torch.sigmoid(self.clamped_log_alpha() - TEMPERATURE * math.log(-STRETCH_LOW / STRETCH_HIGH))
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.sample() if self.training else self.deterministic()), self.prob_open()
+    def forward(self, num_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, P(open)); in train mode `num_samples` draws z of shape (num_samples, *shape), in eval
+        mode z is the deterministic gate (shape `shape`) whatever `num_samples` is."""
+        return (self.sample(num_samples) if self.training else self.deterministic()), self.prob_open()
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}"
@@ -72,7 +76,7 @@ class FixedGate(nn.Module):
         self.shape = tuple(values.shape)
         self.register_buffer("values", values.detach().float().clone(), persistent=False)
 
-    def sample(self) -> torch.Tensor:
+    def sample(self, num_samples: int | None = None) -> torch.Tensor:
         return self.values
 
     def deterministic(self) -> torch.Tensor:
@@ -84,7 +88,7 @@ class FixedGate(nn.Module):
     def constrain_(self) -> None:
         return None
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, num_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.values, self.prob_open()
 
     def extra_repr(self) -> str:

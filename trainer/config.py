@@ -50,6 +50,7 @@ class GatesConfig:
     visual_mlp: bool = True
     init_log_alpha: float = 2.0  # P(open) ~ 0.97 at the start: the gated model starts near the dense one
     backend: str = "auto"  # auto | sdpa | flex
+    per_sample: bool = True  # every sample of a batch draws its own gates (else one draw per forward)
 
 
 @dataclass

@@ -60,7 +60,8 @@ def prepare_model(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, GateSet,
     """
     g = recipe.gates
     gates = attach_gates(model, GateConfig(heads=g.heads, visual_skip=g.visual_skip, visual_mlp=g.visual_mlp,
-                                           window=recipe.window, init_log_alpha=g.init_log_alpha, backend=g.backend))
+                                           window=recipe.window, init_log_alpha=g.init_log_alpha, backend=g.backend,
+                                           per_sample=g.per_sample))
     if recipe.plan is not None:  # fixed gates: fine-tune under a given plan (baselines, re-training)
         apply_plan(model, Plan.from_json(recipe.plan))
     controller = SparsityController(recipe.budget.visual_flops, recipe.budget.warmup_steps)

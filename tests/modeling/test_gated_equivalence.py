@@ -219,3 +219,25 @@ def test_bf16_dense_plan_equals_base_and_closed_heads_stay_finite():
     loss = model(**batch).logits.float().square().mean()
     loss.backward()
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_training_draws_gates_per_sample(per_sample):
+    """Every sample of a batch gets its own hard-concrete draw in training (lower-variance gate
+    gradients); with per_sample=False the batch shares one; eval is deterministic and shared."""
+    model, one = tiny_llava(), tiny_batch(images_per_sample=(1,), padding="right")
+    gates = attach_gates(model, GateConfig(window=3, init_log_alpha=0.0, per_sample=per_sample))
+    twice = {k: torch.cat([v, v]) for k, v in one.items()}
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        logits = model(**twice).logits
+        values = gates(batch_size=2)
+    assert values.head.shape == ((2, 3, 4) if per_sample else (1, 3, 4))
+    differ = (logits[0] - logits[1]).abs().max()
+    assert (differ > 1e-2) if per_sample else (differ < 1e-5)
+    model.eval()
+    with torch.no_grad():
+        logits = model(**twice).logits
+        assert gates(batch_size=2).head.shape == (1, 3, 4)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
