@@ -278,7 +278,7 @@ def _pareto(path: Path, rows: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.5, 4), dpi=120)
     dense = next((r for r in rows if r["method"] == "dense"), None)
     for method in METHODS:
         pts = sorted((r["visual_flops_ratio"], r["describe_token_accuracy"]) for r in rows
@@ -292,7 +292,7 @@ def _pareto(path: Path, rows: list[dict[str, Any]]) -> None:
     ax.set_ylabel("describe token accuracy (%)")
     ax.set_title("see-task: accuracy vs visual FLOPs")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never hides a point
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
