@@ -92,6 +92,14 @@ def forward_inputs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> di
     return {**kwargs, **dict(zip(names, args))}
 
 
+def check_patch_features(family: str, config: Any) -> None:
+    """Refuse a model whose image features keep the CLS token (it is not on the patch grid)."""
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if strategy != "default":
+        raise ValueError(f"{family} family: vision_feature_select_strategy={strategy!r} keeps the CLS token, "
+                         "which is not on the patch grid; only 'default' is supported")
+
+
 def require_path(family: str, root: Any, path: str) -> Any:
     """`root.<path>` (dots; `[i]` indexing not needed), or a TypeError naming the family and the path.
 

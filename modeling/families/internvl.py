@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 from ..layout import VisualLayout, build_layout
-from .base import RotaryFn, TextDims, check_llama_layers, llama_text_dims, module_rotary_fn, require_path
+from .base import (
+    RotaryFn,
+    TextDims,
+    check_llama_layers,
+    check_patch_features,
+    llama_text_dims,
+    module_rotary_fn,
+    require_path,
+)
 
 # attribute paths this family relies on (tests/modeling/test_families.py checks them)
 PATHS = ("model.language_model.layers", "model.vision_tower", "model.multi_modal_projector",
@@ -30,10 +38,7 @@ class InternVLFamily:
 
     def image_grid(self, config: Any) -> tuple[int, int]:
         """One tile's grid: the patch grid shrunk by the pixel shuffle's downsample ratio."""
-        strategy = getattr(config, "vision_feature_select_strategy", "default")
-        if strategy != "default":
-            raise ValueError(f"internvl family: vision_feature_select_strategy={strategy!r} keeps the CLS token, "
-                             "which is not on the patch grid; only 'default' is supported")
+        check_patch_features("internvl", config)
         vision = config.vision_config
         sides = []
         for size, patch in zip(_pair(vision.image_size), _pair(vision.patch_size)):

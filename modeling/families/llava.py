@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from ..layout import VisualLayout, build_layout
-from .base import RotaryFn, TextDims, check_llama_layers, llama_text_dims, module_rotary_fn, require_path
+from .base import (
+    RotaryFn,
+    TextDims,
+    check_llama_layers,
+    check_patch_features,
+    llama_text_dims,
+    module_rotary_fn,
+    require_path,
+)
 
 # attribute paths this family relies on (tests/modeling/test_families.py checks them)
 PATHS = ("model.language_model.layers", "model.vision_tower", "model.multi_modal_projector",
@@ -26,10 +34,7 @@ class LlavaFamily:
         return llama_text_dims(config.text_config)
 
     def image_grid(self, config: Any) -> tuple[int, int]:
-        strategy = getattr(config, "vision_feature_select_strategy", "default")
-        if strategy != "default":
-            raise ValueError(f"llava family: vision_feature_select_strategy={strategy!r} keeps the CLS token, "
-                             "which is not on the patch grid; only 'default' is supported")
+        check_patch_features("llava", config)
         vision = config.vision_config
         side = vision.image_size // vision.patch_size
         return side, side

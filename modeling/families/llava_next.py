@@ -13,7 +13,15 @@ import torch
 from torch import nn
 
 from ..layout import VisualLayout, build_layout
-from .base import RotaryFn, TextDims, check_llama_layers, llama_text_dims, module_rotary_fn, require_path
+from .base import (
+    RotaryFn,
+    TextDims,
+    check_llama_layers,
+    check_patch_features,
+    llama_text_dims,
+    module_rotary_fn,
+    require_path,
+)
 
 # attribute paths this family relies on (tests/modeling/test_families.py checks them)
 PATHS = ("model.language_model.layers", "model.vision_tower", "model.multi_modal_projector",
@@ -33,10 +41,7 @@ class LlavaNextFamily:
 
     def image_grid(self, config: Any) -> tuple[int, int]:
         """The base image's grid (the first grid of every image)."""
-        strategy = getattr(config, "vision_feature_select_strategy", "default")
-        if strategy != "default":
-            raise ValueError(f"llava_next family: vision_feature_select_strategy={strategy!r} keeps the CLS token, "
-                             "which is not on the patch grid; only 'default' is supported")
+        check_patch_features("llava_next", config)
         side = config.vision_config.image_size // config.vision_config.patch_size
         return side, side
 
