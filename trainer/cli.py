@@ -131,6 +131,23 @@ def run_data_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_data_check(args: argparse.Namespace) -> int:
+    from transformers import AutoProcessor
+    from visprune.data_prep.check import check_file, write_rejected
+
+    processor = AutoProcessor.from_pretrained(args.processor, trust_remote_code=args.trust_remote_code)
+    report = check_file(args.json, args.images, processor, max_length=args.max_length)
+    if report.rejected and not args.skip_bad:
+        print(report.summary(), file=sys.stderr)
+        print(f"visprune data check: {len(report.rejected)} bad samples (--skip-bad writes them to "
+              f"rejected.jsonl and passes)", file=sys.stderr)
+        return 1
+    print(report.summary(limit=20))
+    if report.rejected:
+        logger.info("rejected samples: %s", write_rejected(report, args.out))
+    return 0
+
+
 def run_data_seetask(args: argparse.Namespace) -> int:
     from visprune.data_prep.seetask import SeeTaskConfig, write_seetask
 
@@ -207,6 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--num-samples", type=int, default=256)
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(func=run_data_toy)
+    check = data_sub.add_parser("check", help="pre-flight scan of a LLaVA JSON + image folder: every record, "
+                                              "image, placeholder count, length and supervised token, up front")
+    check.add_argument("--json", required=True, help="LLaVA-format .json (a list) or .jsonl")
+    check.add_argument("--images", default=None, help="image folder; image paths must stay inside it")
+    check.add_argument("--processor", required=True, help="model or processor folder (its chat template and "
+                                                          "image tokens decide lengths and labels)")
+    check.add_argument("--max-length", type=int, default=2048, help="tokens, image tokens included")
+    check.add_argument("--skip-bad", action="store_true", help="pass, writing bad samples to OUT/rejected.jsonl")
+    check.add_argument("--out", default=".", help="folder for rejected.jsonl (default: here)")
+    check.add_argument("--trust-remote-code", action="store_true", help="let the processor run its own code")
+    check.set_defaults(func=run_data_check)
     see = data_sub.add_parser("seetask", help="the synthetic see-task: grid-of-shapes images with describe and "
                                               "ask samples, train/val/test splits (deterministic per seed)")
     see.add_argument("--out", required=True, help="output folder")
