@@ -67,3 +67,11 @@ def model():
 @pytest.fixture
 def batch():
     return tiny_batch()
+
+
+@pytest.fixture(scope="session")
+def processor():
+    """The toy LLaVA processor (local word-level tokenizer, 24 px images, 6 px patches)."""
+    from visprune.data_prep.toy import build_processor, build_tokenizer, toy_words
+
+    return build_processor(build_tokenizer(toy_words()))

@@ -92,6 +92,13 @@ def forward_inputs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> di
     return {**kwargs, **dict(zip(names, args))}
 
 
+def check_llama_family(family: str, model: nn.Module, paths: tuple[str, ...]) -> None:
+    """Every attribute path a family relies on exists and its decoder layers are Llama-style."""
+    for path in paths:
+        require_path(family, model, path)
+    check_llama_layers(family, model.model.language_model.layers, model.config.text_config)
+
+
 def check_patch_features(family: str, config: Any) -> None:
     """Refuse a model whose image features keep the CLS token (it is not on the patch grid)."""
     strategy = getattr(config, "vision_feature_select_strategy", "default")

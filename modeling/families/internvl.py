@@ -14,11 +14,10 @@ from ..layout import VisualLayout, build_layout
 from .base import (
     RotaryFn,
     TextDims,
-    check_llama_layers,
+    check_llama_family,
     check_patch_features,
     llama_text_dims,
     module_rotary_fn,
-    require_path,
 )
 
 # attribute paths this family relies on (tests/modeling/test_families.py checks them)
@@ -90,9 +89,7 @@ class InternVLFamily:
         return processor.image_token  # <IMG_CONTEXT>: the processor adds <img> ... </img> and one run per tile
 
     def check(self, model: nn.Module) -> None:
-        for path in PATHS:
-            require_path(self.name, model, path)
-        check_llama_layers(self.name, model.model.language_model.layers, model.config.text_config)
+        check_llama_family(self.name, model, PATHS)
 
 
 def _pair(value: Any) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..layout import VisualLayout, build_layout
-from .base import RotaryFn, TextDims, check_llama_layers, llama_text_dims, module_rotary_fn, require_path
+from .base import RotaryFn, TextDims, check_llama_family, llama_text_dims, module_rotary_fn
 
 # The FLOPs model costs one image of 16 x 16 visual tokens (the real grid depends on the image: the
 # processor's min/max pixels decide): 448 x 448 px for Qwen2-VL's 14 px patches and 2 x 2 merge. Fixed in
@@ -140,9 +140,7 @@ class Qwen2VLFamily:
         return f"{VISION_START}{processor.image_token}{VISION_END}"
 
     def check(self, model: nn.Module) -> None:
-        for path in PATHS:
-            require_path(self.name, model, path)
-        check_llama_layers(self.name, model.model.language_model.layers, model.config.text_config)
+        check_llama_family(self.name, model, PATHS)
 
 
 def _patch_size(vision: Any) -> int:

@@ -10,13 +10,7 @@ import os
 import pytest
 from PIL import Image
 from visprune.data_prep.check import REJECTED_FILE, check_records
-from visprune.data_prep.toy import build_processor, build_tokenizer, toy_words
 from visprune.trainer.cli import main
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return build_processor(build_tokenizer(toy_words()))
 
 
 @pytest.fixture

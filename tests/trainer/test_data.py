@@ -12,16 +12,11 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
-from visprune.data_prep.toy import build_processor, build_tokenizer, main, toy_words, write_toy_inputs
+from visprune.data_prep.toy import main, write_toy_inputs
 from visprune.trainer.config import DataConfig
 from visprune.trainer.data import IGNORE_INDEX, DataError, LlavaCollator, build_dataset
 
 TOKENS_PER_IMAGE = 16  # toy processor: 24 px images, 6 px patches
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return build_processor(build_tokenizer(toy_words()))
 
 
 @pytest.fixture
