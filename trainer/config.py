@@ -110,9 +110,10 @@ class TrainConfig:
     seed: int = 17
     gradient_checkpointing: bool = True
     logging_steps: int = 1
+    stop_after_nonfinite: int = 8  # a step with a non-finite loss or gradient is skipped; stop after this many in a row
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "micro_batch_size", "grad_accum"):
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "stop_after_nonfinite"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -131,7 +132,7 @@ class DistributedConfig:
 class OutputConfig:
     dir: str
     save_steps: int = 500
-    save_total_limit: int | None = 3
+    save_total_limit: int | None = 3  # keep the newest N complete checkpoints (null: all)
     heatmap_steps: int = 50  # every N steps a TensorBoard image of the L x H head-gate probabilities
 
 

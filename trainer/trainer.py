@@ -19,6 +19,7 @@ from transformers.trainer_callback import TrainerCallback
 from visprune.modeling import GateConfig, GateSet, Plan, apply_plan, attach_gates, default_layout
 from visprune.modeling.families import FAMILIES, family_for
 
+from . import checkpoints as ckpt
 from .config import Recipe, save_recipe
 from .sparsity import ExpectedFlops, SparsityController
 
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 GATES_FILE = "gates.safetensors"
 RECIPE_FILE = "recipe.yaml"
+STATE_FILE = "visprune_state.json"  # skipped-step counters, beside trainer_state.json
 SPARSITY_ATTR = "visprune_sparsity"
 LM_LINEAR_REGEX = r".*language_model.*\.({targets})$"
 
@@ -101,8 +103,10 @@ def render_deepspeed_config(recipe: Recipe) -> dict[str, Any] | None:
                      "stage3_gather_16bit_weights_on_model_save": True})
     if recipe.distributed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    # check_grad_overflow: a bf16 step with a non-finite gradient is skipped (fp32 ZeRO skips on the norm)
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_optimization": zero,
+            "gradient_clipping": "auto", "bf16": {"enabled": "auto", "check_grad_overflow": True},
+            "zero_optimization": zero,
             "zero_allow_untested_optimizer": True}
 
 
@@ -115,7 +119,8 @@ def build_training_args(recipe: Recipe, deepspeed_config: dict[str, Any] | None)
         output_dir=o.dir, max_steps=t.max_steps, per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=opt.lr, weight_decay=opt.weight_decay,
         lr_scheduler_type=opt.scheduler, warmup_steps=opt.warmup_ratio, max_grad_norm=opt.max_grad_norm,
-        logging_steps=t.logging_steps, save_steps=o.save_steps, save_total_limit=o.save_total_limit,
+        logging_steps=t.logging_steps, save_steps=o.save_steps,
+        save_total_limit=None,  # VispruneTrainer rotates: only complete checkpoints count (output.save_total_limit)
         seed=t.seed, data_seed=t.seed, bf16=on_gpu and pick_dtype(recipe) == torch.bfloat16,
         use_cpu=not on_gpu, deepspeed=deepspeed_config, report_to=["tensorboard"],
         remove_unused_columns=False, dataloader_num_workers=recipe.data.num_workers,
@@ -126,11 +131,18 @@ def build_training_args(recipe: Recipe, deepspeed_config: dict[str, Any] | None)
 
 
 # ---- the Trainer ----------------------------------------------------------------------------------
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient (`train.stop_after_nonfinite`)."""
+
+
 class VispruneTrainer(Trainer):
     """transformers.Trainer with the visprune loss, parameter groups and checkpoint extras.
 
     loss = LM loss + distill.weight * KL(dense teacher || student) on answer tokens
            + λ1(ŝ − t) + λ2(ŝ − t)²
+
+    Checkpoints are complete or invisible (see `checkpoints`); a step whose loss or gradient is not
+    finite is skipped and counted, and `train.stop_after_nonfinite` such steps in a row stop the run.
     """
 
     def __init__(self, *args, recipe: Recipe, gates: GateSet, controller: SparsityController, **kwargs) -> None:
@@ -143,7 +155,11 @@ class VispruneTrainer(Trainer):
         self._metrics: dict[str, float] = {}
         self._metric_count = 0
         self._constant_lr_groups: list[int] = []
+        self._staging_root: str | None = None
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
+        self.nonfinite_in_a_row = 0
         self.add_callback(GateHeatmapCallback(self))
+        self.add_callback(NonFiniteGuard(self))
 
     # -- optimizer: LoRA / LM, gates, λ each with their own group ---------------------------------
     def create_optimizer(self, model=None):
@@ -206,7 +222,13 @@ class VispruneTrainer(Trainer):
                 "lambda_1": self.controller.last_lambdas[0], "lambda_2": self.controller.last_lambdas[1],
                 "open_heads": float((effective > 0.5).sum()), "open_layers": float((probs.layer > 0.5).sum()),
             })
-        if model.training:
+        if not bool(torch.isfinite(loss.detach())):
+            # every gradient is made non-finite too (NaN * anything is NaN), so the optimizer step is skipped,
+            # by NonFiniteGuard or by DeepSpeed's overflow check, on every rank alike; the graph is unchanged
+            logger.warning("step %d: non-finite loss (%s); the step will be skipped", self.state.global_step + 1,
+                           ", ".join(f"{key}={value:.4g}" for key, value in metrics.items()))
+            loss = loss * float("nan")
+        elif model.training:
             for key, value in metrics.items():
                 self._metrics[key] = self._metrics.get(key, 0.0) + value
             self._metric_count += 1
@@ -248,10 +270,15 @@ class VispruneTrainer(Trainer):
                 gate_idx, lambda_idx = self._constant_lr_groups
                 logs["visprune/lr_gates"] = groups[gate_idx]["lr"]
                 logs["visprune/lr_lambda"] = groups[lambda_idx]["lr"]
+        if "loss" in logs:
+            logs["visprune/skipped_steps"] = self.skipped_steps
         super().log(logs, start_time)
 
-    # -- checkpoints: gates, λ and the recipe beside the adapter ----------------------------------
+    # -- checkpoints: gates, λ and the recipe beside the adapter; complete or invisible ------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The adapter (or model), gates.safetensors and recipe.yaml; refuses non-finite weights and checks
+        what it wrote (every trainable tensor present, non-empty, with its shape)."""
+        self._check_finite_weights()
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
         tensors = gate_state_dict(self.gates, self.controller)  # collective under ZeRO-3
@@ -259,14 +286,110 @@ class VispruneTrainer(Trainer):
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             save_file(tensors, os.path.join(output_dir, GATES_FILE), metadata=gate_metadata(self.gates))
             save_recipe(self.recipe, os.path.join(output_dir, RECIPE_FILE))
+            check_saved_tensors(output_dir, expected_tensor_shapes(self.model), self.gates, self.controller)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_root if self._staging_root is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """transformers' checkpoint (model, optimizer, scheduler, RNG, trainer state), written into
+        RUN_DIR/.staging/checkpoint-N, fsync'ed, marked complete, renamed to RUN_DIR/checkpoint-N;
+        then the oldest complete checkpoints beyond output.save_total_limit are deleted."""
+        run_dir, step = self.args.output_dir, self.state.global_step
+        staging = ckpt.staging_folder(run_dir, step)
+        if self.args.should_save:
+            ckpt.clear_staging(run_dir, step)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = str(staging.parent)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        if self.args.should_save:
+            (staging / STATE_FILE).write_text(json.dumps({"skipped_steps": self.skipped_steps,
+                                                          "nonfinite_in_a_row": self.nonfinite_in_a_row}))
+        self.accelerator.wait_for_everyone()  # every rank's files (ZeRO partitions, RNG states) are written
+        if self.args.should_save:
+            ckpt.publish(staging, run_dir, step)
+            ckpt.rotate(run_dir, self.recipe.output.save_total_limit)
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_gate_state(self.gates, self.controller, os.path.join(resume_from_checkpoint, GATES_FILE))
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        state = Path(checkpoint or "") / STATE_FILE
+        if checkpoint and state.is_file():
+            data = json.loads(state.read_text())
+            self.skipped_steps, self.nonfinite_in_a_row = data["skipped_steps"], data["nonfinite_in_a_row"]
+
+    def _check_finite_weights(self) -> None:
+        """Raise before anything is written when a trainable tensor holds NaN or inf (every rank agrees)."""
+        bad = [name for name, p in self.model.named_parameters()
+               if p.requires_grad and not bool(torch.isfinite(getattr(p, "ds_tensor", p).detach()).all())]
+        flag = torch.tensor([float(bool(bad))])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item():
+            raise NonFiniteError(f"refusing to save non-finite weights at step {self.state.global_step}: "
+                                 f"{bad[:5] or 'on another rank'}")
+
 
 def _constant_lr(step: int) -> float:
     return 1.0
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Skips optimizer steps whose gradient is not finite, counts them, and stops the run after
+    `train.stop_after_nonfinite` in a row.
+
+    Without DeepSpeed the gradients are checked before the step (DDP has already averaged them, so every
+    rank decides alike); a bad step's gradients are dropped, so AdamW leaves parameters and moments as
+    they were, and the learning-rate schedule does not advance. Under DeepSpeed the engine's own overflow
+    check skips the step, and `was_step_applied()` tells. A non-finite loss reaches here as non-finite
+    gradients (see `compute_loss`).
+    """
+
+    def __init__(self, trainer: VispruneTrainer) -> None:
+        self.trainer = trainer
+        self.skipped = False
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.is_deepspeed_enabled:
+            return
+        params = [p for p in self.trainer.model.parameters() if p.grad is not None]
+        self.skipped = any(not bool(torch.isfinite(p.grad).all()) for p in params)
+        if self.skipped:
+            for p in params:
+                p.grad = None  # AdamW leaves a parameter without a gradient untouched
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        optimizer = self.trainer.optimizer
+        if not self.trainer.is_deepspeed_enabled and getattr(optimizer, "scaler", None) is None \
+                and hasattr(optimizer, "_is_overflow"):
+            optimizer._is_overflow = self.skipped  # accelerate: the scheduler does not step after a skipped step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer.is_deepspeed_enabled:
+            self.skipped = not trainer.model_wrapped.was_step_applied()
+        if not self.skipped:
+            trainer.nonfinite_in_a_row = 0
+            return
+        self.skipped = False
+        trainer.skipped_steps += 1
+        trainer.nonfinite_in_a_row += 1
+        limit = trainer.recipe.train.stop_after_nonfinite
+        logger.warning("step %d skipped: non-finite loss or gradient (%d in a row, %d in all; the run stops at %d "
+                       "in a row)", state.global_step, trainer.nonfinite_in_a_row, trainer.skipped_steps, limit)
+        if trainer.nonfinite_in_a_row >= limit:
+            last = ckpt.latest_complete(args.output_dir)
+            raise NonFiniteError(
+                f"{limit} optimizer steps in a row (up to step {state.global_step}) had a non-finite loss or gradient "
+                f"(train.stop_after_nonfinite={limit}); nothing was saved from them. Last complete checkpoint: "
+                f"{last or 'none'}. Lower optim.lr / optim.gate_lr, check the data, or train in fp32.")
 
 
 class GateHeatmapCallback(TrainerCallback):
@@ -357,18 +480,74 @@ def load_gate_state(gates: GateSet, controller: SparsityController | None, path:
             param.copy_(tensors[name].to(param.device, param.dtype))
 
 
+def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions leave an empty local tensor
+
+
+def _saved_name(name: str) -> str:
+    """A trainable parameter's key in the file peft writes (the adapter name is dropped)."""
+    return name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+
+
+def expected_tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Saved key -> full shape of every trainable tensor but the gates and λ (ZeRO-3: the shape before
+    partitioning, `ds_shape`). A full model is saved in its original checkpoint format, so its keys go
+    through transformers' own renaming (on shapes only: meta tensors)."""
+    model = _unwrap(model)
+    shapes = {_saved_name(name): _full_shape(p) for name, p in model.named_parameters()
+              if p.requires_grad and "visprune_gates." not in name and "visprune_sparsity." not in name}
+    if hasattr(model, "peft_config"):
+        return shapes
+    from transformers.core_model_loading import revert_weight_conversion
+
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})  # saved once, under the other name
+    meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items() if name not in tied}
+    return {name: tuple(tensor.shape) for name, tensor in revert_weight_conversion(model, meta).items()}
+
+
+def check_saved_tensors(folder: str | os.PathLike, expected: dict[str, tuple[int, ...]], gates: GateSet,
+                        controller: SparsityController | None = None) -> None:
+    """Re-open what a save wrote and check it: every expected adapter (or model) tensor and every gate
+    tensor is present, non-empty and has its shape. The classic failure is an adapter saved empty
+    under ZeRO-3."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    found: dict[str, tuple[int, ...]] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name != GATES_FILE:
+            with safe_open(str(path), framework="pt") as handle:
+                found.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})  # noqa: SIM118 (not a dict)
+    gate_shapes = {f"gates.{n}": _full_shape(p) for n, p in gates.named_parameters()}
+    if controller is not None:
+        gate_shapes.update({f"sparsity.{n}": _full_shape(p) for n, p in controller.named_parameters()})
+    with safe_open(str(folder / GATES_FILE), framework="pt") as handle:
+        saved_gates = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    problems = []
+    for where, want, have in (("adapter/model", expected, found), (GATES_FILE, gate_shapes, saved_gates)):
+        problems += [f"{where}: {key} is missing" for key in sorted(set(want) - set(have))]
+        problems += [f"{where}: {key} has shape {have[key]}, expected {shape}" for key, shape in want.items()
+                     if key in have and have[key] != shape]
+        problems += [f"{where}: {key} is empty" for key, shape in have.items() if 0 in shape]
+    if problems:
+        raise RuntimeError(f"the checkpoint in {folder} is wrong ({len(problems)} problems): " + "; ".join(problems[:8]))
+
+
 # ---- one run ----------------------------------------------------------------------------------------
 def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str) -> str | None:
-    """`resume`: "auto" (newest checkpoint-N in the run folder, if any), "never", or a checkpoint path."""
+    """`resume`: "auto" (the newest *complete* checkpoint-N of the run folder, if any), "never", or a
+    checkpoint path (which must be complete)."""
     if resume == "never":
         return None
     if resume != "auto":
         if not os.path.isdir(resume):
             raise ValueError(f"--resume {resume}: no such checkpoint folder")
+        reason = ckpt.incomplete_reason(resume)
+        if reason:
+            raise ckpt.CheckpointError(f"--resume {resume}: not a complete checkpoint: {reason}")
         return resume
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(run_dir)) if os.path.isdir(run_dir) else None
+    latest = ckpt.latest_complete(run_dir)
+    return str(latest) if latest is not None else None
 
 
 def train(recipe: Recipe, resume: str = "auto") -> Path:
@@ -379,6 +558,7 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
     args = build_training_args(recipe, render_deepspeed_config(recipe))
     if args.should_save:
         run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clear_staging(run_dir)  # a save that a crash interrupted
         save_recipe(recipe, run_dir / RECIPE_FILE)
         if args.deepspeed:
             (run_dir / "deepspeed_config.json").write_text(json.dumps(render_deepspeed_config(recipe), indent=1))
@@ -402,6 +582,7 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
     return run_dir
 
 
-__all__ = ["GATES_FILE", "RECIPE_FILE", "VispruneTrainer", "build_model", "build_training_args",
+__all__ = ["GATES_FILE", "RECIPE_FILE", "STATE_FILE", "NonFiniteError", "VispruneTrainer", "build_model",
+           "build_training_args", "check_saved_tensors", "expected_tensor_shapes", "find_resume_checkpoint",
            "gate_state_dict", "load_gate_state", "prepare_model",
            "render_deepspeed_config", "train"]

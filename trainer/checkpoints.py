@@ -1,0 +1,180 @@
+"""Checkpoints that are complete or invisible.
+
+A checkpoint is written into `RUN_DIR/.staging/checkpoint-N`, every file and folder is fsync'ed, a
+completeness marker (`visprune_checkpoint.json`: the step and every file with its size) is written
+last, and only then is the folder renamed to `RUN_DIR/checkpoint-N` (one atomic rename on a POSIX file
+system). A crash at any moment leaves either the finished checkpoint or a staging folder that nothing
+reads. Auto-resume takes the newest checkpoint whose marker matches its files; keep-last-N counts only
+such checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MARKER_FILE = "visprune_checkpoint.json"
+MARKER_FORMAT = "visprune-checkpoint/1"
+STAGING_DIR = ".staging"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the folder and what is wrong."""
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file below `folder`, then every folder (deepest first), then `folder` itself."""
+    folder = Path(folder)
+    dirs = []
+    for root, dirnames, filenames in os.walk(folder):
+        dirs.append(root)
+        for name in filenames:
+            _fsync_path(os.path.join(root, name), os.O_RDONLY)
+    for root in reversed(dirs):
+        fsync_dir(root)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    _fsync_path(os.fspath(folder), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync_path(path: str, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sizes(folder: str | os.PathLike) -> dict[str, int]:
+    """Every file below `folder` (relative POSIX path -> size in bytes), the marker excluded."""
+    folder = Path(folder)
+    sizes = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MARKER_FILE:
+            sizes[path.relative_to(folder).as_posix()] = path.stat().st_size
+    return sizes
+
+
+def write_marker(folder: str | os.PathLike, step: int) -> Path:
+    """Write the completeness marker of a fully written checkpoint folder (tmp file, fsync, rename)."""
+    folder = Path(folder)
+    marker = folder / MARKER_FILE
+    tmp = folder / (MARKER_FILE + ".tmp")
+    tmp.write_text(json.dumps({"format": MARKER_FORMAT, "step": step, "files": file_sizes(folder)}, indent=1))
+    _fsync_path(str(tmp), os.O_RDONLY)
+    os.replace(tmp, marker)
+    fsync_dir(folder)
+    return marker
+
+
+def staging_folder(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / STAGING_DIR / f"checkpoint-{step}"
+
+
+def clear_staging(run_dir: str | os.PathLike, step: int | None = None) -> None:
+    """Remove what a crashed save left in the staging folder (one step's folder, or all of them)."""
+    target = Path(run_dir) / STAGING_DIR
+    if step is not None:
+        target = target / f"checkpoint-{step}"
+    if target.exists():
+        logger.warning("removing %s, left by a save that did not finish", target)
+        shutil.rmtree(target)
+
+
+def publish(staging: str | os.PathLike, run_dir: str | os.PathLike, step: int) -> Path:
+    """Finish a checkpoint: fsync the staged folder, write the marker, rename it into the run folder."""
+    staging, run_dir = Path(staging), Path(run_dir)
+    fsync_tree(staging)
+    write_marker(staging, step)
+    final = run_dir / f"checkpoint-{step}"
+    if final.exists():  # a second save of the same step (e.g. the last step of a run that saves every step)
+        old = staging.parent / f"replaced-checkpoint-{step}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(staging, final)
+    fsync_dir(run_dir)
+    return final
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+
+def incomplete_reason(folder: str | os.PathLike) -> str | None:
+    """Why `folder` is not a complete checkpoint (None when it is): no marker, or a file that is missing
+    or has another size than the marker records."""
+    folder = Path(folder)
+    marker = folder / MARKER_FILE
+    if not marker.is_file():
+        return f"no {MARKER_FILE} (the save did not finish, or an older visprune wrote it)"
+    try:
+        data = json.loads(marker.read_text())
+        files = data["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable {MARKER_FILE}: {exc}"
+    if data.get("format") != MARKER_FORMAT:
+        return f"{MARKER_FILE} has format {data.get('format')!r}, expected {MARKER_FORMAT!r}"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the marker records {size}"
+    return None
+
+
+def checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every `checkpoint-N` folder of the run folder, oldest first (complete or not)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for path in run_dir.iterdir():
+        match = _CHECKPOINT.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def complete_checkpoints(run_dir: str | os.PathLike, warn: bool = False) -> list[Path]:
+    """The complete checkpoints, oldest first; incomplete ones are skipped (with a warning if `warn`)."""
+    out = []
+    for _, path in checkpoints(run_dir):
+        reason = incomplete_reason(path)
+        if reason is None:
+            out.append(path)
+        elif warn:
+            logger.warning("ignoring %s: %s", path, reason)
+    return out
+
+
+def latest_complete(run_dir: str | os.PathLike) -> Path | None:
+    found = complete_checkpoints(run_dir, warn=True)
+    return found[-1] if found else None
+
+
+def rotate(run_dir: str | os.PathLike, keep: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond the newest `keep`; incomplete ones are neither
+    counted nor touched. Returns the deleted folders."""
+    if keep is None or keep <= 0:
+        return []
+    found = complete_checkpoints(run_dir)
+    doomed = found[:-keep] if len(found) > keep else []
+    for path in doomed:
+        logger.info("deleting %s (output.save_total_limit=%d)", path, keep)
+        shutil.rmtree(path)
+    return doomed
+
+
+__all__ = ["MARKER_FILE", "STAGING_DIR", "CheckpointError", "checkpoints", "clear_staging", "complete_checkpoints",
+           "fsync_tree", "incomplete_reason", "latest_complete", "publish", "rotate", "staging_folder",
+           "write_marker"]
