@@ -10,11 +10,13 @@ such checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -132,17 +134,19 @@ def incomplete_reason(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def checkpoint_step(folder: str | os.PathLike) -> int | None:
+    """N for a folder named `checkpoint-N`, else None."""
+    match = _CHECKPOINT.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
 def checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Every `checkpoint-N` folder of the run folder, oldest first (complete or not)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = []
-    for path in run_dir.iterdir():
-        match = _CHECKPOINT.match(path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    found = [(checkpoint_step(path), path) for path in run_dir.iterdir() if path.is_dir()]
+    return sorted((step, path) for step, path in found if step is not None)
 
 
 def complete_checkpoints(run_dir: str | os.PathLike, warn: bool = False) -> list[Path]:
@@ -175,6 +179,43 @@ def rotate(run_dir: str | os.PathLike, keep: int | None) -> list[Path]:
     return doomed
 
 
-__all__ = ["MARKER_FILE", "STAGING_DIR", "CheckpointError", "checkpoints", "clear_staging", "complete_checkpoints",
+# ---- loading without pickle code execution -------------------------------------------------------------
+
+def _deepspeed_safe_globals() -> list:
+    """The only non-tensor classes a DeepSpeed ZeRO-2/3 checkpoint pickles (found by loading ours)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def deepspeed_weights_only() -> Iterator[None]:
+    """Make DeepSpeed's checkpoint engine load with `torch.load(weights_only=True)` (it passes
+    weights_only=False, which runs any pickled code in a checkpoint someone handed you). Only tensors,
+    containers and DeepSpeed's own loss-scaler / ZeRO-stage / fragment-address classes are accepted."""
+    try:
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    except ImportError:
+        yield
+        return
+    import torch
+
+    original = TorchCheckpointEngine.load
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    TorchCheckpointEngine.load = load
+    try:
+        yield
+    finally:
+        TorchCheckpointEngine.load = original
+
+
+__all__ = ["MARKER_FILE", "STAGING_DIR", "CheckpointError", "checkpoint_step", "checkpoints", "clear_staging", "complete_checkpoints",
+           "deepspeed_weights_only",
            "fsync_tree", "incomplete_reason", "latest_complete", "publish", "rotate", "staging_folder",
            "write_marker"]

@@ -25,6 +25,7 @@ from visprune.modeling import (
     flops_report,
 )
 
+from . import checkpoints as ckpt
 from .config import Recipe, load_recipe
 from .trainer import GATES_FILE, RECIPE_FILE, build_model, load_gate_state
 
@@ -74,6 +75,10 @@ def load_checkpoint(checkpoint: str | Path) -> tuple[torch.nn.Module, GateSet, A
     """A training checkpoint in memory: (base model with LoRA merged and gates attached, its GateSet,
     the processor, the recipe)."""
     checkpoint = Path(checkpoint)
+    if ckpt.checkpoint_step(checkpoint) is not None:  # RUN_DIR/final (no marker) is a plain save
+        reason = ckpt.incomplete_reason(checkpoint)
+        if reason:
+            raise HardenError(f"{checkpoint} is not a complete checkpoint: {reason}")
     recipe: Recipe = load_recipe(checkpoint / RECIPE_FILE)
     model, processor = build_model(recipe)
     g = recipe.gates

@@ -288,6 +288,10 @@ class VispruneTrainer(Trainer):
             save_recipe(self.recipe, os.path.join(output_dir, RECIPE_FILE))
             check_saved_tensors(output_dir, expected_tensor_shapes(self.model), self.gates, self.controller)
 
+    def train(self, *args, **kwargs):
+        with ckpt.deepspeed_weights_only():  # resuming a ZeRO checkpoint unpickles no code
+            return super().train(*args, **kwargs)
+
     def _get_output_dir(self, trial) -> str:
         return self._staging_root if self._staging_root is not None else super()._get_output_dir(trial)
 

@@ -13,6 +13,7 @@ from visprune.data_prep.toy import write_toy_inputs
 from visprune.trainer import checkpoints as ckpt
 from visprune.trainer.config import load_recipe
 from visprune.trainer.data import LlavaCollator, build_dataset
+from visprune.trainer.export import HardenError, harden
 from visprune.trainer.trainer import (
     GATES_FILE,
     NonFiniteError,
@@ -85,6 +86,8 @@ def test_checkpoints_carry_a_marker_and_keep_last_n_counts_only_complete_ones(to
     assert fake.exists() and (run / "checkpoint-6").exists()
     with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
         find_resume_checkpoint(run, str(fake))
+    with pytest.raises(HardenError, match="checkpoint-9 is not a complete checkpoint: no visprune_checkpoint.json"):
+        harden(fake, tmp_path / "hardened")
 
     # a file truncated after the marker was written (a copy that stopped half-way) is caught by its size
     adapter = run / "checkpoint-6" / "adapter_model.safetensors"
