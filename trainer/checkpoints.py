@@ -93,20 +93,34 @@ def clear_staging(run_dir: str | os.PathLike, step: int | None = None) -> None:
         shutil.rmtree(target)
 
 
-def publish(staging: str | os.PathLike, run_dir: str | os.PathLike, step: int) -> Path:
-    """Finish a checkpoint: fsync the staged folder, write the marker, rename it into the run folder."""
-    staging, run_dir = Path(staging), Path(run_dir)
+def publish(staging: str | os.PathLike, final: str | os.PathLike, step: int) -> Path:
+    """Finish a save: fsync the staged folder, write the marker, rename it to `final` (a checkpoint-N or
+    the run's final/ folder; an older folder of that name is replaced)."""
+    staging, final = Path(staging), Path(final)
     fsync_tree(staging)
     write_marker(staging, step)
-    final = run_dir / f"checkpoint-{step}"
     if final.exists():  # a second save of the same step (e.g. the last step of a run that saves every step)
-        old = staging.parent / f"replaced-checkpoint-{step}"
+        old = staging.parent / f"replaced-{final.name}"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         shutil.rmtree(old)
     os.replace(staging, final)
-    fsync_dir(run_dir)
+    fsync_dir(final.parent)
     return final
+
+
+MODEL_FILES_SKIPPED = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state", "global_step", "latest",
+                       "zero_to_fp32.py", MARKER_FILE)
+
+
+def copy_model_files(checkpoint: str | os.PathLike, staging: str | os.PathLike) -> None:
+    """The adapter (or model), gates, recipe and processor files of a checkpoint, without the optimizer,
+    scheduler, RNG and DeepSpeed state (what `final/` holds)."""
+    checkpoint, staging = Path(checkpoint), Path(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    for path in checkpoint.iterdir():
+        if path.is_file() and not path.name.startswith(MODEL_FILES_SKIPPED):
+            shutil.copy2(path, staging / path.name)
 
 
 # ---- reading ---------------------------------------------------------------------------------------
@@ -216,6 +230,6 @@ def deepspeed_weights_only() -> Iterator[None]:
 
 
 __all__ = ["MARKER_FILE", "STAGING_DIR", "CheckpointError", "checkpoint_step", "checkpoints", "clear_staging", "complete_checkpoints",
-           "deepspeed_weights_only",
+           "copy_model_files", "deepspeed_weights_only",
            "fsync_tree", "incomplete_reason", "latest_complete", "publish", "rotate", "staging_folder",
            "write_marker"]

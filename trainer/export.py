@@ -75,7 +75,7 @@ def load_checkpoint(checkpoint: str | Path) -> tuple[torch.nn.Module, GateSet, A
     """A training checkpoint in memory: (base model with LoRA merged and gates attached, its GateSet,
     the processor, the recipe)."""
     checkpoint = Path(checkpoint)
-    if ckpt.checkpoint_step(checkpoint) is not None:  # RUN_DIR/final (no marker) is a plain save
+    if ckpt.checkpoint_step(checkpoint) is not None or (checkpoint / ckpt.MARKER_FILE).exists():
         reason = ckpt.incomplete_reason(checkpoint)
         if reason:
             raise HardenError(f"{checkpoint} is not a complete checkpoint: {reason}")

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 GATES_FILE = "gates.safetensors"
 RECIPE_FILE = "recipe.yaml"
+FINAL_DIR = "final"  # RUN_DIR/final: the adapter (or model), gates and recipe after the last step
 STATE_FILE = "visprune_state.json"  # skipped-step counters, beside trainer_state.json
 SPARSITY_ATTR = "visprune_sparsity"
 LM_LINEAR_REGEX = r".*language_model.*\.({targets})$"
@@ -314,7 +315,7 @@ class VispruneTrainer(Trainer):
                                                           "nonfinite_in_a_row": self.nonfinite_in_a_row}))
         self.accelerator.wait_for_everyone()  # every rank's files (ZeRO partitions, RNG states) are written
         if self.args.should_save:
-            ckpt.publish(staging, run_dir, step)
+            ckpt.publish(staging, Path(run_dir) / f"checkpoint-{step}", step)
             ckpt.rotate(run_dir, self.recipe.output.save_total_limit)
         self.accelerator.wait_for_everyone()
 
@@ -573,14 +574,21 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
     trainer = VispruneTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                               processing_class=processor, recipe=recipe, gates=gates, controller=controller)
     checkpoint = find_resume_checkpoint(run_dir, resume)
+    final, staging = run_dir / FINAL_DIR, run_dir / ckpt.STAGING_DIR / FINAL_DIR
     if checkpoint:
         done = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0)
         if done >= recipe.train.max_steps:  # transformers would still run one more step
             logger.info("%s is at step %d of %d: nothing left to train", checkpoint, done, recipe.train.max_steps)
+            if args.should_save and ckpt.incomplete_reason(final) is not None:  # a crash while final/ was written
+                logger.info("writing %s from %s", final, checkpoint)
+                ckpt.copy_model_files(checkpoint, staging)
+                ckpt.publish(staging, final, done)
             return run_dir
         logger.info("resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(str(run_dir / "final"))
+    trainer.save_model(str(staging))  # final/ is complete or invisible too
+    if args.should_save:
+        ckpt.publish(staging, final, trainer.state.global_step)
     if collator.num_dropped:
         logger.warning("%d over-long samples were dropped (data.drop_overlong)", collator.num_dropped)
     return run_dir

@@ -76,6 +76,14 @@ def test_checkpoints_carry_a_marker_and_keep_last_n_counts_only_complete_ones(to
         marker = json.loads((path / ckpt.MARKER_FILE).read_text())
         assert marker["files"]["adapter_model.safetensors"] > 0 and GATES_FILE in marker["files"]
     assert not (run / ckpt.STAGING_DIR).exists() or not any((run / ckpt.STAGING_DIR).iterdir())
+    assert ckpt.incomplete_reason(run / "final") is None  # final/ is published the same way
+
+    # a crash while final/ was written: the next `visprune train` has nothing to train and rewrites it
+    (run / "final" / ckpt.MARKER_FILE).unlink()
+    (run / "final" / GATES_FILE).unlink()
+    train(toy_recipe(toy_inputs, run, "output.save_total_limit=2"), resume="auto")
+    assert ckpt.incomplete_reason(run / "final") is None
+    assert_same(tensors(run / "checkpoint-6"), tensors(run / "final"))
 
     # an incomplete checkpoint (no marker) beside them: never resumed from, never counted, never deleted
     fake = run / "checkpoint-9"
