@@ -1,6 +1,7 @@
 """The `visprune` command line: `train` (a recipe), `harden` (checkpoint -> plan + merged export),
 `flops` (the cost model), `bench` (measured hardened speed-up), `eval` (accuracy of a model folder),
-`data toy` / `data seetask` (local models and data)."""
+`data toy` / `data seetask` (local models and data), `data check` / `data prepare` (a LLaVA JSON: scan it,
+convert it to a training-ready dataset folder)."""
 
 from __future__ import annotations
 
@@ -134,9 +135,11 @@ def run_data_toy(args: argparse.Namespace) -> int:
 def run_data_check(args: argparse.Namespace) -> int:
     from transformers import AutoProcessor
     from visprune.data_prep.check import check_file, write_rejected
+    from visprune.data_prep.prepare import family_image_text
 
     processor = AutoProcessor.from_pretrained(args.processor, trust_remote_code=args.trust_remote_code)
-    report = check_file(args.json, args.images, processor, max_length=args.max_length)
+    _, image_text = family_image_text(processor, args.processor, args.family)
+    report = check_file(args.json, args.images, processor, max_length=args.max_length, image_text=image_text)
     if report.rejected and not args.skip_bad:
         print(report.summary(), file=sys.stderr)
         print(f"visprune data check: {len(report.rejected)} bad samples (--skip-bad writes them to "
@@ -145,6 +148,29 @@ def run_data_check(args: argparse.Namespace) -> int:
     print(report.summary(limit=20))
     if report.rejected:
         logger.info("rejected samples: %s", write_rejected(report, args.out))
+    return 0
+
+
+def run_data_prepare(args: argparse.Namespace) -> int:
+    from visprune.data_prep.prepare import prepare_dataset
+
+    report = prepare_dataset(args.json, args.images, args.out, args.processor, max_length=args.max_length,
+                             num_proc=args.num_proc, skip_bad=args.skip_bad, overwrite=args.overwrite,
+                             family=args.family, trust_remote_code=args.trust_remote_code,
+                             shard_size=args.shard_size)
+    check = report.check
+    if report.out_dir is None:
+        print(check.summary(), file=sys.stderr)
+        print(f"visprune data prepare: {len(check.rejected)} bad samples, nothing written (--skip-bad writes them "
+              f"to {args.out}/rejected.jsonl and converts the rest)", file=sys.stderr)
+        return 1
+    print(check.summary(limit=20))
+    counts, lengths = report.manifest["counts"], report.manifest["lengths"]
+    print(f"{report.out_dir}: {counts['ok']} samples ({counts['with_images']} with images, {counts['text_only']} "
+          f"text-only) in {report.manifest['num_shards']} shards; tokens per sample {lengths['min']}-{lengths['max']} "
+          f"(mean {lengths['mean']:.0f}); {check.num_samples / max(report.seconds, 1e-9):.0f} samples/s")
+    if report.rejected_path:
+        logger.info("rejected samples: %s", report.rejected_path)
     return 0
 
 
@@ -162,6 +188,8 @@ def run_data_seetask(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import os
+
     parser = argparse.ArgumentParser(prog="visprune", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
     flops = sub.add_parser("flops", help="visual and prefill FLOPs and visual KV-cache bytes, dense and under a plan")
@@ -234,7 +262,29 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--skip-bad", action="store_true", help="pass, writing bad samples to OUT/rejected.jsonl")
     check.add_argument("--out", default=".", help="folder for rejected.jsonl (default: here)")
     check.add_argument("--trust-remote-code", action="store_true", help="let the processor run its own code")
+    check.add_argument("--family", help="model family (llava, qwen2_vl, ...): what an <image> becomes in the "
+                                        "prompt, as in training (default: the folder's config.json model_type)")
     check.set_defaults(func=run_data_check)
+    prep = data_sub.add_parser("prepare", help="check a LLaVA JSON + image folder and convert it to a sharded "
+                                               "datasets folder with token ids, label masks and lengths "
+                                               "(image tokens counted): train on it with data.path: OUT")
+    prep.add_argument("--json", required=True, help="LLaVA-format .json (a list) or .jsonl")
+    prep.add_argument("--images", default=None, help="image folder; image paths must stay inside it")
+    prep.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    prep.add_argument("--processor", required=True, help="model or processor folder (its chat template and "
+                                                         "image tokens decide token ids, labels and lengths)")
+    prep.add_argument("--max-length", type=int, default=2048, help="tokens, image tokens included (default 2048)")
+    prep.add_argument("--skip-bad", action="store_true", help="convert the good samples, writing bad ones to "
+                                                              "OUT/rejected.jsonl (default: fail listing them)")
+    prep.add_argument("--num-proc", type=int, default=min(2, os.cpu_count() or 1),
+                      help="worker processes (default: min(2, CPUs))")
+    prep.add_argument("--shard-size", type=int, default=50_000, help="rows per output shard (default 50000; at "
+                                                                     "least --num-proc shards)")
+    prep.add_argument("--overwrite", action="store_true", help="replace OUT if it is a prepared folder")
+    prep.add_argument("--family", help="model family (llava, qwen2_vl, ...): what an <image> becomes in the "
+                                       "prompt, as in training (default: the folder's config.json model_type)")
+    prep.add_argument("--trust-remote-code", action="store_true", help="let the processor run its own code")
+    prep.set_defaults(func=run_data_prepare)
     see = data_sub.add_parser("seetask", help="the synthetic see-task: grid-of-shapes images with describe and "
                                               "ask samples, train/val/test splits (deterministic per seed)")
     see.add_argument("--out", required=True, help="output folder")

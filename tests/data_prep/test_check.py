@@ -5,28 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
-import pytest
-from PIL import Image
 from visprune.data_prep.check import REJECTED_FILE, check_records
 from visprune.trainer.cli import main
-
-
-@pytest.fixture
-def folder(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.new("RGB", (24, 24), "red").save(images / "red.png")
-    Image.new("RGB", (24, 24), "blue").save(images / "blue.png")
-    data = (images / "red.png").read_bytes()
-    (images / "truncated.png").write_bytes(data[: len(data) // 2])
-    Image.new("RGB", (24, 24), "green").save(images / "gif.jpg", format="GIF")
-    outside = tmp_path / "outside.png"
-    Image.new("RGB", (24, 24), "red").save(outside)
-    (images / "link_out.png").symlink_to(outside)
-    os.mkfifo(images / "fifo.png")
-    return images
 
 
 def sample(sample_id, image=None, question="what colour?", answer="red"):
