@@ -323,11 +323,13 @@ def _user_errors(verb: str) -> tuple[type[Exception], ...]:
 
     if verb in ("flops", "bench", "data"):
         return (ValueError, FileNotFoundError)
+    from visprune.trainer.checkpoints import CheckpointError
     from visprune.trainer.config import RecipeError
     from visprune.trainer.data import DataError
     from visprune.trainer.export import HardenError
+    from visprune.trainer.trainer import NonFiniteError
 
-    return (RecipeError, DataError, PlanError, HardenError, FileNotFoundError)
+    return (RecipeError, DataError, PlanError, HardenError, CheckpointError, NonFiniteError, FileNotFoundError)
 
 
 if __name__ == "__main__":

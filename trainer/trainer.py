@@ -546,7 +546,7 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str) -> str | Non
         return None
     if resume != "auto":
         if not os.path.isdir(resume):
-            raise ValueError(f"--resume {resume}: no such checkpoint folder")
+            raise ckpt.CheckpointError(f"--resume {resume}: no such checkpoint folder")
         reason = ckpt.incomplete_reason(resume)
         if reason:
             raise ckpt.CheckpointError(f"--resume {resume}: not a complete checkpoint: {reason}")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from visprune.data_prep.toy import write_toy_inputs
 from visprune.trainer import checkpoints as ckpt
+from visprune.trainer.cli import main
 from visprune.trainer.config import load_recipe
 from visprune.trainer.data import LlavaCollator, build_dataset
 from visprune.trainer.export import HardenError, harden
@@ -67,7 +68,7 @@ def assert_same(a, b):
 
 # ---- complete or invisible ----------------------------------------------------------------------------
 
-def test_checkpoints_carry_a_marker_and_keep_last_n_counts_only_complete_ones(toy_inputs, tmp_path):
+def test_checkpoints_carry_a_marker_and_keep_last_n_counts_only_complete_ones(toy_inputs, tmp_path, capsys):
     run = tmp_path / "run"
     train(toy_recipe(toy_inputs, run, "output.save_total_limit=2"), resume="never")
     assert [step for step, _ in ckpt.checkpoints(run)] == [4, 6]  # 2 was rotated away
@@ -96,6 +97,10 @@ def test_checkpoints_carry_a_marker_and_keep_last_n_counts_only_complete_ones(to
         find_resume_checkpoint(run, str(fake))
     with pytest.raises(HardenError, match="checkpoint-9 is not a complete checkpoint: no visprune_checkpoint.json"):
         harden(fake, tmp_path / "hardened")
+    overrides = [f"model.path={toy_inputs['model']}", f"data.path={toy_inputs['data']}",
+                 f"data.image_folder={toy_inputs['image_folder']}", f"output.dir={run}", *COMMON]
+    assert main(["train", TOY_RECIPE, *overrides, "--resume", str(fake)]) == 2
+    assert "not a complete checkpoint: no visprune_checkpoint.json" in capsys.readouterr().err
 
     # a file truncated after the marker was written (a copy that stopped half-way) is caught by its size
     adapter = run / "checkpoint-6" / "adapter_model.safetensors"
