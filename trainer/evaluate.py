@@ -8,6 +8,9 @@ batch. A sample's answer tokens (and its end-of-turn token) are predicted from t
 Results are broken down by the records' `qtype` (see-task) or reported overall. A folder with a
 `pruning_plan.json` is loaded hardened (`load_pruned`); its plan's visual FLOPs are reported
 beside the dense model's.
+
+`evaluate_dir(..., metric="vqa" | "pope" | "mc")` generates the answers instead and scores them the
+way VQA benchmarks do (`vqa_eval`, `scoring`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from visprune.modeling.flops import dims_from_config
 
 from .config import DataConfig
 from .data import IGNORE_INDEX, LlavaCollator, build_dataset
+from .vqa_eval import METRIC_NAMES, METRICS, evaluate_generation, family_image_text, write_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +85,7 @@ def evaluate(model: torch.nn.Module, processor: Any, data_path: str | Path, imag
                           max_length=max_length)
     dataset = build_dataset(data_cfg)
     records = {str(r["id"]): r for r in json.loads(Path(data_path).read_text(encoding="utf-8"))}
-    collator = LlavaCollator(processor, data_cfg)
+    collator = LlavaCollator(processor, data_cfg, image_text=family_image_text(model, processor))
     total = len(dataset) if limit is None else min(limit, len(dataset))
     stats: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # correct, tokens, exact, samples
     model.eval()
@@ -122,9 +126,28 @@ def evaluate(model: torch.nn.Module, processor: Any, data_path: str | Path, imag
 
 
 def evaluate_dir(model_dir: str | Path, data_path: str | Path, image_folder: str | Path | None,
-                 batch_size: int = 32, limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+                 batch_size: int = 32, limit: int | None = None, progress: bool = True,
+                 metric: str = "teacher_forced", max_new_tokens: int = 64,
+                 predictions: str | Path | None = None) -> dict[str, Any]:
+    """`evaluate` (metric "teacher_forced") or `evaluate_generation` (vqa / pope / mc) of a model folder,
+    plus the model's name, whether it is hardened and its plan's visual FLOPs. `predictions`: write the
+    per-sample answers there as JSON lines (generation metrics only)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if predictions is not None and metric == "teacher_forced":
+        raise ValueError("--predictions needs a generation metric (--metric vqa, pope or mc)")
     model, processor = load_for_eval(model_dir)
-    result = evaluate(model, processor, data_path, image_folder, batch_size=batch_size, limit=limit, progress=progress)
+    if metric == "teacher_forced":
+        result = evaluate(model, processor, data_path, image_folder, batch_size=batch_size, limit=limit,
+                          progress=progress)
+    else:
+        result = evaluate_generation(model, processor, data_path, image_folder, metric=metric, batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens, limit=limit, progress=progress)
+        per_sample = result.pop("per_sample")
+        if predictions is not None:
+            write_predictions(predictions, per_sample)
+            result["predictions"] = str(predictions)
+    result["metric"] = metric
     result["model"] = str(model_dir)
     result["hardened"] = getattr(model, "visprune_plan", None) is not None
     result["visual_flops"] = plan_flops(model)
@@ -135,6 +158,8 @@ def format_eval(result: dict[str, Any]) -> str:
     lines = [(f"{result['model']}: {result['samples']} samples, "
              f"{'hardened' if result['hardened'] else 'plain'} model, visual FLOPs "
              f"{result['visual_flops']['ratio']:.1%} of dense")]
+    if result.get("metric", "teacher_forced") != "teacher_forced":
+        return "\n".join(lines + format_scores(result))
     if "describe_token_accuracy" in result:
         lines.append(f"describe token accuracy {result['describe_token_accuracy']:.2%}")
     if "ask_exact_match" in result:
@@ -145,4 +170,20 @@ def format_eval(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["answer_scores", "evaluate", "evaluate_dir", "format_eval", "load_for_eval", "plan_flops"]
+def format_scores(result: dict[str, Any]) -> list[str]:
+    """The lines of a generation metric's result: the main number, POPE's extra numbers, per category."""
+    metric = result["metric"]
+    lines = [f"{METRIC_NAMES[metric]} {result['score']:.2%} (greedy, max {result['max_new_tokens']} new tokens)"]
+    if metric == "pope":
+        lines.append(f"precision {result['precision']:.2%}  recall {result['recall']:.2%}  F1 {result['f1']:.2%}  "
+                     f"yes-ratio {result['yes_ratio']:.2%}  neither yes nor no {result['other_ratio']:.2%}")
+    for category, entry in result["by_category"].items():
+        extra = f"  F1 {entry['f1']:.2%}" if metric == "pope" else ""
+        lines.append(f"  {category:10} {entry['score']:.2%}{extra}  ({entry['samples']} samples)")
+    if result.get("predictions"):
+        lines.append(f"predictions: {result['predictions']}")
+    return lines
+
+
+__all__ = ["answer_scores", "evaluate", "evaluate_dir", "format_eval", "format_scores", "load_for_eval",
+           "plan_flops"]
