@@ -282,6 +282,9 @@ def prepare_dataset(json_path: str | os.PathLike, image_root: str | os.PathLike 
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp_dir.chmod(0o777 & ~umask)  # as mkdir would make it (mkdtemp's is private), so others can train on it
     try:
         report = _convert(json_path, tmp_dir, init_args, token_keys, num_proc, chunk_size, progress)
         report.check.rejected.sort(key=lambda item: item["index"])
