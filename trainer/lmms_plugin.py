@@ -176,6 +176,7 @@ class VisPrune(lmms):
         self.visual_flops = plan_flops(model)
         self.timer = PrefillTimer(model)
         self.report_path = report or os.environ.get(REPORT_ENV) or None
+        filelock_compat()  # lmms-eval builds the model before it patches filelock: `lmms-eval --model visprune` works
         logger.info(f"visprune: {path} ({'hardened' if self.hardened else 'plain'} model), visual FLOPs "
                     f"{self.visual_flops['ratio']:.1%} of dense, device {self._device}")
 
@@ -463,7 +464,9 @@ def _output_path(argv: list[str]) -> str | None:
 def filelock_compat() -> bool:
     """lmms-eval 0.7.3's evaluator patches `filelock._api`, which filelock 4 no longer has (the run then
     fails with "No module named 'filelock._api'"). With filelock 4, mark that patch as applied (its own
-    guard attribute) so the evaluator skips it; returns whether it did."""
+    guard attribute) so the evaluator skips it; returns whether it did. A no-op with filelock 3 or when
+    lmms-eval's evaluator has no such patch. Called by the launcher and by `VisPrune()` (which
+    lmms-eval's `simple_evaluate` builds before it applies the patch)."""
     try:
         import filelock._api  # noqa: F401
         return False
