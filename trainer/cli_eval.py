@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .vqa_eval import METRICS
+from .scoring import METRICS  # light: the CLI imports torch and datasets only when a command runs
 
 
 def _positive(text: str) -> int:

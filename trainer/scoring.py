@@ -21,6 +21,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+# `visprune eval --metric`: teacher_forced is trainer/evaluate.py's scorer, the others score generated answers
+METRICS = ("teacher_forced", "vqa", "pope", "mc")
+
 # ---- VQAv2 normalisation (vqaEval.py, github.com/GT-Vision-Lab/VQA, BSD) ------------------------------
 
 CONTRACTIONS = {
@@ -256,6 +259,6 @@ def breakdown(scores: Iterable[float], categories: Iterable[str]) -> dict[str, d
             for category, (total, count) in sorted(sums.items())}
 
 
-__all__ = ["breakdown", "category_of", "mc_correct", "mc_letter", "mc_reference", "normalize_answer",
+__all__ = ["METRICS", "breakdown", "category_of", "mc_correct", "mc_letter", "mc_reference", "normalize_answer",
            "option_letters", "pope_answer", "pope_metrics", "process_digit_article", "process_punctuation",
            "vqa_accuracy"]

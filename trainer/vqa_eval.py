@@ -24,6 +24,7 @@ import torch
 from .config import DataConfig
 from .data import IMAGE_PLACEHOLDER, ROLES, DataError, LlavaCollator, normalize_record, read_records
 from .scoring import (
+    METRICS,
     breakdown,
     category_of,
     mc_letter,
@@ -37,7 +38,6 @@ from .scoring import (
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("teacher_forced", "vqa", "pope", "mc")
 GENERATION_METRICS = ("vqa", "pope", "mc")
 METRIC_NAMES = {"teacher_forced": "teacher-forced exact match", "vqa": "VQA accuracy", "pope": "POPE accuracy",
                 "mc": "multiple-choice accuracy"}
