@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# CPU torch first: otherwise pip resolves transformers/peft/deepspeed to a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# the lmms-eval plugin's tests: lmms-eval without its torchvision dependency (which would replace CPU torch)
+	$(BIN)/python -m pip install --quiet --no-deps "lmms-eval==0.7.3"
+	$(BIN)/python -m pip install --quiet loguru pytz evaluate sacrebleu tenacity pytablewriter
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,5 +1,6 @@
 """The `visprune` command line: `train` (a recipe), `harden` (checkpoint -> plan + merged export),
 `flops` (the cost model), `bench` (measured hardened speed-up), `eval` (accuracy of a model folder),
+`compare` (two model folders side by side),
 `data toy` / `data seetask` (local models and data), `data check` / `data prepare` (a LLaVA JSON: scan it,
 convert it to a training-ready dataset folder)."""
 
@@ -101,15 +102,6 @@ def run_bench(args: argparse.Namespace) -> int:
     result = run_bench(model=args.model, layers=args.layers, plan_path=args.plan, budget=args.budget,
                        repeats=args.repeats, seed=args.seed, device=args.device, progress=not args.json)
     print(json.dumps(result, indent=1) if args.json else format_bench(result))
-    return 0
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    from visprune.trainer.evaluate import evaluate_dir, format_eval
-
-    result = evaluate_dir(args.model_dir, args.data, args.images, batch_size=args.batch_size, limit=args.limit,
-                          progress=not args.json)
-    print(json.dumps(result, indent=1) if args.json else format_eval(result))
     return 0
 
 
@@ -228,15 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=run_bench)
 
-    ev = sub.add_parser("eval", help="teacher-forced token accuracy and exact match per question type, and the "
-                                     "visual FLOPs of the model's plan (hardened when the folder has one)")
+    ev = sub.add_parser("eval", help="score a model folder (hardened when it has a plan) on local data: teacher-forced "
+                                     "token accuracy / exact match, or generated answers scored VQAv2-style, POPE "
+                                     "yes/no or multiple-choice letters; per category, beside the plan's visual FLOPs")
     ev.add_argument("model_dir", help="an HF model folder, e.g. one written by `visprune harden`")
     ev.add_argument("--data", required=True, help="LLaVA-format JSON (see-task records carry a qtype)")
     ev.add_argument("--images", help="image folder the samples' paths are inside")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--limit", type=int, help="score only the first N samples")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
-    ev.set_defaults(func=run_eval)
+    from visprune.trainer.cli_eval import add_compare_parser, add_eval_scoring_args
+
+    add_eval_scoring_args(ev)  # --metric, --max-new-tokens, --predictions; runs run_eval_scoring
+    add_compare_parser(sub)  # visprune compare DIR_A DIR_B --data ...
 
     demo = sub.add_parser("demo", help="the see-task accuracy-vs-FLOPs experiment on CPU: data, dense base, "
                                        "visprune and baselines at 50/25/12%% -> report.md + pareto.png")
