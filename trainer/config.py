@@ -111,6 +111,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     logging_steps: int = 1
     stop_after_nonfinite: int = 8  # a step with a non-finite loss or gradient is skipped; stop after this many in a row
+    group_by_length: bool = False  # batches of similar length (needs a `visprune data prepare` folder as data.path)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "stop_after_nonfinite"):

@@ -128,6 +128,7 @@ def build_training_args(recipe: Recipe, deepspeed_config: dict[str, Any] | None)
         activation_checkpointing=t.gradient_checkpointing,  # transformers 5.x name of gradient checkpointing
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         ddp_find_unused_parameters=False, disable_tqdm=False,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random", length_column_name="length",
     )
 
 
@@ -288,6 +289,23 @@ class VispruneTrainer(Trainer):
             save_file(tensors, os.path.join(output_dir, GATES_FILE), metadata=gate_metadata(self.gates))
             save_recipe(self.recipe, os.path.join(output_dir, RECIPE_FILE))
             check_saved_tensors(output_dir, expected_tensor_shapes(self.model), self.gates, self.controller)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """With `train.group_by_length`: transformers' LengthGroupedSampler on the prepared folder's `length`
+        column (read in one go: indexing the lazy column per row takes minutes at 665K), seeded by the
+        recipe so a resumed run sees the same order."""
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        from .data import DataError, prepared_lengths
+
+        lengths = prepared_lengths(self.train_dataset if train_dataset is None else train_dataset)
+        if lengths is None:
+            raise DataError("train.group_by_length needs a prepared dataset (data.path: a `visprune data prepare` "
+                            "folder), which stores every sample's length")
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths,
+                                    generator=torch.Generator().manual_seed(self.args.data_seed or self.args.seed))
 
     def train(self, *args, **kwargs):
         with ckpt.deepspeed_weights_only():  # resuming a ZeRO checkpoint unpickles no code
@@ -557,7 +575,7 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str) -> str | Non
 
 def train(recipe: Recipe, resume: str = "auto") -> Path:
     """Run a recipe: build, train, checkpoint; returns the run folder."""
-    from .data import LlavaCollator, build_dataset
+    from .data import DataError, LlavaCollator, build_dataset, check_prepared_matches
 
     run_dir = Path(recipe.output.dir)
     args = build_training_args(recipe, render_deepspeed_config(recipe))
@@ -569,8 +587,15 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
             (run_dir / "deepspeed_config.json").write_text(json.dumps(render_deepspeed_config(recipe), indent=1))
     dataset = build_dataset(recipe.data)
     model, processor = build_model(recipe)
+    image_text = FAMILIES[recipe.model.family].image_text(processor)
+    if "input_ids" in dataset.column_names:  # a `visprune data prepare` folder: made with this processor?
+        check_prepared_matches(recipe.data.path, processor, recipe.data.max_length, recipe.data.image_folder,
+                               image_text=image_text, drop_overlong=recipe.data.drop_overlong)
+    elif recipe.train.group_by_length:
+        raise DataError(f"train.group_by_length needs a prepared dataset: data.path {recipe.data.path} is a JSON "
+                        "file; run `visprune data prepare` and point data.path at its folder")
     model, gates, controller = prepare_model(model, recipe)
-    collator = LlavaCollator(processor, recipe.data, image_text=FAMILIES[recipe.model.family].image_text(processor))
+    collator = LlavaCollator(processor, recipe.data, image_text=image_text)
     trainer = VispruneTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                               processing_class=processor, recipe=recipe, gates=gates, controller=controller)
     checkpoint = find_resume_checkpoint(run_dir, resume)
