@@ -75,3 +75,24 @@ def processor():
     from visprune.data_prep.toy import build_processor, build_tokenizer, toy_words
 
     return build_processor(build_tokenizer(toy_words()))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """An image folder with one image of every kind the pre-flight scan must tell apart."""
+    import os
+
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (24, 24), "red").save(images / "red.png")
+    Image.new("RGB", (24, 24), "blue").save(images / "blue.png")
+    data = (images / "red.png").read_bytes()
+    (images / "truncated.png").write_bytes(data[: len(data) // 2])
+    Image.new("RGB", (24, 24), "green").save(images / "gif.jpg", format="GIF")
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (24, 24), "red").save(outside)
+    (images / "link_out.png").symlink_to(outside)
+    os.mkfifo(images / "fifo.png")
+    return images
