@@ -90,6 +90,9 @@ def folder(tmp_path):
     Image.new("RGB", (24, 24), "blue").save(images / "blue.png")
     data = (images / "red.png").read_bytes()
     (images / "truncated.png").write_bytes(data[: len(data) // 2])
+    Image.effect_noise((64, 64), 60).convert("RGB").save(images / "photo.jpg", quality=90)
+    jpeg = (images / "photo.jpg").read_bytes()
+    (images / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # a download that stopped half-way
     Image.new("RGB", (24, 24), "green").save(images / "gif.jpg", format="GIF")
     outside = tmp_path / "outside.png"
     Image.new("RGB", (24, 24), "red").save(outside)

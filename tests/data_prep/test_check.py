@@ -22,6 +22,7 @@ def sample(sample_id, image=None, question="what colour?", answer="red"):
 FAULTS = [
     (sample("missing", "nowhere.png"), "image_missing"),
     (sample("truncated", "truncated.png"), "image_undecodable"),
+    (sample("truncated-jpeg", "truncated.jpg"), "image_undecodable"),
     (sample("gif-as-jpg", "gif.jpg"), "image_mislabelled"),
     (sample("dotdot", "../outside.png"), "image_path"),
     (sample("absolute", "/etc/passwd"), "image_path"),
