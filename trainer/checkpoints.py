@@ -106,6 +106,8 @@ def publish(staging: str | os.PathLike, final: str | os.PathLike, step: int) -> 
         shutil.rmtree(old)
     os.replace(staging, final)
     fsync_dir(final.parent)
+    with contextlib.suppress(OSError):  # leave no empty .staging/ behind
+        staging.parent.rmdir()
     return final
 
 

@@ -76,7 +76,7 @@ def test_checkpoints_carry_a_marker_and_keep_last_n_counts_only_complete_ones(to
         assert ckpt.incomplete_reason(path) is None
         marker = json.loads((path / ckpt.MARKER_FILE).read_text())
         assert marker["files"]["adapter_model.safetensors"] > 0 and GATES_FILE in marker["files"]
-    assert not (run / ckpt.STAGING_DIR).exists() or not any((run / ckpt.STAGING_DIR).iterdir())
+    assert not (run / ckpt.STAGING_DIR).exists()
     assert ckpt.incomplete_reason(run / "final") is None  # final/ is published the same way
 
     # a crash while final/ was written: the next `visprune train` has nothing to train and rewrites it
