@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Features, List, Value
+from visprune.trainer.checkpoints import fsync_dir, fsync_tree, write_atomic
 from visprune.trainer.data import (
     _TOKEN_KEYS,
     FEATURES,
@@ -299,8 +300,8 @@ def prepare_dataset(json_path: str | os.PathLike, image_root: str | os.PathLike 
             write_rejected(report.check, tmp_dir)
         manifest = _manifest(json_path, folder, max_length, family, fingerprint, processor_dir, token_keys,
                              num_shards, report, time.perf_counter() - began)
-        _fsync_tree(tmp_dir)
-        _write_atomic(tmp_dir / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+        fsync_tree(tmp_dir)
+        write_atomic(tmp_dir / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
         _move_into_place(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -419,35 +420,6 @@ def _manifest(json_path: Path, folder: str | None, max_length: int, family: str 
     }
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file of `folder` to disk before the manifest says the folder is complete."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
     """Rename the finished `tmp_dir` to `out_dir`; an empty `out_dir` is replaced, a prepared one (already
     allowed by `check_output_dir`) is moved aside first and removed after."""
@@ -459,7 +431,7 @@ def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
         else:
             out_dir.rmdir()
     os.replace(tmp_dir, out_dir)
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     if old is not None:
         shutil.rmtree(old)
 

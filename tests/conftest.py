@@ -99,3 +99,19 @@ def folder(tmp_path):
     (images / "link_out.png").symlink_to(outside)
     os.mkfifo(images / "fifo.png")
     return images
+
+
+def checkpoint_tensors(checkpoint) -> dict[str, torch.Tensor]:
+    """Every tensor a training checkpoint saved (gates + λ, adapter), keyed `file:tensor`."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in ("gates.safetensors", "adapter_model.safetensors"):
+        out.update({f"{name}:{key}": value for key, value in load_file(checkpoint / name).items()})
+    return out
+
+
+def assert_tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys() and a
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, atol=atol, rtol=0, msg=key)

@@ -67,16 +67,23 @@ def file_sizes(folder: str | os.PathLike) -> dict[str, int]:
     return sizes
 
 
-def write_marker(folder: str | os.PathLike, step: int) -> Path:
-    """Write the completeness marker of a fully written checkpoint folder (tmp file, fsync, rename)."""
-    folder = Path(folder)
-    marker = folder / MARKER_FILE
-    tmp = folder / (MARKER_FILE + ".tmp")
-    tmp.write_text(json.dumps({"format": MARKER_FORMAT, "step": step, "files": file_sizes(folder)}, indent=1))
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` so that a reader sees the old file or the whole new one: a temporary file,
+    fsync, rename, fsync of the folder."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
     _fsync_path(str(tmp), os.O_RDONLY)
-    os.replace(tmp, marker)
-    fsync_dir(folder)
-    return marker
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def write_marker(folder: str | os.PathLike, step: int) -> Path:
+    """Write the completeness marker of a fully written checkpoint folder (last, atomically)."""
+    folder = Path(folder)
+    return write_atomic(folder / MARKER_FILE, json.dumps({"format": MARKER_FORMAT, "step": step,
+                                                          "files": file_sizes(folder)}, indent=1))
 
 
 def staging_folder(run_dir: str | os.PathLike, step: int) -> Path:
@@ -231,7 +238,7 @@ def deepspeed_weights_only() -> Iterator[None]:
         TorchCheckpointEngine.load = original
 
 
-__all__ = ["MARKER_FILE", "STAGING_DIR", "CheckpointError", "checkpoint_step", "checkpoints", "clear_staging", "complete_checkpoints",
-           "copy_model_files", "deepspeed_weights_only",
-           "fsync_tree", "incomplete_reason", "latest_complete", "publish", "rotate", "staging_folder",
+__all__ = ["MARKER_FILE", "STAGING_DIR", "CheckpointError", "checkpoint_step", "checkpoints", "clear_staging",
+           "complete_checkpoints", "copy_model_files", "deepspeed_weights_only", "fsync_dir", "fsync_tree",
+           "incomplete_reason", "latest_complete", "publish", "rotate", "staging_folder", "write_atomic",
            "write_marker"]

@@ -383,7 +383,8 @@ class NonFiniteGuard(TrainerCallback):
         if self.trainer.is_deepspeed_enabled:
             return
         params = [p for p in self.trainer.model.parameters() if p.grad is not None]
-        self.skipped = any(not bool(torch.isfinite(p.grad).all()) for p in params)
+        # one host sync per step, not one per parameter
+        self.skipped = bool(params) and not bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all())
         if self.skipped:
             for p in params:
                 p.grad = None  # AdamW leaves a parameter without a gradient untouched

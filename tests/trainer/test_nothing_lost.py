@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_tensors_equal, checkpoint_tensors
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from visprune.data_prep.toy import write_toy_inputs
@@ -53,19 +54,6 @@ def make_trainer(toy_inputs, out_dir, *overrides) -> VispruneTrainer:
                            processing_class=processor, recipe=recipe, gates=gates, controller=controller)
 
 
-def tensors(checkpoint):
-    out = {}
-    for name in (GATES_FILE, "adapter_model.safetensors"):
-        out.update({f"{name}:{key}": value for key, value in load_file(checkpoint / name).items()})
-    return out
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys() and a
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
-
-
 # ---- complete or invisible ----------------------------------------------------------------------------
 
 def test_checkpoints_carry_a_marker_and_keep_last_n_counts_only_complete_ones(toy_inputs, tmp_path, capsys):
@@ -84,7 +72,7 @@ def test_checkpoints_carry_a_marker_and_keep_last_n_counts_only_complete_ones(to
     (run / "final" / GATES_FILE).unlink()
     train(toy_recipe(toy_inputs, run, "output.save_total_limit=2"), resume="auto")
     assert ckpt.incomplete_reason(run / "final") is None
-    assert_same(tensors(run / "checkpoint-6"), tensors(run / "final"))
+    assert_tensors_equal(checkpoint_tensors(run / "checkpoint-6"), checkpoint_tensors(run / "final"))
 
     # an incomplete checkpoint (no marker) beside them: never resumed from, never counted, never deleted
     fake = run / "checkpoint-9"
@@ -139,7 +127,7 @@ def test_a_save_that_crashes_half_way_is_invisible_and_resume_is_exact(toy_input
     train(toy_recipe(toy_inputs, run), resume="auto")
     assert not half.exists()
     for step in (4, 6):
-        assert_same(tensors(tmp_path / "straight" / f"checkpoint-{step}"), tensors(run / f"checkpoint-{step}"))
+        assert_tensors_equal(checkpoint_tensors(tmp_path / "straight" / f"checkpoint-{step}"), checkpoint_tensors(run / f"checkpoint-{step}"))
     history = json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     reference = json.loads((tmp_path / "straight" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     assert [e["loss"] for e in history if "loss" in e] == [e["loss"] for e in reference if "loss" in e]
@@ -208,7 +196,7 @@ def test_a_nan_loss_skips_the_step_and_is_counted(toy_inputs, tmp_path):
     assert trainer.skipped_steps == 2 and trainer.nonfinite_in_a_row == 0
     history = json.loads((tmp_path / "run" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     assert [e["visprune/skipped_steps"] for e in history if "loss" in e] == [0, 0, 1, 2, 2, 2]
-    assert all(torch.isfinite(t).all() for t in tensors(tmp_path / "run" / "checkpoint-6").values())
+    assert all(torch.isfinite(t).all() for t in checkpoint_tensors(tmp_path / "run" / "checkpoint-6").values())
     lrs = [e["learning_rate"] for e in history if "learning_rate" in e]
     assert lrs[2] == lrs[3] == lrs[4]  # the schedule does not advance on a skipped step
 
@@ -233,8 +221,8 @@ def test_k_non_finite_steps_in_a_row_stop_the_run_and_nothing_nan_is_saved(toy_i
     run = tmp_path / "run"
     assert [step for step, _ in ckpt.checkpoints(run)] == [1, 2, 3]  # step 3 was skipped: its weights are step 2's
     for _, path in ckpt.checkpoints(run):
-        assert all(bool(torch.isfinite(t).all()) for t in tensors(path).values())
-    assert_same(tensors(run / "checkpoint-2"), tensors(run / "checkpoint-3"))
+        assert all(bool(torch.isfinite(t).all()) for t in checkpoint_tensors(path).values())
+    assert_tensors_equal(checkpoint_tensors(run / "checkpoint-2"), checkpoint_tensors(run / "checkpoint-3"))
 
 
 def test_non_finite_weights_are_never_saved(toy_inputs, tmp_path):

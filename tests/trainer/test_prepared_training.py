@@ -4,8 +4,7 @@ weights), checked against the run's processor, grouped by length on request, and
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from conftest import assert_tensors_equal, checkpoint_tensors
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from visprune.data_prep.prepare import prepare_dataset
 from visprune.data_prep.toy import write_toy_inputs
@@ -34,23 +33,10 @@ def recipe(inputs, out_dir, data, *overrides):
                                     *COMMON, *overrides])
 
 
-def weights(checkpoint):
-    out = {}
-    for name in ("gates.safetensors", "adapter_model.safetensors"):
-        out.update({f"{name}:{key}": value for key, value in load_file(checkpoint / name).items()})
-    return out
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys() and a
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
-
-
 def test_a_prepared_folder_trains_exactly_like_its_json(inputs, tmp_path):
     from_json = train(recipe(inputs, tmp_path / "json", inputs["data"]), resume="never")
     from_folder = train(recipe(inputs, tmp_path / "folder", inputs["prepared"]), resume="never")
-    assert_same(weights(from_json / "checkpoint-6"), weights(from_folder / "checkpoint-6"))
+    assert_tensors_equal(checkpoint_tensors(from_json / "checkpoint-6"), checkpoint_tensors(from_folder / "checkpoint-6"))
 
 
 def test_group_by_length_needs_a_prepared_folder_and_resumes_exactly(inputs, tmp_path, monkeypatch):
@@ -87,7 +73,7 @@ def test_group_by_length_needs_a_prepared_folder_and_resumes_exactly(inputs, tmp
     monkeypatch.setattr(VispruneTrainer, "_save_optimizer_and_scheduler", save)
     assert [step for step, _ in ckpt.checkpoints(tmp_path / "resumed")] == [2]
     train(recipe(inputs, tmp_path / "resumed", inputs["prepared"], *grouped), resume="auto")
-    assert_same(weights(straight / "checkpoint-6"), weights(tmp_path / "resumed" / "checkpoint-6"))
+    assert_tensors_equal(checkpoint_tensors(straight / "checkpoint-6"), checkpoint_tensors(tmp_path / "resumed" / "checkpoint-6"))
 
 
 def test_a_folder_prepared_with_another_processor_is_refused(inputs, tmp_path):
