@@ -11,12 +11,11 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoProcessor
+from visprune.data_prep.records import build_dataset
 from visprune.data_prep.toy import write_toy_inputs
 from visprune.trainer.config import load_recipe
-from visprune.trainer.data import LlavaCollator, build_dataset
 from visprune.trainer.sparsity import ExpectedFlops
-from visprune.trainer.trainer import LM_LINEAR_REGEX, build_model, prepare_model
+from visprune.trainer.trainer import LM_LINEAR_REGEX, build_collator, build_model, prepare_model
 
 
 def main() -> None:
@@ -29,11 +28,10 @@ def main() -> None:
     inputs = write_toy_inputs(tempfile.mkdtemp(), num_samples=64, seed=0)
     recipe = load_recipe("recipes/toy/flops25.yaml", [f"model.path={inputs['model']}", f"data.path={inputs['data']}",
                                                       f"data.image_folder={inputs['image_folder']}"])
-    collator = LlavaCollator(AutoProcessor.from_pretrained(inputs["model"]), recipe.data)
-    dataset = build_dataset(recipe.data)
-    batch = collator([dataset[i] for i in range(args.batch)])
+    plain, processor = build_model(recipe)
+    dataset = build_dataset(recipe.data.path)
+    batch = build_collator(recipe, plain, processor)([dataset[i] for i in range(args.batch)])
 
-    plain, _ = build_model(recipe)
     plain = get_peft_model(plain, LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, target_modules=
                                              LM_LINEAR_REGEX.format(targets="|".join(recipe.lora.targets))))
     gated, _ = build_model(recipe)

@@ -15,16 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from visprune.trainer.config import DataConfig
-from visprune.trainer.data import (
-    IGNORE_INDEX,
-    IMAGE_PLACEHOLDER,
-    DataError,
-    LlavaCollator,
-    image_path_problem,
-    iter_records,
-    normalize_record,
-)
+
+from .collator import LlavaCollator
+from .records import IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, image_path_problem, iter_records, normalize_record
+from .templates import ChatTemplate
 
 REJECTED_FILE = "rejected.jsonl"
 # what each file ending must decode as (content, not name, decides the format: a GIF named .jpg is mislabelled)
@@ -90,18 +84,16 @@ def open_checked_image(folder: Path, image: str) -> tuple[tuple[str, str] | None
 
 class Judge:
     """Judges records one at a time: structure and turns, placeholders against images, every image, then
-    the collator's encoding (template, length with image tokens counted, supervised tokens).
+    the collator's encoding (the chat template, length with image tokens counted, supervised tokens).
 
     The verdict on each distinct image path is remembered (up to `cache_images` paths, oldest forgotten
     first): LLaVA mixtures reuse images, and files do not change during a scan.
     """
 
-    def __init__(self, image_folder: str | Path | None, processor: Any, max_length: int = 2048,
-                 image_text: str | None = None, cache_images: int = 200_000):
+    def __init__(self, image_folder: str | Path | None, processor: Any, template: ChatTemplate,
+                 max_length: int = 2048, cache_images: int = 200_000):
         self.folder = None if image_folder is None else Path(image_folder).resolve()
-        self.collator = LlavaCollator(processor, DataConfig(
-            path="-", image_folder=None if self.folder is None else str(self.folder), max_length=max_length),
-            image_text=image_text)
+        self.collator = LlavaCollator(processor, template, image_folder=self.folder, max_length=max_length)
         self.max_length = max_length
         self.cache_images = cache_images
         self.verdicts: dict[str, tuple[str, str] | None] = {}
@@ -185,14 +177,13 @@ class Judge:
         return results
 
 
-def check_records(records: Iterable[Any], image_folder: str | Path | None, processor: Any,
-                  max_length: int = 2048, progress: bool = True, image_text: str | None = None,
-                  batch_size: int = 64) -> CheckReport:
-    """Judge every record (see `Judge`; `batch_size` records at a time); `image_text` is what each
-    `<image>` becomes (default: the processor's image token; the trainer uses the family's `image_text`)."""
+def check_records(records: Iterable[Any], image_folder: str | Path | None, processor: Any, template: ChatTemplate,
+                  max_length: int = 2048, progress: bool = True, batch_size: int = 64) -> CheckReport:
+    """Judge every record (see `Judge`; `batch_size` records at a time) as the trainer's collator would
+    encode it with `template` (see `templates.resolve_template`)."""
     from tqdm.auto import tqdm
 
-    judge = Judge(image_folder, processor, max_length=max_length, image_text=image_text)
+    judge = Judge(image_folder, processor, template, max_length=max_length)
     report = CheckReport()
     total = len(records) if hasattr(records, "__len__") else None
     with tqdm(total=total, desc="check", disable=not progress) as bar:
@@ -218,11 +209,11 @@ def _chunked(records: Iterable[Any], size: int) -> Iterator[tuple[int, list[Any]
         yield start, chunk
 
 
-def check_file(data_path: str | Path, image_folder: str | Path | None, processor: Any, max_length: int = 2048,
-               progress: bool = True, image_text: str | None = None) -> CheckReport:
+def check_file(data_path: str | Path, image_folder: str | Path | None, processor: Any, template: ChatTemplate,
+               max_length: int = 2048, progress: bool = True) -> CheckReport:
     """`check_records` over a `.json` list or `.jsonl` file, streamed (a few MB of it in memory at a time)."""
     records = (record for record, _ in iter_records(Path(data_path)))
-    return check_records(records, image_folder, processor, max_length, progress, image_text=image_text)
+    return check_records(records, image_folder, processor, template, max_length, progress)
 
 
 def write_rejected(report: CheckReport, out_dir: str | Path) -> Path:

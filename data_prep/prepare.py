@@ -30,18 +30,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Features, List, Value
-from visprune.trainer.checkpoints import fsync_dir, fsync_tree, write_atomic
-from visprune.trainer.data import (
-    _TOKEN_KEYS,
-    FEATURES,
-    MANIFEST_FILE,
-    PREPARED_FORMAT,
-    DataError,
-    iter_records,
-    processor_fingerprint,
-)
 
 from .check import CheckReport, Judge, write_rejected
+from .collator import _TOKEN_KEYS, LlavaCollator
+from .files import fsync_dir, fsync_tree, write_atomic
+from .prepared import MANIFEST_FILE, PREPARED_FORMAT, processor_fingerprint
+from .processing import load_processor
+from .records import DataError, features, iter_records
+from .templates import ChatTemplate, resolve_for_folder
 
 logger = logging.getLogger(__name__)
 
@@ -63,34 +59,13 @@ class PrepareReport:
 
 
 def prepared_features(token_keys: tuple[str, ...] = ()) -> Features:
-    """The columns of a prepared dataset: FEATURES' `id`, `images`, `conversations`, then `input_ids`,
+    """The columns of a prepared dataset: the records' `id`, `images`, `conversations`, then `input_ids`,
     `labels` (list[int32], labels IGNORE_INDEX where not supervised), `length` (int32) and the
     processor's per-token columns (`mm_token_type_ids`: list[int8])."""
-    columns = dict(FEATURES)
+    columns = dict(features())
     columns.update({"input_ids": List(Value("int32")), "labels": List(Value("int32")), "length": Value("int32")})
     columns.update({key: List(Value("int8")) for key in token_keys})
     return Features(columns)
-
-
-def family_image_text(processor: Any, model_dir: str | os.PathLike | None = None,
-                      family: str | None = None) -> tuple[str | None, str]:
-    """(family, the text each `<image>` becomes), as the trainer's collator renders it: the family's
-    `image_text` (`family`, else the `model_type` of `model_dir/config.json` when it names a family),
-    otherwise the processor's image token."""
-    from visprune.modeling.families import FAMILIES
-
-    if family is None and model_dir is not None:
-        config = Path(model_dir) / "config.json"
-        try:
-            family = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
-        except (OSError, ValueError):
-            family = None
-        family = family if family in FAMILIES else None
-    if family is not None:
-        if family not in FAMILIES:
-            raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILIES)}")
-        return family, FAMILIES[family].image_text(processor)
-    return None, getattr(processor, "image_token", "<image>")
 
 
 # ---- workers ---------------------------------------------------------------------------------------------
@@ -100,9 +75,7 @@ _WORKER: dict[str, Any] = {}
 
 def _load_processor(spec: Any, trust_remote_code: bool) -> Any:
     if isinstance(spec, (str, os.PathLike)):
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(str(spec), trust_remote_code=trust_remote_code)
+        return load_processor(spec, trust_remote_code=trust_remote_code)
     return spec
 
 
@@ -114,11 +87,11 @@ def _init_pool_worker(*args: Any) -> None:
     _init_worker(*args)
 
 
-def _init_worker(processor: Any, image_folder: str | None, max_length: int, image_text: str,
+def _init_worker(processor: Any, image_folder: str | None, max_length: int, template: ChatTemplate,
                  token_keys: tuple[str, ...], trust_remote_code: bool) -> None:
     """Once per worker process: its own processor (loaded from the folder, or unpickled) and judge."""
-    _WORKER["judge"] = Judge(image_folder, _load_processor(processor, trust_remote_code), max_length=max_length,
-                             image_text=image_text)
+    _WORKER["judge"] = Judge(image_folder, _load_processor(processor, trust_remote_code), template,
+                             max_length=max_length)
     _WORKER["token_keys"] = token_keys
     _WORKER["features"] = prepared_features(token_keys)
 
@@ -243,15 +216,16 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
 
 def prepare_dataset(json_path: str | os.PathLike, image_root: str | os.PathLike | None, out_dir: str | os.PathLike,
                     processor: Any, max_length: int = 2048, num_proc: int | None = None, skip_bad: bool = False,
-                    progress: bool = True, overwrite: bool = False, image_text: str | None = None,
+                    progress: bool = True, overwrite: bool = False, template: str | ChatTemplate = "auto",
                     family: str | None = None, trust_remote_code: bool = False, shard_size: int = SHARD_SIZE,
                     chunk_size: int = CHUNK_SIZE) -> PrepareReport:
     """Convert `json_path` (a LLaVA `.json` list or `.jsonl`) with images under `image_root` into the
     prepared folder `out_dir` (see the module docstring and `prepared_features` for the columns).
 
     `processor`: a processor or model folder (each worker loads it; `trust_remote_code` applies) or a
-    processor object (pickled to the workers). `image_text` (default: `family_image_text` from `family`
-    or the folder's config.json) is what each `<image>` becomes, as in the trainer's collator. Bad samples
+    processor object (pickled to the workers). `template`: the chat template (a `ChatTemplate`, or a
+    `data.template` choice resolved with `family` or the folder's config.json and generation config, as
+    the trainer resolves it); it is part of the manifest's fingerprint. Bad samples
     (the `visprune data check` reasons) stop the conversion: the report lists them and nothing is written;
     with `skip_bad` they go to `out_dir/rejected.jsonl` and the rest is converted. `num_proc` defaults to
     min(2, CPUs); the output does not depend on it.
@@ -272,13 +246,13 @@ def prepare_dataset(json_path: str | os.PathLike, image_root: str | os.PathLike 
 
     loaded = _load_processor(processor, trust_remote_code)
     processor_dir = processor if isinstance(processor, (str, os.PathLike)) else None
-    if image_text is None:
-        family, image_text = family_image_text(loaded, processor_dir, family)
-    fingerprint = processor_fingerprint(loaded, image_text)
-    token_keys = _probe_token_keys(loaded, max_length, image_text)
+    if not isinstance(template, ChatTemplate):
+        family, template = resolve_for_folder(loaded, processor_dir, template, family)
+    fingerprint = processor_fingerprint(loaded, template)
+    token_keys = _probe_token_keys(loaded, max_length, template)
     folder = None if image_root is None else os.path.realpath(image_root)
     # a folder is sent to the workers as its path (they load it), an object pickled
-    init_args = (str(processor) if processor_dir is not None else loaded, folder, max_length, image_text,
+    init_args = (str(processor) if processor_dir is not None else loaded, folder, max_length, template,
                  token_keys, trust_remote_code)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -298,8 +272,8 @@ def prepare_dataset(json_path: str | os.PathLike, image_root: str | os.PathLike 
         num_shards = _save_shards(tmp_dir, num_proc, shard_size, report.check.num_ok, progress)
         if report.check.rejected:
             write_rejected(report.check, tmp_dir)
-        manifest = _manifest(json_path, folder, max_length, family, fingerprint, processor_dir, token_keys,
-                             num_shards, report, time.perf_counter() - began)
+        manifest = _manifest(json_path, folder, max_length, family, fingerprint, template, processor_dir,
+                             token_keys, num_shards, report, time.perf_counter() - began)
         fsync_tree(tmp_dir)
         write_atomic(tmp_dir / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
         _move_into_place(tmp_dir, out_dir)
@@ -315,12 +289,9 @@ def prepare_dataset(json_path: str | os.PathLike, image_root: str | os.PathLike 
     return report
 
 
-def _probe_token_keys(processor: Any, max_length: int, image_text: str) -> tuple[str, ...]:
+def _probe_token_keys(processor: Any, max_length: int, template: ChatTemplate) -> tuple[str, ...]:
     """The per-token columns (`mm_token_type_ids`) the processor returns, from a text-only probe."""
-    from visprune.trainer.config import DataConfig
-    from visprune.trainer.data import LlavaCollator
-
-    collator = LlavaCollator(processor, DataConfig(path="-", max_length=max_length), image_text=image_text)
+    collator = LlavaCollator(processor, template, max_length=max_length)
     probe = {"id": "probe", "images": [], "conversations": [{"from": "human", "value": "hi"},
                                                             {"from": "gpt", "value": "hi"}]}
     try:
@@ -387,8 +358,8 @@ def _save_shards(tmp_dir: Path, num_proc: int, shard_size: int, num_rows: int, p
 
 
 def _manifest(json_path: Path, folder: str | None, max_length: int, family: str | None, fingerprint: dict,
-              processor_dir: Any, token_keys: tuple[str, ...], num_shards: int, report: PrepareReport,
-              seconds: float) -> dict[str, Any]:
+              template: ChatTemplate, processor_dir: Any, token_keys: tuple[str, ...], num_shards: int,
+              report: PrepareReport, seconds: float) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     def package(name: str) -> str | None:
@@ -407,6 +378,8 @@ def _manifest(json_path: Path, folder: str | None, max_length: int, family: str 
         "max_length": max_length,
         "family": family,
         "processor": {**fingerprint, "path": None if processor_dir is None else os.path.realpath(processor_dir)},
+        "template": {"name": template.name, "requested": template.requested, "reason": template.reason,
+                     "end_of_turn": list(template.end_of_turn), "sha256": template.sha256},
         "columns": list(prepared_features(token_keys)),
         "num_shards": num_shards,
         "counts": {"samples": check.num_samples, "ok": check.num_ok, "rejected": len(check.rejected),
@@ -436,5 +409,5 @@ def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
         shutil.rmtree(old)
 
 
-__all__ = ["CHUNK_SIZE", "SHARD_SIZE", "PrepareReport", "check_output_dir", "family_image_text", "prepare_dataset",
+__all__ = ["CHUNK_SIZE", "SHARD_SIZE", "PrepareReport", "check_output_dir", "prepare_dataset",
            "prepared_features"]

@@ -5,7 +5,11 @@ embeddings, norms, softmax or LM head."""
 
 from __future__ import annotations
 
+import copy
+import json
+import re
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,6 +84,29 @@ class TokenLayout:
         return out
 
 
+@dataclass(frozen=True)
+class ImageGrids:
+    """One image as its family's processor lays it out: its grids of visual tokens (first grid first;
+    InternVL: one per tile, LLaVA-NeXT: base then high-resolution), its image tokens that are no grid
+    cell (LLaVA-NeXT's newlines) and a one-line `note` saying how the processor got there."""
+
+    grids: tuple[tuple[int, int], ...]
+    non_grid: int = 0
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.grids or any(rows < 1 or cols < 1 for rows, cols in self.grids):
+            raise ValueError(f"an image needs at least one non-empty grid, got {list(self.grids)}")
+
+    @property
+    def visual_tokens(self) -> int:
+        return sum(rows * cols for rows, cols in self.grids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"grids": [list(grid) for grid in self.grids], "non_grid": self.non_grid,
+                "visual_tokens": self.visual_tokens, "note": self.note}
+
+
 @dataclass
 class GateProbs:
     """P(gate != 0): raw head gates (L, H), routers (L), visual MLP gates (L), and optionally the
@@ -123,7 +150,13 @@ DEFAULT_TEXT_TOKENS = 60
 
 
 def default_layout(dims: ModelDims, num_images: int = 1, system: int = DEFAULT_SYSTEM_TOKENS,
-                   text: int = DEFAULT_TEXT_TOKENS) -> TokenLayout:
+                   text: int = DEFAULT_TEXT_TOKENS, image: ImageGrids | None = None) -> TokenLayout:
+    """`num_images` images between `system` and `text` tokens: each the model's reference image, or
+    `image` (e.g. `image_size_grids` of a real image size)."""
+    if image is not None:
+        first, *rest = image.grids
+        return TokenLayout(system=system, num_images=num_images, image_grid=first, text=text,
+                           extra_grids=tuple(rest), non_grid=image.non_grid)
     return TokenLayout(system=system, num_images=num_images, image_grid=dims.image_grid, text=text,
                        extra_grids=dims.extra_grids, non_grid=dims.non_grid_tokens)
 
@@ -244,8 +277,6 @@ def resolve_model_dims(model: str) -> ModelDims:
     """A built-in name (`llava-1.5-7b`, ...) or a local folder holding a transformers config.json."""
     if model in BUILTIN_MODELS:
         return BUILTIN_MODELS[model]
-    from pathlib import Path
-
     folder = Path(model)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
@@ -254,3 +285,141 @@ def resolve_model_dims(model: str) -> ModelDims:
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     return dims_from_config(config, name=str(folder))
+
+
+# Image sizes and processor settings: what one real image costs. The per-family rules (size -> grids)
+# live in the families; this part resolves the processor settings they read and checks the inputs.
+MAX_IMAGE_SIDE = 1_000_000  # px; a longer side is a typo, not an image
+MAX_TILES = 1024  # InternVL tiles per image (processors use up to 12 + a thumbnail)
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+# The published preprocessor_config.json values of each built-in model's checkpoint (the keys its
+# family reads; LLaVA-1.5 reads none: its grid is fixed), as (where they are published, settings).
+BUILTIN_PROCESSORS: dict[str, tuple[str, dict[str, Any]]] = {
+    # huggingface.co/Qwen/Qwen2-VL-7B-Instruct/blob/main/preprocessor_config.json (also quoted by
+    # llama.cpp tools/mtmd/clip.cpp, PROJECTOR_TYPE_QWEN2VL: "max image size = sqrt(max_pixels) = 3584")
+    "qwen2-vl-7b": ("Qwen/Qwen2-VL-7B-Instruct preprocessor_config.json",
+                    {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
+                     "merge_size": 2}),
+    # OpenGVLab/InternVL3-8B-hf preprocessor_config.json: the GotOcr2ImageProcessorFast written by
+    # transformers' convert_internvl_weights_to_hf.py (write_image_processor: 448 px tiles, crop_to_patches
+    # left at the class default false, min_patches 1, max_patches 12; the same dump is quoted in
+    # hiyouga/LlamaFactory#8342). InternVLProcessor calls it with crop_to_patches=True (its images_kwargs).
+    "internvl3-8b": ("OpenGVLab/InternVL3-8B-hf preprocessor_config.json",
+                     {"crop_to_patches": False, "min_patches": 1, "max_patches": 12,
+                      "size": {"height": 448, "width": 448}}),
+    # OpenGVLab/InternVL2-8B has no preprocessor_config.json (remote code): its config.json's dynamic
+    # tiling (force_image_size 448, min_dynamic_patch 1, max_dynamic_patch 12, use_thumbnail true) in the
+    # GotOcr2 keys, whose tiling is a port of that remote code's dynamic_preprocess.
+    "internvl2-8b": ("OpenGVLab/InternVL2-8B config.json (dynamic tiling)",
+                     {"crop_to_patches": True, "min_patches": 1, "max_patches": 12,
+                      "size": {"height": 448, "width": 448}}),
+    # llava-hf/llava-v1.6-vicuna-7b-hf preprocessor_config.json (LlavaNextImageProcessor: 336 px tiles;
+    # the pinpoints of liuhaotian/llava-v1.6-vicuna-7b's config.json)
+    "llava-next-7b": ("llava-hf/llava-v1.6-vicuna-7b-hf preprocessor_config.json",
+                      {"image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+                       "size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}),
+}
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """(height, width) px of "HEIGHTxWIDTH" (e.g. "720x1280"), each side in [1, MAX_IMAGE_SIDE]."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*[xX]\s*([0-9]+)\s*", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not HEIGHTxWIDTH in pixels (e.g. 720x1280)")
+    sides = match.groups()
+    if any(len(side.lstrip("0")) > len(str(MAX_IMAGE_SIDE)) or not 1 <= int(side) <= MAX_IMAGE_SIDE for side in sides):
+        raise ValueError(f"{text!r}: each side must be 1 to {MAX_IMAGE_SIDE} px")
+    height, width = (int(side) for side in sides)
+    return height, width
+
+
+def check_image_size(image_size: tuple[int, int]) -> None:
+    """Raise unless `image_size` is (height, width) with integer sides in [1, MAX_IMAGE_SIDE] px."""
+    if len(image_size) != 2 or not all(isinstance(side, int) and 1 <= side <= MAX_IMAGE_SIDE for side in image_size):
+        raise ValueError(f"image size {tuple(image_size)}: each side must be an integer from 1 to "
+                         f"{MAX_IMAGE_SIDE} px (height, width)")
+
+
+def setting_int(value: Any, name: str, low: int = 1, high: int | None = None) -> int:
+    """A processor setting that must be an integer in [low, high] (JSON may write it as 448.0)."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, float) and value.is_integer():
+        value, ok = int(value), True
+    if not ok or value < low or (high is not None and value > high):
+        bounds = f"from {low}" + (f" to {high}" if high is not None else "")
+        raise ValueError(f"processor setting {name} must be an integer {bounds}, got {value!r}")
+    return value
+
+
+def require_processor(family: str, processor: dict[str, Any] | None) -> dict[str, Any]:
+    """`processor`, or a ValueError saying that `family` needs processor settings to lay out an image."""
+    if processor is None:
+        raise ValueError(f"{family} lays an image out from its processor settings and none are known "
+                         f"for this model (no {PREPROCESSOR_FILE}); give a processor folder")
+    return processor
+
+
+def setting_dict(value: Any, name: str) -> dict[str, Any]:
+    """A processor setting that must be a JSON object (e.g. size: {"height": 448, "width": 448})."""
+    if isinstance(value, dict):
+        return value
+    raise ValueError(f"processor setting {name} must be an object, got {value!r}")
+
+
+def load_processor_settings(path: str | Path) -> dict[str, Any]:
+    """The JSON object of a folder's preprocessor_config.json (or of that file itself)."""
+    path = Path(path)
+    file = path if path.is_file() else path / PREPROCESSOR_FILE
+    if not path.exists():
+        raise ValueError(f"processor folder {str(path)!r} does not exist")
+    if not file.is_file():
+        raise ValueError(f"{path} has no {PREPROCESSOR_FILE}")
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err})") from None
+    if isinstance(settings, dict):
+        return settings
+    raise ValueError(f"{file} must hold a JSON object, got {type(settings).__name__}")
+
+
+def resolve_processor_settings(model: str, folder: str | Path | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """(settings, where they come from) for `model` (as `resolve_model_dims` takes it): `folder`'s
+    preprocessor_config.json when given, else a built-in model's published settings, else the model
+    folder's own preprocessor_config.json, else (None, None)."""
+    if folder is not None:
+        folder = Path(folder)
+        return load_processor_settings(folder), str(folder if folder.is_file() else folder / PREPROCESSOR_FILE)
+    if model in BUILTIN_PROCESSORS:
+        source, settings = BUILTIN_PROCESSORS[model]
+        return copy.deepcopy(settings), f"published {source}"
+    if model not in BUILTIN_MODELS and (Path(model) / PREPROCESSOR_FILE).is_file():
+        return load_processor_settings(model), str(Path(model) / PREPROCESSOR_FILE)
+    return None, None
+
+
+def image_size_grids(dims: ModelDims, image_size: tuple[int, int], processor: dict[str, Any] | None) -> ImageGrids:
+    """The grids of one image of `image_size` (height, width) px as the family of `dims` lays it out
+    with `processor` settings (preprocessor_config.json keys; None: none known)."""
+    check_image_size(image_size)
+    return _family(dims).image_size_grids(tuple(image_size), processor, tuple(dims.image_grid))
+
+
+def tile_grids(dims: ModelDims, num_tiles: int) -> ImageGrids:
+    """One image of `num_tiles` tiles (a thumbnail is a tile) for a tiled family (InternVL)."""
+    family = _family(dims)
+    if not hasattr(family, "tile_grids"):
+        raise ValueError(f"{dims.name} is a {dims.family} model: only tiled families (internvl) take a tile count")
+    if isinstance(num_tiles, bool) or not isinstance(num_tiles, int) or not 1 <= num_tiles <= MAX_TILES:
+        raise ValueError(f"the tile count must be 1 to {MAX_TILES}, got {num_tiles!r}")
+    return family.tile_grids(num_tiles, tuple(dims.image_grid))
+
+
+def _family(dims: ModelDims) -> Any:
+    from .families import FAMILIES
+
+    family = FAMILIES.get(dims.family)
+    if family is None:
+        raise ValueError(f"{dims.name}: family {dims.family!r} is not supported; supported: {sorted(FAMILIES)}")
+    return family

@@ -13,7 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .families import LayerSlot, TextDims, VisualAttentionWrapper, VisualMLPWrapper, family_for, forward_inputs
+from .families import (
+    LayerSlot,
+    TextDims,
+    VisualAttentionWrapper,
+    VisualMLPWrapper,
+    family_for,
+    forward_inputs,
+    suppress_in_generation,
+)
 from .flops import GateProbs, ModelDims, TokenLayout, default_layout, visual_flops
 from .gated_attention import CTX_KWARG, FLEX_NAME, SDPA_NAME, GateValues, VisualContext
 from .hard_concrete import FixedGate, HardConcreteGate
@@ -214,6 +222,7 @@ def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GateSet:
     Wraps each decoder layer's `self_attn` and `mlp` (the originals stay as children), selects the
     registered `visprune_sdpa` / `visprune_flex` attention for the text model only, and hooks the
     multimodal core so each forward gets its visual layout and gate values through `visprune_ctx`.
+    `generate()` never emits the family's media placeholder tokens (`suppress_in_generation`).
     """
     cfg = cfg or GateConfig()
     base = _unwrap_peft(model)
@@ -272,11 +281,16 @@ def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GateSet:
 
     gates._handles = [core.register_forward_pre_hook(pre_hook, with_kwargs=True),
                       core.register_forward_hook(post_hook, with_kwargs=True)]
+    suppress_in_generation(base, family.placeholder_token_ids(base.config))
     return gates
 
 
 def detach_gates(model: nn.Module) -> None:
-    """Undo `attach_gates`: unwrap layers, restore the attention implementation, remove hooks and gates."""
+    """Undo `attach_gates`: unwrap layers, restore the attention implementation, remove hooks and gates.
+
+    The placeholder tokens stay suppressed in `generate()`: that is right for the plain model too, and
+    a model saved after detaching (an exported folder) keeps it in its generation config.
+    """
     base = _unwrap_peft(model)
     gates = get_gate_set(base)
     if gates is None:

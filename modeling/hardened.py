@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from .families import family_for, forward_inputs
+from .families import family_for, forward_inputs, suppress_in_generation
 from .layout import VisualLayout
 from .plan import PLAN_FILE, Plan
 
@@ -631,7 +631,10 @@ def _check_layer(layer: nn.Module, layer_idx: int) -> None:
 
 
 def harden_model(model: nn.Module, plan: Plan) -> nn.Module:
-    """`apply_plan(model, plan, mode="hardened")`: wrap every decoder layer to execute `plan`."""
+    """`apply_plan(model, plan, mode="hardened")`: wrap every decoder layer to execute `plan`.
+
+    `generate()` never emits the family's media placeholder tokens (`suppress_in_generation`).
+    """
     if getattr(model, HARDENED_ATTR, None) is not None:
         raise ValueError("this model is already hardened; load a fresh copy to apply another plan")
     family = family_for(model)
@@ -667,6 +670,7 @@ def harden_model(model: nn.Module, plan: Plan) -> nn.Module:
         return args, kwargs
 
     core.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    suppress_in_generation(model, family.placeholder_token_ids(model.config))
     object.__setattr__(model, HARDENED_ATTR, plan)
     return model
 

@@ -77,6 +77,14 @@ def processor():
     return build_processor(build_tokenizer(toy_words()))
 
 
+@pytest.fixture(scope="session")
+def template(processor):
+    """The toy processor's chat template as training resolves it (`data.template: auto`, family llava)."""
+    from visprune.data_prep.templates import resolve_template
+
+    return resolve_template(processor, "auto", "llava")
+
+
 @pytest.fixture
 def folder(tmp_path):
     """An image folder with one image of every kind the pre-flight scan must tell apart."""

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.records import build_dataset
 from visprune.data_prep.seetask import SeeTaskConfig, seetask_words
+from visprune.data_prep.templates import resolve_template
 from visprune.data_prep.toy import IMAGE, build_processor, build_tokenizer
 
-from .config import DataConfig
-from .data import LlavaCollator, build_dataset
 from .evaluate import evaluate
 
 logger = logging.getLogger(__name__)
@@ -77,9 +78,9 @@ def train_base(data_dir: str | Path, out_dir: str | Path, cfg: BaseModelConfig |
     processor = build_processor(tokenizer, image_size=task.image_size, patch_size=task.patch_size)
     model = build_base_model(tokenizer, task, cfg).train()
 
-    data_cfg = DataConfig(path=str(data_dir / "train.json"), image_folder=str(data_dir / "images"), max_length=512)
-    dataset = build_dataset(data_cfg)
-    collator = LlavaCollator(processor, data_cfg)
+    dataset = build_dataset(data_dir / "train.json")
+    collator = LlavaCollator(processor, resolve_template(processor, "auto", "llava"), image_folder=data_dir / "images",
+                             max_length=512)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collator,
                                          generator=gen, drop_last=True)

@@ -19,6 +19,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from visprune.data_prep.files import fsync_dir, fsync_tree, write_atomic
+
 logger = logging.getLogger(__name__)
 
 MARKER_FILE = "visprune_checkpoint.json"
@@ -33,30 +35,6 @@ class CheckpointError(RuntimeError):
 
 # ---- writing ---------------------------------------------------------------------------------------
 
-def fsync_tree(folder: str | os.PathLike) -> None:
-    """fsync every file below `folder`, then every folder (deepest first), then `folder` itself."""
-    folder = Path(folder)
-    dirs = []
-    for root, dirnames, filenames in os.walk(folder):
-        dirs.append(root)
-        for name in filenames:
-            _fsync_path(os.path.join(root, name), os.O_RDONLY)
-    for root in reversed(dirs):
-        fsync_dir(root)
-
-
-def fsync_dir(folder: str | os.PathLike) -> None:
-    _fsync_path(os.fspath(folder), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-
-
-def _fsync_path(path: str, flags: int) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def file_sizes(folder: str | os.PathLike) -> dict[str, int]:
     """Every file below `folder` (relative POSIX path -> size in bytes), the marker excluded."""
     folder = Path(folder)
@@ -65,18 +43,6 @@ def file_sizes(folder: str | os.PathLike) -> dict[str, int]:
         if path.is_file() and path.name != MARKER_FILE:
             sizes[path.relative_to(folder).as_posix()] = path.stat().st_size
     return sizes
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` so that a reader sees the old file or the whole new one: a temporary file,
-    fsync, rename, fsync of the folder."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync_path(str(tmp), os.O_RDONLY)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return path
 
 
 def write_marker(folder: str | os.PathLike, step: int) -> Path:
@@ -239,6 +205,6 @@ def deepspeed_weights_only() -> Iterator[None]:
 
 
 __all__ = ["MARKER_FILE", "STAGING_DIR", "CheckpointError", "checkpoint_step", "checkpoints", "clear_staging",
-           "complete_checkpoints", "copy_model_files", "deepspeed_weights_only", "fsync_dir", "fsync_tree",
-           "incomplete_reason", "latest_complete", "publish", "rotate", "staging_folder", "write_atomic",
+           "complete_checkpoints", "copy_model_files", "deepspeed_weights_only",
+           "incomplete_reason", "latest_complete", "publish", "rotate", "staging_folder",
            "write_marker"]

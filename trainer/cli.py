@@ -30,9 +30,38 @@ def _format_bytes(value: float) -> str:
 
 def run_flops(args: argparse.Namespace) -> int:
     from visprune.modeling import GateProbs, Plan, default_layout, flops_report, resolve_model_dims
+    from visprune.modeling.flops import image_size_grids, parse_image_size, resolve_processor_settings, tile_grids
+
+    def about(what: str, fn, *fn_args):  # a ValueError about one input names it in the one-line error
+        try:
+            return fn(*fn_args)
+        except ValueError as err:
+            raise ValueError(f"{what}: {err}") from None
+
+    def format_grids(grids) -> str:  # runs of equal grids: "24x24 + 36x48", "9 x 16x16"
+        runs: list[list] = []
+        for grid in grids:
+            if runs and runs[-1][0] == grid:
+                runs[-1][1] += 1
+            else:
+                runs.append([grid, 1])
+        return " + ".join(f"{count} x {rows}x{cols}" if count > 1 else f"{rows}x{cols}"
+                          for (rows, cols), count in runs)
 
     dims = resolve_model_dims(args.model)
-    layout = default_layout(dims, num_images=args.images, system=args.system_tokens, text=args.text_tokens)
+    if args.image_size is not None and args.tiles is not None:
+        raise ValueError("give --image-size or --tiles, not both")
+    if args.processor is not None and args.image_size is None:
+        raise ValueError("--processor only applies with --image-size")
+    image, size, source = None, None, None
+    if args.image_size is not None:
+        size = about("--image-size", parse_image_size, args.image_size)
+        settings, source = about("processor settings", resolve_processor_settings, args.model, args.processor)
+        image = about(f"--image-size {args.image_size}", image_size_grids, dims, size, settings)
+    elif args.tiles is not None:
+        image = about(f"--tiles {args.tiles}", tile_grids, dims, args.tiles)
+    layout = default_layout(dims, num_images=args.images, system=args.system_tokens, text=args.text_tokens,
+                            image=image)
     dense = flops_report(dims, layout)
     plan_report, ratio, plan = None, None, None
     if args.plan:
@@ -43,12 +72,21 @@ def run_flops(args: argparse.Namespace) -> int:
         ratio = plan_report["visual_flops"] / dense["visual_flops"] if dense["visual_flops"] else None
     result = {"model": dims.name, "layout": layout.to_dict(), "dense": dense, "plan": plan_report,
               "visual_flops_ratio": ratio}
+    if image is not None:
+        result["image"] = {"image_size": list(size) if size else None, "tiles": args.tiles, **image.to_dict(),
+                           "processor": source}
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
     print(f"{dims.name}: {dims.num_layers} layers, hidden {dims.hidden_size}, {dims.num_heads} heads "
           f"({dims.num_kv_heads} KV), MLP {dims.intermediate_size}")
-    grids = " + ".join(f"{rows}x{cols}" for rows, cols in layout.grids)
+    if image is not None:
+        newlines = f" + {image.non_grid} newlines" if image.non_grid else ""
+        print(f"image{f' {size[0]}x{size[1]} px' if size else ''}: {format_grids(image.grids)} = "
+              f"{image.visual_tokens} visual tokens{newlines}; {image.note}")
+        if source:
+            print(f"processor settings: {source}")
+    grids = format_grids(layout.grids)
     grids = grids if len(layout.grids) == 1 else f"[{grids}]"
     newlines = f" + {layout.num_images * layout.non_grid} newline" if layout.non_grid else ""
     print(f"layout: {layout.system} system + {layout.visual} visual ({layout.num_images} x {grids}){newlines} + "
@@ -125,13 +163,13 @@ def run_data_toy(args: argparse.Namespace) -> int:
 
 
 def run_data_check(args: argparse.Namespace) -> int:
-    from transformers import AutoProcessor
     from visprune.data_prep.check import check_file, write_rejected
-    from visprune.data_prep.prepare import family_image_text
+    from visprune.data_prep.processing import load_processor
+    from visprune.data_prep.templates import resolve_for_folder
 
-    processor = AutoProcessor.from_pretrained(args.processor, trust_remote_code=args.trust_remote_code)
-    _, image_text = family_image_text(processor, args.processor, args.family)
-    report = check_file(args.json, args.images, processor, max_length=args.max_length, image_text=image_text)
+    processor = load_processor(args.processor, trust_remote_code=args.trust_remote_code)
+    _, template = resolve_for_folder(processor, args.processor, args.template, args.family)
+    report = check_file(args.json, args.images, processor, template, max_length=args.max_length)
     if report.rejected and not args.skip_bad:
         print(report.summary(), file=sys.stderr)
         print(f"visprune data check: {len(report.rejected)} bad samples (--skip-bad writes them to "
@@ -149,7 +187,7 @@ def run_data_prepare(args: argparse.Namespace) -> int:
     report = prepare_dataset(args.json, args.images, args.out, args.processor, max_length=args.max_length,
                              num_proc=args.num_proc, skip_bad=args.skip_bad, overwrite=args.overwrite,
                              family=args.family, trust_remote_code=args.trust_remote_code,
-                             shard_size=args.shard_size)
+                             shard_size=args.shard_size, template=args.template)
     check = report.check
     if report.out_dir is None:
         print(check.summary(), file=sys.stderr)
@@ -179,19 +217,41 @@ def run_data_seetask(args: argparse.Namespace) -> int:
     return 0
 
 
+TEMPLATE_HELP = ("chat template, as the recipe's data.template: auto (default: the processor's own when it closes "
+                 "every answer with an end-of-turn token the model generates, else the family's training format), "
+                 "llava_v1, chatml or processor")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import os
+
+    from visprune.data_prep.templates import TEMPLATE_CHOICES
 
     parser = argparse.ArgumentParser(prog="visprune", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
     flops = sub.add_parser("flops", help="visual and prefill FLOPs and visual KV-cache bytes, dense and under a plan")
-    flops.add_argument("model", help="built-in model (llava-1.5-7b, llava-1.5-13b, qwen2-vl-7b, internvl2-8b) "
-                                     "or a local folder with a transformers config.json")
+    flops.add_argument("model", help="built-in model (llava-1.5-7b, llava-1.5-13b, qwen2-vl-7b, internvl2-8b, "
+                                     "internvl3-8b, llava-next-7b) or a local folder with a transformers config.json")
     flops.add_argument("--plan", help="a pruning_plan.json to cost beside the dense model")
     flops.add_argument("--json", action="store_true", help="print one JSON object")
     flops.add_argument("--images", type=int, default=1, help="images in the prompt (default 1)")
     flops.add_argument("--system-tokens", type=int, default=35, help="text tokens before the image(s)")
     flops.add_argument("--text-tokens", type=int, default=60, help="text tokens after the image(s)")
+    flops.add_argument("--image-size", metavar="HxW",
+                       help="cost each image at this size in pixels, height x width (e.g. 720x1280), laid out as "
+                            "the model's processor would: Qwen2-VL smart_resize (min/max pixels), InternVL tiles "
+                            "(+ a thumbnail when more than one), LLaVA-NeXT base + unpadded high-resolution grid + "
+                            "newlines; LLaVA-1.5's grid is fixed (every image is resized and centre-cropped). "
+                            "Default: each family's reference grid (Qwen2-VL 16x16, InternVL one tile, "
+                            "LLaVA-NeXT 672x672 px)")
+    flops.add_argument("--tiles", type=int, metavar="N",
+                       help="InternVL only: cost N tiles per image instead of an image size; N counts every "
+                            "tile costed, so include the thumbnail (a 2x4 tiling is --tiles 9)")
+    flops.add_argument("--processor", metavar="DIR",
+                       help="with --image-size: read the processor settings (min_pixels, max_pixels, patch_size, "
+                            "merge_size; min_patches, max_patches, size; image_grid_pinpoints, crop_size) from "
+                            "DIR/preprocessor_config.json instead of the built-in model's published ones "
+                            "(default for a model folder: its own preprocessor_config.json)")
     flops.set_defaults(func=run_flops)
 
     train = sub.add_parser("train", help="train gates + LoRA under a FLOPs budget from a recipe YAML")
@@ -260,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--trust-remote-code", action="store_true", help="let the processor run its own code")
     check.add_argument("--family", help="model family (llava, qwen2_vl, ...): what an <image> becomes in the "
                                         "prompt, as in training (default: the folder's config.json model_type)")
+    check.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto", help=TEMPLATE_HELP)
     check.set_defaults(func=run_data_check)
     prep = data_sub.add_parser("prepare", help="check a LLaVA JSON + image folder and convert it to a sharded "
                                                "datasets folder with token ids, label masks and lengths "
@@ -280,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--family", help="model family (llava, qwen2_vl, ...): what an <image> becomes in the "
                                        "prompt, as in training (default: the folder's config.json model_type)")
     prep.add_argument("--trust-remote-code", action="store_true", help="let the processor run its own code")
+    prep.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto", help=TEMPLATE_HELP)
     prep.set_defaults(func=run_data_prepare)
     see = data_sub.add_parser("seetask", help="the synthetic see-task: grid-of-shapes images with describe and "
                                               "ask samples, train/val/test splits (deterministic per seed)")
@@ -319,13 +381,15 @@ def _user_errors(verb: str) -> tuple[type[Exception], ...]:
 
     if verb in ("flops", "bench", "data"):
         return (ValueError, FileNotFoundError)
+    from visprune.data_prep.processing import ProcessorError
+    from visprune.data_prep.records import DataError
     from visprune.trainer.checkpoints import CheckpointError
     from visprune.trainer.config import RecipeError
-    from visprune.trainer.data import DataError
     from visprune.trainer.export import HardenError
     from visprune.trainer.trainer import NonFiniteError
 
-    return (RecipeError, DataError, PlanError, HardenError, CheckpointError, NonFiniteError, FileNotFoundError)
+    return (RecipeError, DataError, ProcessorError, PlanError, HardenError, CheckpointError, NonFiniteError,
+            FileNotFoundError)
 
 
 if __name__ == "__main__":

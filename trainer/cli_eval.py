@@ -1,8 +1,8 @@
 """Command-line wiring of generation-based evaluation, for `trainer/cli.py`:
 
 - `add_eval_scoring_args(eval_parser)`: `visprune eval --metric {teacher_forced,vqa,pope,mc}
-  [--max-new-tokens N] [--predictions FILE.jsonl]` (the default, teacher_forced, is the old behaviour
-  and output); sets the parser's `func` to `run_eval_scoring`;
+  [--max-new-tokens N] [--predictions FILE.jsonl] [--template T]`; sets the parser's `func` to
+  `run_eval_scoring`;
 - `add_compare_parser(subparsers)`: `visprune compare DIR_A DIR_B --data FILE --images DIR
   [--metric ...] [--limit N] [--json] ...`, run by `run_compare`.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from visprune.data_prep.templates import TEMPLATE_CHOICES
 
 from .scoring import METRICS  # light: the CLI imports torch and datasets only when a command runs
 
@@ -41,6 +43,11 @@ def add_eval_scoring_args(eval_parser: argparse.ArgumentParser) -> None:
                              help="generation metrics: most tokens generated per answer (default 64)")
     eval_parser.add_argument("--predictions", metavar="FILE.jsonl",
                              help="generation metrics: write every sample's answer, reference and score here")
+    eval_parser.add_argument("--max-length", type=_positive, default=4096,
+                             help="teacher_forced: longest sample in tokens, image tokens included (default 4096)")
+    eval_parser.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto",
+                             help="chat template the prompts are rendered with (default auto: the one a `visprune "
+                                  "harden` folder was trained with, else as `data.template: auto` picks it)")
     eval_parser.set_defaults(func=run_eval_scoring)
 
 
@@ -56,7 +63,8 @@ def run_eval_scoring(args: argparse.Namespace) -> int:
     result = evaluate_dir(args.model_dir, args.data, args.images, batch_size=args.batch_size, limit=args.limit,
                           progress=not args.json, metric=getattr(args, "metric", "teacher_forced"),
                           max_new_tokens=getattr(args, "max_new_tokens", 64),
-                          predictions=getattr(args, "predictions", None))
+                          predictions=getattr(args, "predictions", None), template=args.template,
+                          max_length=args.max_length)
     print(json.dumps(result, indent=1) if args.json else format_eval(result))
     return 0
 

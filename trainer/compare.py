@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from visprune.data_prep.templates import resolve_for_model
 from visprune.modeling import GateProbs, TokenLayout, cache_nbytes, default_layout, flops_report
 from visprune.modeling.flops import dims_from_config
 
@@ -33,7 +34,6 @@ from .vqa_eval import (
     METRICS,
     PromptEncoder,
     batches,
-    family_image_text,
     generate,
     read_samples,
     score_answers,
@@ -143,7 +143,7 @@ def compare_dirs(dir_a: str | Path, dir_b: str | Path, data: str | Path, images:
     for key, folder in dirs.items():
         model, processor = load_for_eval(folder)
         models[key], processors[key] = model, processor
-        encoders[key] = PromptEncoder(processor, images, family_image_text(model, processor))
+        encoders[key] = PromptEncoder(processor, images, resolve_for_model(model, processor, folder))
         sides[key] = {"model": str(folder), "hardened": getattr(model, "visprune_plan", None) is not None}
 
     answers: dict[str, list[str]] = {}
@@ -151,7 +151,8 @@ def compare_dirs(dir_a: str | Path, dir_b: str | Path, data: str | Path, images:
     for key, model in models.items():
         answers[key] = []
         for chunk in batches(rows, batch_size):
-            answers[key] += generate(model, processors[key], encoders[key].batch(chunk), max_new_tokens)
+            answers[key] += generate(model, processors[key], encoders[key].batch(chunk), max_new_tokens,
+                                     encoders[key].stop_ids)
             bar.update(len(chunk))
     bar.close()
 

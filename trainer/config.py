@@ -23,7 +23,7 @@ class ModelConfig:
     family: str = "llava"
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     trust_remote_code: bool = False
-    train_projector: bool = False  # multi_modal_projector trained (peft modules_to_save under LoRA)
+    train_projector: bool = False  # the family's projector trained (peft modules_to_save under LoRA)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -32,15 +32,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str  # LLaVA-format JSON file
+    path: str  # LLaVA-format JSON file, or a `visprune data prepare` folder
     image_folder: str | None = None  # images are resolved inside this folder, never outside it
     max_length: int = 2048  # tokens, image tokens included
     drop_overlong: bool = False  # False: an over-long sample is an error naming it; True: drop and count
     num_workers: int = 0
+    template: str = "auto"  # chat template: auto | llava_v1 | chatml | processor (data_prep/templates.py)
 
     def __post_init__(self) -> None:
+        from visprune.data_prep.templates import TEMPLATE_CHOICES
+
         if self.max_length < 8:
             raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
+        if self.template not in TEMPLATE_CHOICES:
+            raise ValueError(f"data.template must be one of {', '.join(TEMPLATE_CHOICES)}, got {self.template!r}")
 
 
 @dataclass

@@ -19,14 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.records import build_dataset
 from visprune.data_prep.seetask import SeeTaskConfig, write_seetask
+from visprune.data_prep.templates import resolve_for_model
 from visprune.modeling import PLAN_FILE, default_layout
 from visprune.modeling.flops import dims_from_config
 
 from .base import BASE_REPORT, BaseModelConfig, train_base
 from .baselines import attach_fastv, calibrate, fastv_batch_kwargs, fastv_settings, random_plan, vtw_plan, yopo_plan
-from .config import DataConfig, load_recipe
-from .data import LlavaCollator, build_dataset
+from .config import load_recipe
 from .evaluate import evaluate, load_for_eval, plan_flops
 from .export import harden
 from .trainer import train
@@ -135,9 +137,8 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", progress: bool =
     base_model, processor = load_for_eval(base_dir)
     dims = dims_from_config(base_model.config)
     first = json.loads(test_json.read_text())[0]
-    data_cfg = DataConfig(path=str(test_json), image_folder=str(images), max_length=512)
-    test_rows = build_dataset(data_cfg)
-    collator = LlavaCollator(processor, data_cfg)
+    test_rows = build_dataset(test_json)
+    collator = LlavaCollator(processor, resolve_for_model(base_model, processor), image_folder=images, max_length=512)
     sample = collator([test_rows[0]])
     image_pos = (sample["input_ids"][0] == base_model.config.image_token_id).nonzero().squeeze(1)
     layout = default_layout(dims, system=int(image_pos[0]), text=int(sample["input_ids"].shape[1] - image_pos[-1] - 1))
@@ -206,9 +207,8 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", progress: bool =
                 plan = random_plan(dims, layout, budget, cfg.window, seed=cfg.seed)
             else:
                 if calib is None:
-                    val_cfg = DataConfig(path=str(data_dir / "val.json"), image_folder=str(images), max_length=512)
-                    val_rows = build_dataset(val_cfg)
-                    calib_batch = LlavaCollator(processor, val_cfg)([val_rows[i] for i in range(min(32, len(val_rows)))])
+                    val_rows = build_dataset(data_dir / "val.json")
+                    calib_batch = collator([val_rows[i] for i in range(min(32, len(val_rows)))])
                     calib = calibrate(base_model, [calib_batch])
                 plan = yopo_plan(dims, layout, budget, calib, window=5)  # the paper's window
             plan_dir = cfg.out / "plans"

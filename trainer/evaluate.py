@@ -22,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.processing import load_processor
+from visprune.data_prep.records import IGNORE_INDEX, build_dataset
+from visprune.data_prep.templates import ChatTemplate, resolve_for_model
 from visprune.modeling import (
     PLAN_FILE,
     GateProbs,
@@ -31,16 +35,14 @@ from visprune.modeling import (
 )
 from visprune.modeling.flops import dims_from_config
 
-from .config import DataConfig
-from .data import IGNORE_INDEX, LlavaCollator, build_dataset
-from .vqa_eval import METRIC_NAMES, METRICS, evaluate_generation, family_image_text, write_predictions
+from .vqa_eval import METRIC_NAMES, METRICS, evaluate_generation, write_predictions
 
 logger = logging.getLogger(__name__)
 
 
 def load_for_eval(model_dir: str | Path):
     """(model, processor): hardened when the folder has a plan, else the plain model; eval mode."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -49,7 +51,7 @@ def load_for_eval(model_dir: str | Path):
         model = load_pruned(model_dir)
     else:
         model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
-    return model, AutoProcessor.from_pretrained(str(model_dir))
+    return model, load_processor(model_dir)
 
 
 def plan_flops(model: torch.nn.Module) -> dict[str, float]:
@@ -76,16 +78,16 @@ def answer_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 
 def evaluate(model: torch.nn.Module, processor: Any, data_path: str | Path, image_folder: str | Path | None,
              batch_size: int = 32, max_length: int = 2048, limit: int | None = None,
-             progress: bool = True, batch_kwargs: Any = None) -> dict[str, Any]:
+             progress: bool = True, batch_kwargs: Any = None, template: ChatTemplate | None = None) -> dict[str, Any]:
     """Score `model` on a LLaVA-format JSON; see the module docstring. `batch_kwargs(batch, labels)`
-    may add keyword arguments to each forward (baseline inference modes use it)."""
+    may add keyword arguments to each forward (baseline inference modes use it). The conversations are
+    rendered with `template` (default: `resolve_for_model(model, processor)`)."""
     from tqdm.auto import tqdm
 
-    data_cfg = DataConfig(path=str(data_path), image_folder=None if image_folder is None else str(image_folder),
-                          max_length=max_length)
-    dataset = build_dataset(data_cfg)
+    dataset = build_dataset(data_path)
     records = {str(r["id"]): r for r in json.loads(Path(data_path).read_text(encoding="utf-8"))}
-    collator = LlavaCollator(processor, data_cfg, image_text=family_image_text(model, processor))
+    collator = LlavaCollator(processor, template or resolve_for_model(model, processor), image_folder=image_folder,
+                             max_length=max_length)
     total = len(dataset) if limit is None else min(limit, len(dataset))
     stats: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # correct, tokens, exact, samples
     model.eval()
@@ -128,26 +130,31 @@ def evaluate(model: torch.nn.Module, processor: Any, data_path: str | Path, imag
 def evaluate_dir(model_dir: str | Path, data_path: str | Path, image_folder: str | Path | None,
                  batch_size: int = 32, limit: int | None = None, progress: bool = True,
                  metric: str = "teacher_forced", max_new_tokens: int = 64,
-                 predictions: str | Path | None = None) -> dict[str, Any]:
+                 predictions: str | Path | None = None, template: str = "auto", max_length: int = 4096
+                 ) -> dict[str, Any]:
     """`evaluate` (metric "teacher_forced") or `evaluate_generation` (vqa / pope / mc) of a model folder,
-    plus the model's name, whether it is hardened and its plan's visual FLOPs. `predictions`: write the
-    per-sample answers there as JSON lines (generation metrics only)."""
+    plus the model's name, whether it is hardened, its plan's visual FLOPs and the chat template used
+    (`template`: a `data.template` choice; `auto` takes the template an exported folder was trained with).
+    `predictions`: write the per-sample answers there as JSON lines (generation metrics only)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if predictions is not None and metric == "teacher_forced":
         raise ValueError("--predictions needs a generation metric (--metric vqa, pope or mc)")
     model, processor = load_for_eval(model_dir)
+    chat_template = resolve_for_model(model, processor, model_dir, template)
     if metric == "teacher_forced":
         result = evaluate(model, processor, data_path, image_folder, batch_size=batch_size, limit=limit,
-                          progress=progress)
+                          progress=progress, template=chat_template, max_length=max_length)
     else:
         result = evaluate_generation(model, processor, data_path, image_folder, metric=metric, batch_size=batch_size,
-                                     max_new_tokens=max_new_tokens, limit=limit, progress=progress)
+                                     max_new_tokens=max_new_tokens, limit=limit, progress=progress,
+                                     template=chat_template)
         per_sample = result.pop("per_sample")
         if predictions is not None:
             write_predictions(predictions, per_sample)
             result["predictions"] = str(predictions)
     result["metric"] = metric
+    result["template"] = chat_template.name
     result["model"] = str(model_dir)
     result["hardened"] = getattr(model, "visprune_plan", None) is not None
     result["visual_flops"] = plan_flops(model)

@@ -1,6 +1,6 @@
 """Harden a training checkpoint: base model + LoRA (merged) + gates -> a plan within the budget,
-exported as a plain HF folder (config.json, sharded *.safetensors, processor files) with
-`pruning_plan.json` and `pruning_report.json`. Executing the plan fast is modeling's job."""
+exported as a plain HF folder (config.json, sharded *.safetensors, processor files whose chat template is
+the one training used) with `pruning_plan.json` and `pruning_report.json`. Executing the plan fast is modeling's job."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from visprune.data_prep.templates import ChatTemplate, end_of_turn_ids, resolve_template
 from visprune.modeling import (
     PLAN_FILE,
     GateConfig,
@@ -39,7 +40,10 @@ class HardenError(ValueError):
 
 
 def _load_full_weights(model: torch.nn.Module, checkpoint: Path) -> None:
-    """Full fine-tuning checkpoints hold the whole (gated) model; load its language-model weights."""
+    """Full fine-tuning checkpoints hold the whole (gated) model; load them. Every weight of the
+    language model (the family's `language_model`) must be there."""
+    from visprune.modeling.families import family_for
+
     files = sorted(checkpoint.glob("model*.safetensors"))
     if not files:
         raise HardenError(f"{checkpoint} has neither adapter_model.safetensors nor model*.safetensors")
@@ -47,7 +51,9 @@ def _load_full_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     for file in files:
         state.update(load_file(str(file)))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if "language_model" in k]
+    language_model = family_for(model).language_model(model)
+    prefix = next(name for name, module in model.named_modules() if module is language_model) + "."
+    missing = [k for k in missing if k.startswith(prefix)]
     if missing:
         raise HardenError(f"{checkpoint}: weights missing for {missing[:3]} (and {max(0, len(missing) - 3)} more)")
     logger.info("loaded %d tensors from %s (%d not in the model)", len(state), checkpoint, len(unexpected))
@@ -96,6 +102,25 @@ def load_checkpoint(checkpoint: str | Path) -> tuple[torch.nn.Module, GateSet, A
     return model, gates, processor, recipe
 
 
+def training_template_of(checkpoint: Path, recipe: Recipe, model: torch.nn.Module, processor: Any) -> ChatTemplate:
+    """The chat template the checkpoint was trained with (its saved `visprune_template.json`; resolved from the
+    recipe's `data.template` again for a checkpoint without one)."""
+    saved = ChatTemplate.load(checkpoint)
+    if saved is not None:
+        return saved
+    return resolve_template(processor, recipe.data.template, recipe.model.family, model.generation_config)
+
+
+def stop_on_end_of_turn(generation_config: Any, processor: Any, template: ChatTemplate) -> None:
+    """Add the template's end-of-turn token ids to `generation_config.eos_token_id`, so `generate()` stops
+    where training taught the model to (chatml's `<|im_end|>` on a base checkpoint that stops on
+    `<|endoftext|>`)."""
+    ids = generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    ids += [token_id for token_id in end_of_turn_ids(processor, template) if token_id not in ids]
+    generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
+
+
 def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None, plan_path: str | None = None,
            max_shard_size: str = "5GB") -> dict[str, Any]:
     """Export `checkpoint` hardened at `budget` (default: the recipe's) or with a given plan.
@@ -119,10 +144,15 @@ def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None,
         raise HardenError(f"the plan keeps {ratio:.4f} of the dense visual FLOPs "
                           f"({report['visual_flops']['pruned']:.4g} of {report['visual_flops']['dense']:.4g}), "
                           f"over the budget {budget}")
+    template = training_template_of(checkpoint, recipe, model, processor)
+    report["template"] = template.name
     detach_gates(model)  # plain module names and attention again: the folder is a standard HF model
+    stop_on_end_of_turn(model.generation_config, processor, template)
+    processor.chat_template = template.source  # `apply_chat_template` prompts exactly as training did
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     processor.save_pretrained(out)
+    template.save(out)
     plan.to_json(out / PLAN_FILE)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     logger.info("hardened %s -> %s: %.2f%% of dense visual FLOPs (budget %.2f%%), %d of %d visual layers kept",

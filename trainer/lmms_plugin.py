@@ -50,11 +50,13 @@ except ImportError:  # pragma: no cover - lmms-eval depends on loguru
 
     logger = logging.getLogger(__name__)
 
+from visprune.data_prep.processing import load_processor
+from visprune.data_prep.records import IMAGE_PLACEHOLDER, DataError
+from visprune.data_prep.templates import resolve_for_model
 from visprune.modeling import PLAN_FILE, load_pruned
 
-from .data import IMAGE_PLACEHOLDER, DataError
 from .evaluate import plan_flops
-from .vqa_eval import PromptEncoder, family_image_text
+from .vqa_eval import PromptEncoder
 
 MODEL_NAME = "visprune"
 CLASS_PATH = "visprune.trainer.lmms_plugin.VisPrune"
@@ -142,7 +144,7 @@ class VisPrune(lmms):
         if unknown:
             raise TypeError(f"visprune: unknown model_args {sorted(unknown)}; known: pretrained, device, dtype, "
                             "batch_size, max_new_tokens, trust_remote_code, report")
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         path = Path(pretrained)
         if not (path / "config.json").is_file():
@@ -168,9 +170,9 @@ class VisPrune(lmms):
             model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch_dtype,
                                                                 trust_remote_code=trust).to(self._device).eval()
         self._model = model
-        self.processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust)
+        self.processor = load_processor(path, trust_remote_code=trust)
         self._tokenizer = self.processor.tokenizer
-        self.encoder = PromptEncoder(self.processor, None, family_image_text(model, self.processor))
+        self.encoder = PromptEncoder(self.processor, None, resolve_for_model(model, self.processor, path))
         self.pretrained = str(path)
         self.hardened = getattr(model, "visprune_plan", None) is not None
         self.visual_flops = plan_flops(model)
@@ -303,7 +305,7 @@ class VisPrune(lmms):
         with torch.no_grad():
             out = self._model.generate(**self._inputs(batch), max_new_tokens=max_new_tokens,
                                        pad_token_id=self._tokenizer.pad_token_id,
-                                       eos_token_id=self._tokenizer.eos_token_id, **settings)
+                                       eos_token_id=self.encoder.stop_ids, **settings)
         seconds = time.perf_counter() - start
         new = out[:, batch["input_ids"].shape[1]:].cpu()
         texts = self._tokenizer.batch_decode(new, skip_special_tokens=True)

@@ -14,10 +14,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import TrainerCallback
+from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.prepared import check_prepared_matches
+from visprune.data_prep.processing import load_processor
+from visprune.data_prep.records import DataError, build_dataset
+from visprune.data_prep.templates import ChatTemplate, resolve_template
 from visprune.modeling import GateConfig, GateSet, Plan, apply_plan, attach_gates, default_layout
-from visprune.modeling.families import FAMILIES, family_for
+from visprune.modeling.families import family_for
 
 from . import checkpoints as ckpt
 from .config import Recipe, save_recipe
@@ -30,6 +35,7 @@ RECIPE_FILE = "recipe.yaml"
 FINAL_DIR = "final"  # RUN_DIR/final: the adapter (or model), gates and recipe after the last step
 STATE_FILE = "visprune_state.json"  # skipped-step counters, beside trainer_state.json
 SPARSITY_ATTR = "visprune_sparsity"
+# LoRA targets of an ungated LLaVA baseline (benchmarks/train_step_time.py); prepare_model asks the family
 LM_LINEAR_REGEX = r".*language_model.*\.({targets})$"
 
 
@@ -49,7 +55,7 @@ def build_model(recipe: Recipe) -> tuple[nn.Module, Any]:
     cfg = recipe.model
     model = AutoModelForImageTextToText.from_pretrained(
         cfg.path, dtype=pick_dtype(recipe), attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code)
-    processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    processor = load_processor(cfg.path, trust_remote_code=cfg.trust_remote_code)
     if model.config.model_type != cfg.family:
         raise ValueError(f"model.family is {cfg.family!r} but {cfg.path} is a {model.config.model_type!r} model")
     return model, processor
@@ -59,8 +65,10 @@ def prepare_model(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, GateSet,
     """Freeze what is not trained, attach gates and the sparsity controller, add LoRA (peft).
 
     Trainable: LoRA adapters on the language model's linear layers (or the whole LM when
-    `lora: null`), optionally the projector, the gates and the Lagrange multipliers.
+    `lora: null`), optionally the projector, the gates and the Lagrange multipliers. The family
+    says where these are (`lora_target_regex`, `language_model`, `projector_paths`).
     """
+    family = family_for(model)
     g = recipe.gates
     gates = attach_gates(model, GateConfig(heads=g.heads, visual_skip=g.visual_skip, visual_mlp=g.visual_mlp,
                                            window=recipe.window, init_log_alpha=g.init_log_alpha, backend=g.backend,
@@ -72,19 +80,18 @@ def prepare_model(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, GateSet,
 
     for name, param in model.named_parameters():
         param.requires_grad = False
+    projector = list(family.projector_paths()) if recipe.model.train_projector else []
     if recipe.lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        targets = "|".join(recipe.lora.targets)
         peft_config = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                                 target_modules=LM_LINEAR_REGEX.format(targets=targets),
-                                 modules_to_save=["multi_modal_projector"] if recipe.model.train_projector else None)
+                                 target_modules=family.lora_target_regex(recipe.lora.targets),
+                                 modules_to_save=projector or None)  # peft trains and saves a copy
         model = get_peft_model(model, peft_config)
     else:
-        for param in model.model.language_model.parameters():
-            param.requires_grad = True
-        if recipe.model.train_projector:
-            for param in model.model.multi_modal_projector.parameters():
+        trained = [family.language_model(model)] + [model.get_submodule(path) for path in projector]
+        for module in trained:
+            for param in module.parameters():
                 param.requires_grad = True
     # peft freezes raw parameters it does not know; gates and λ are always trained
     for param in list(gates.parameters()) + list(controller.parameters()):
@@ -147,9 +154,10 @@ class VispruneTrainer(Trainer):
     finite is skipped and counted, and `train.stop_after_nonfinite` such steps in a row stop the run.
     """
 
-    def __init__(self, *args, recipe: Recipe, gates: GateSet, controller: SparsityController, **kwargs) -> None:
+    def __init__(self, *args, recipe: Recipe, gates: GateSet, controller: SparsityController,
+                 template: ChatTemplate | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.recipe, self.gates, self.controller = recipe, gates, controller
+        self.recipe, self.gates, self.controller, self.template = recipe, gates, controller, template
         dims = gates.model_dims()
         layout = default_layout(dims, system=recipe.budget.system_tokens, text=recipe.budget.text_tokens)
         self.expected_flops = ExpectedFlops(dims, layout, recipe.window)
@@ -241,8 +249,9 @@ class VispruneTrainer(Trainer):
         if "pixel_values" in inputs:
             return torch.zeros((), device=inputs["input_ids"].device)
         base = _base_model(model)
-        dummy = family_for(base).vision_inputs(base, inputs["input_ids"].device)  # the family's smallest image
-        features = base.model.get_image_features(**dummy).pooler_output
+        family = family_for(base)
+        dummy = family.vision_inputs(base, inputs["input_ids"].device)  # the family's smallest image
+        features = family.image_features(base, dummy)
         return 0.0 * torch.cat(list(features)).float().sum()
 
     def distillation_loss(self, model, inputs, student_logits: torch.Tensor) -> torch.Tensor:
@@ -288,6 +297,8 @@ class VispruneTrainer(Trainer):
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             save_file(tensors, os.path.join(output_dir, GATES_FILE), metadata=gate_metadata(self.gates))
             save_recipe(self.recipe, os.path.join(output_dir, RECIPE_FILE))
+            if self.template is not None:
+                self.template.save(output_dir)
             check_saved_tensors(output_dir, expected_tensor_shapes(self.model), self.gates, self.controller)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -297,8 +308,7 @@ class VispruneTrainer(Trainer):
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
         from transformers.trainer_pt_utils import LengthGroupedSampler
-
-        from .data import DataError, prepared_lengths
+        from visprune.data_prep.prepared import prepared_lengths
 
         lengths = prepared_lengths(self.train_dataset if train_dataset is None else train_dataset)
         if lengths is None:
@@ -574,9 +584,18 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str) -> str | Non
     return str(latest) if latest is not None else None
 
 
+def build_collator(recipe: Recipe, model: nn.Module, processor: Any) -> LlavaCollator:
+    """The run's collator: its chat template resolved from `data.template` for the model's family (the
+    choice is logged), images inside `data.image_folder`."""
+    template = resolve_template(processor, recipe.data.template, recipe.model.family, model.generation_config)
+    logger.info("chat template: %s (data.template %s%s)", template.name, recipe.data.template,
+                f": {template.reason}" if recipe.data.template == "auto" else "")
+    return LlavaCollator(processor, template, image_folder=recipe.data.image_folder,
+                         max_length=recipe.data.max_length, drop_overlong=recipe.data.drop_overlong)
+
+
 def train(recipe: Recipe, resume: str = "auto") -> Path:
     """Run a recipe: build, train, checkpoint; returns the run folder."""
-    from .data import DataError, LlavaCollator, build_dataset, check_prepared_matches
 
     run_dir = Path(recipe.output.dir)
     args = build_training_args(recipe, render_deepspeed_config(recipe))
@@ -586,19 +605,22 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
         save_recipe(recipe, run_dir / RECIPE_FILE)
         if args.deepspeed:
             (run_dir / "deepspeed_config.json").write_text(json.dumps(render_deepspeed_config(recipe), indent=1))
-    dataset = build_dataset(recipe.data)
+    dataset = build_dataset(recipe.data.path)
     model, processor = build_model(recipe)
-    image_text = FAMILIES[recipe.model.family].image_text(processor)
+    collator = build_collator(recipe, model, processor)
     if "input_ids" in dataset.column_names:  # a `visprune data prepare` folder: made with this processor?
-        check_prepared_matches(recipe.data.path, processor, recipe.data.max_length, recipe.data.image_folder,
-                               image_text=image_text, drop_overlong=recipe.data.drop_overlong)
+        check_prepared_matches(recipe.data.path, processor, collator.template, recipe.data.max_length,
+                               recipe.data.image_folder, drop_overlong=recipe.data.drop_overlong)
     elif recipe.train.group_by_length:
         raise DataError(f"train.group_by_length needs a prepared dataset: data.path {recipe.data.path} is a JSON "
                         "file; run `visprune data prepare` and point data.path at its folder")
+    if args.should_save:
+        collator.template.save(run_dir)
+    processor.chat_template = collator.template.source  # checkpoints' processor files prompt as training did
     model, gates, controller = prepare_model(model, recipe)
-    collator = LlavaCollator(processor, recipe.data, image_text=image_text)
     trainer = VispruneTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                              processing_class=processor, recipe=recipe, gates=gates, controller=controller)
+                              processing_class=processor, recipe=recipe, gates=gates, controller=controller,
+                              template=collator.template)
     checkpoint = find_resume_checkpoint(run_dir, resume)
     final, staging = run_dir / FINAL_DIR, run_dir / ckpt.STAGING_DIR / FINAL_DIR
     if checkpoint:
@@ -620,7 +642,8 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
     return run_dir
 
 
-__all__ = ["GATES_FILE", "RECIPE_FILE", "STATE_FILE", "NonFiniteError", "VispruneTrainer", "build_model",
+__all__ = ["GATES_FILE", "RECIPE_FILE", "STATE_FILE", "NonFiniteError", "VispruneTrainer", "build_collator",
+           "build_model",
            "build_training_args", "check_saved_tensors", "expected_tensor_shapes", "find_resume_checkpoint",
            "gate_state_dict", "load_gate_state", "prepare_model",
            "render_deepspeed_config", "train"]

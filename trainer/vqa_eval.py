@@ -4,8 +4,8 @@ matching), overall and per category.
 
 The file format (docs/evaluation.md) is LLaVA's: a JSON list (or JSON lines) of records with `id`,
 optional `image` (a path or list of paths inside the image folder) and `conversations`; the prompt is
-every turn before the last `gpt` turn (rendered with the processor's chat template and its generation
-prompt), the last `gpt` turn is the reference. Optional fields: `answers` (vqa: the list of human
+every turn before the last `gpt` turn (rendered with the model's chat template, see
+`data_prep.templates.resolve_for_model`, and its generation prompt), the last `gpt` turn is the reference. Optional fields: `answers` (vqa: the list of human
 answers, strings or VQAv2 `{"answer": ...}` dicts), `category` (else `qtype`, else "all"), `options`
 (mc: a list, lettered A, B, ..., or a {letter: text} mapping; the prompt must show them itself) and
 `answer` (mc: the reference letter or option text; pope: the reference yes/no).
@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.records import DataError, normalize_record, read_records
+from visprune.data_prep.templates import ChatTemplate, end_of_turn_ids, render, resolve_for_model, to_messages
 
-from .config import DataConfig
-from .data import IMAGE_PLACEHOLDER, ROLES, DataError, LlavaCollator, normalize_record, read_records
 from .scoring import (
     METRICS,
     breakdown,
@@ -45,7 +46,7 @@ METRIC_NAMES = {"teacher_forced": "teacher-forced exact match", "vqa": "VQA accu
 
 @dataclass
 class EvalSample:
-    """One scored record: `row` holds the prompt turns only (the dataset row format of `data.py`)."""
+    """One scored record: `row` holds the prompt turns only (the dataset row format of `data_prep.records`)."""
 
     id: str
     row: dict[str, Any]
@@ -123,49 +124,45 @@ def read_samples(path: str | Path, metric: str, limit: int | None = None) -> lis
     return samples
 
 
-def family_image_text(model: torch.nn.Module, processor: Any) -> str | None:
-    """What an `<image>` of the data becomes in the prompt for `model`'s family (None: the processor's
-    image token, for a model type visprune has no family for)."""
-    from visprune.modeling.families import FAMILIES
-
-    family = FAMILIES.get(getattr(model.config, "model_type", None))
-    return family.image_text(processor) if family is not None else None
-
-
 class PromptEncoder:
     """Generation prompts of prompt rows, tokenized with their images in left-padded batches.
 
-    Images are opened by `LlavaCollator.load_image` (paths must stay inside `image_folder`); each
-    `<image>` becomes `image_text` (the family's, see `family_image_text`) as in training.
+    Images are opened by `LlavaCollator.load_image` (paths must stay inside `image_folder`); the turns
+    are rendered with `template` (the model's, see `resolve_for_model`) and its generation prompt.
     """
 
-    def __init__(self, processor: Any, image_folder: str | Path | None, image_text: str | None = None):
+    def __init__(self, processor: Any, image_folder: str | Path | None, template: ChatTemplate):
         self.processor = processor
-        self.collator = LlavaCollator(processor, DataConfig(path="", image_folder=None if image_folder is None
-                                                            else str(image_folder)), image_text=image_text)
-        self.image_text = self.collator.image_text
+        self.template = template
+        self.collator = LlavaCollator(processor, template, image_folder=image_folder)
         tokenizer = processor.tokenizer
         self.bos_token = tokenizer.bos_token
         self.pad_token_id = tokenizer.pad_token_id
+        self.stop_ids = end_of_turn_ids(processor, template)
 
     def messages(self, row: dict) -> list[dict]:
-        return [{"role": ROLES[turn["from"]], "content": turn["value"].replace(IMAGE_PLACEHOLDER, self.image_text)}
-                for turn in row["conversations"]]
+        return to_messages(row["conversations"], self.template)
 
     def prompt(self, row: dict) -> str:
-        """The chat-template text of a row's turns plus the generation prompt (the answer's prefix)."""
+        """The template's text of a row's turns plus the generation prompt (the answer's prefix)."""
+        return self.prompts([row])[0]
+
+    def prompts(self, rows: list[dict]) -> list[str]:
         from jinja2 import TemplateError
 
         try:
-            return self.processor.apply_chat_template(self.messages(row), tokenize=False, add_generation_prompt=True)
-        except TemplateError as exc:
-            raise DataError(f"sample {row['id']!r}: the chat template rejected it: {exc}") from exc
+            return render(self.processor, [self.messages(row) for row in rows], self.template.source,
+                          add_generation_prompt=True)
+        except (TemplateError, TypeError) as exc:
+            if len(rows) > 1:
+                return [self.prompt(row) for row in rows]
+            raise DataError(f"sample {rows[0]['id']!r}: the chat template rejected it: {exc}") from exc
 
     def images(self, row: dict) -> list:
         return [self.collator.load_image(row["id"], image) for image in row["images"]]
 
     def encode(self, texts: list[str], images: list, padding_side: str = "left") -> dict[str, torch.Tensor]:
-        """`texts` (rendered prompts, their `image_text`s in place) and all their images in order."""
+        """`texts` (rendered prompts, their image placeholders in place) and all their images in order."""
         kwargs = {"images": images} if images else {}
         add_special = not (self.bos_token and texts[0].startswith(self.bos_token))
         try:
@@ -177,7 +174,7 @@ class PromptEncoder:
 
     def batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         images = [image for row in rows for image in self.images(row)]
-        return self.encode([self.prompt(row) for row in rows], images)
+        return self.encode(self.prompts(rows), images)
 
 
 def batches(items: list, size: int) -> list[list]:
@@ -197,29 +194,31 @@ def to_model(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str
             for key, value in batch.items()}
 
 
-def generate(model: torch.nn.Module, processor: Any, batch: dict[str, torch.Tensor], max_new_tokens: int
-             ) -> list[str]:
-    """Greedy answers of one left-padded batch (the new tokens decoded, special tokens dropped, stripped)."""
+def generate(model: torch.nn.Module, processor: Any, batch: dict[str, torch.Tensor], max_new_tokens: int,
+             stop_ids: list[int] | None = None) -> list[str]:
+    """Greedy answers of one left-padded batch (the new tokens decoded, special tokens dropped, stripped);
+    decoding stops at `stop_ids` (default: the tokenizer's EOS)."""
     tokenizer = processor.tokenizer
     with torch.no_grad():
         out = model.generate(**to_model(batch, model), max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids or tokenizer.eos_token_id)
     new = out[:, batch["input_ids"].shape[1]:]
     return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 def generate_answers(model: torch.nn.Module, processor: Any, rows: list[dict], image_folder: str | Path | None,
-                     batch_size: int = 8, max_new_tokens: int = 64, image_text: str | None = None,
+                     batch_size: int = 8, max_new_tokens: int = 64, template: ChatTemplate | None = None,
                      progress: bool = True) -> list[str]:
-    """Greedy answers to prompt rows, in order, `batch_size` at a time."""
+    """Greedy answers to prompt rows, in order, `batch_size` at a time, prompted with `template`
+    (default: `resolve_for_model(model, processor)`)."""
     from tqdm.auto import tqdm
 
-    encoder = PromptEncoder(processor, image_folder, image_text or family_image_text(model, processor))
+    encoder = PromptEncoder(processor, image_folder, template or resolve_for_model(model, processor))
     model.eval()
     answers: list[str] = []
     bar = tqdm(total=len(rows), desc="generate", disable=not progress)
     for chunk in batches(rows, batch_size):
-        answers += generate(model, processor, encoder.batch(chunk), max_new_tokens)
+        answers += generate(model, processor, encoder.batch(chunk), max_new_tokens, encoder.stop_ids)
         bar.update(len(chunk))
     bar.close()
     return answers
@@ -267,11 +266,12 @@ def score_answers(metric: str, samples: list[EvalSample], predictions: list[str]
 
 def evaluate_generation(model: torch.nn.Module, processor: Any, data_path: str | Path,
                         image_folder: str | Path | None, metric: str = "vqa", batch_size: int = 8,
-                        max_new_tokens: int = 64, limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+                        max_new_tokens: int = 64, limit: int | None = None, progress: bool = True,
+                        template: ChatTemplate | None = None) -> dict[str, Any]:
     """Generate an answer to every sample and score them (`score_answers`); also the generation settings."""
     samples = read_samples(data_path, metric, limit)
     predictions = generate_answers(model, processor, [s.row for s in samples], image_folder, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, progress=progress)
+                                   max_new_tokens=max_new_tokens, template=template, progress=progress)
     result = score_answers(metric, samples, predictions)
     result.update({"max_new_tokens": max_new_tokens, "batch_size": batch_size})
     return result
@@ -293,5 +293,5 @@ def agreement(a: list[str], b: list[str]) -> float:
 
 
 __all__ = ["GENERATION_METRICS", "METRICS", "EvalSample", "PromptEncoder", "agreement", "evaluate_generation",
-           "family_image_text", "generate", "generate_answers", "read_samples", "score_answers",
+           "generate", "generate_answers", "read_samples", "score_answers",
            "write_predictions"]

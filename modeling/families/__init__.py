@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Family, LayerSlot, TextDims, VisualAttentionWrapper, VisualMLPWrapper, forward_inputs
+from .base import (
+    Family,
+    LayerSlot,
+    TextDims,
+    VisualAttentionWrapper,
+    VisualMLPWrapper,
+    forward_inputs,
+    suppress_in_generation,
+)
 from .internvl import InternVLFamily
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
@@ -28,4 +36,4 @@ def family_for(model: nn.Module) -> Family:
 
 
 __all__ = ["FAMILIES", "Family", "LayerSlot", "TextDims", "VisualAttentionWrapper", "VisualMLPWrapper", "family_for",
-           "forward_inputs"]
+           "forward_inputs", "suppress_in_generation"]

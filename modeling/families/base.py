@@ -1,18 +1,20 @@
 """The family protocol: the only place that knows attribute paths inside a transformers model,
 plus the layer wrappers (original module kept as a child) that gate the visual MLP rows and the
-helpers the Llama-style families share (text dims, the rotary function, attribute checks)."""
+helpers the Llama-style families share (text dims, paths, the rotary function, attribute checks)."""
 
 from __future__ import annotations
 
 import inspect
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from ..flops import ImageGrids
 from ..gated_attention import CTX_KWARG, VisualContext
 from ..layout import VisualLayout
 
@@ -39,7 +41,7 @@ class Family(Protocol):
     on the input say which image size they assume), `image_extras` that image's further grids and
     its image tokens that are no grid cell; `build_layout` gives the real grids of a forward.
     `rotary_fn` is what the hardened layers apply to Q/K with the (B, T, D) cos/sin tables the
-    decoder layers receive. `vision_inputs` is a smallest valid input for `get_image_features`
+    decoder layers receive. `vision_inputs` is a smallest valid input for `image_features`
     (the trainer runs it on text-only batches). `image_text` is the text one image takes in a prompt
     before the processor expands it (what LLaVA-format data's `<image>` becomes). `check` raises
     when a path the family relies on is missing; `decoder_layers` runs it, so every entry point
@@ -52,6 +54,16 @@ class Family(Protocol):
     def text_dims(self, config: Any) -> TextDims: ...
     def image_grid(self, config: Any) -> tuple[int, int]: ...
     def image_extras(self, config: Any) -> tuple[tuple[tuple[int, int], ...], int]: ...
+
+    def image_size_grids(self, image_size: tuple[int, int], processor: dict[str, Any] | None,
+                         grid: tuple[int, int]) -> ImageGrids:
+        """The grids one image of `image_size` (height, width) px becomes as the family's processor lays
+        it out with `processor` settings (preprocessor_config.json keys, missing keys at the image
+        processor class's defaults; None: unknown, which a family whose layout depends on them
+        refuses); `grid` is the model's per-image (per-tile) grid. Shape arithmetic only. A tiled
+        family (InternVL) also has `tile_grids(num_tiles, grid)`: an image of that many tiles."""
+        ...
+
     def multimodal_core(self, model: nn.Module) -> nn.Module: ...
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList: ...
     def build_layout(self, model: nn.Module, kwargs: dict[str, Any]) -> VisualLayout: ...
@@ -59,6 +71,80 @@ class Family(Protocol):
     def vision_inputs(self, model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]: ...
     def image_text(self, processor: Any) -> str: ...
     def check(self, model: nn.Module) -> None: ...
+
+    def lora_target_regex(self, targets: Sequence[str]) -> str:
+        """A peft `target_modules` regex (matched in full against module names) that selects the
+        language model's linear layers named one of `targets` (e.g. "q_proj"), also inside the gate
+        wrappers, and never a layer of the vision tower or the projector."""
+        ...
+
+    def projector_paths(self) -> tuple[str, ...]:
+        """Dotted paths, from the top-level model, of the module(s) that map vision features into the
+        language model (what `model.train_projector` trains). peft's `modules_to_save` matches each
+        (as a suffix of a module name) and `model.get_submodule` resolves it."""
+        ...
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The text decoder (embeddings, decoder layers, final norm; not the LM head): what full
+        fine-tuning trains and what a full-weights checkpoint must hold."""
+        ...
+
+    def image_features(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """Features of the images in `inputs` (e.g. `vision_inputs`) as the language model receives
+        them: vision tower and projector, one (tokens, d) tensor per image (or a stacked tensor)."""
+        ...
+
+    def placeholder_token_ids(self, config: Any) -> tuple[int, ...]:
+        """Token ids that stand for media features in a prompt (the image token; the video token in
+        families that have one). The model must never generate them (see `suppress_in_generation`)."""
+        ...
+
+
+LANGUAGE_MODEL = "model.language_model"  # where the Llama-style families keep the text decoder
+MULTI_MODAL_PROJECTOR = "model.multi_modal_projector"  # the LLaVA-style projector (LLaVA, LLaVA-NeXT, InternVL)
+
+
+def llama_lora_target_regex(targets: Sequence[str]) -> str:
+    """`Family.lora_target_regex` for a text decoder at `LANGUAGE_MODEL` with `layers.<i>`."""
+    if not targets:
+        raise ValueError("lora targets must name at least one linear layer (e.g. q_proj)")
+    names = "|".join(re.escape(name) for name in targets)
+    return rf"(.*\.)?{re.escape(LANGUAGE_MODEL)}\.layers\.\d+\.(.*\.)?({names})"
+
+
+def llama_language_model(model: nn.Module) -> nn.Module:
+    """`Family.language_model` of a model whose text decoder sits at `LANGUAGE_MODEL`."""
+    return model.get_submodule(LANGUAGE_MODEL)
+
+
+def core_image_features(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """`Family.image_features` of a model whose core has transformers' `get_image_features`."""
+    return model.model.get_image_features(**inputs).pooler_output
+
+
+def suppress_in_generation(model: nn.Module, token_ids: Sequence[int]) -> None:
+    """Make `generate()` of `model` never emit `token_ids`: add them to the model's
+    `generation_config.suppress_tokens`, keeping the ids already there.
+
+    A generated media placeholder (an image token from a pruned, gated or under-trained model) is a
+    token with no features: the next forward's visual layout counts an image it cannot place and
+    decoding fails. Suppressing it in the model's own generation config is the most robust fix:
+    every `generate()` call applies it without the caller doing anything (a caller's own
+    `GenerationConfig` takes the model's value for fields it leaves unset), it works for greedy,
+    sampling and beam search alike, and `save_pretrained` persists it (generation_config.json). A
+    logits processor would have to be passed on every call; a layout that read a generated image
+    token as text would keep decoding alive but still emit the placeholder, which breaks the next
+    forward of the same text (recomputation, a follow-up turn, the base model). Only an explicit
+    `generate(suppress_tokens=...)` replaces the list; it must then name these ids itself.
+    """
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return  # not a generative model: nothing generates
+    suppressed = [int(t) for t in config.suppress_tokens or []]
+    for token_id in token_ids:
+        if token_id is not None and int(token_id) not in suppressed:
+            suppressed.append(int(token_id))
+    config.suppress_tokens = suppressed
 
 
 def llama_text_dims(text: Any, head_dim: int | None = None) -> TextDims:

@@ -3,23 +3,29 @@ grid are, and how image tokens map to the 24x24 (for 336 px / patch 14) patch gr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..flops import ImageGrids
 from ..layout import VisualLayout, build_layout
 from .base import (
+    MULTI_MODAL_PROJECTOR,
     RotaryFn,
     TextDims,
     check_llama_family,
     check_patch_features,
+    core_image_features,
+    llama_language_model,
+    llama_lora_target_regex,
     llama_text_dims,
     module_rotary_fn,
 )
 
 # attribute paths this family relies on (tests/modeling/test_families.py checks them)
-PATHS = ("model.language_model.layers", "model.vision_tower", "model.multi_modal_projector",
+PATHS = ("model.language_model.layers", "model.vision_tower", MULTI_MODAL_PROJECTOR,
          "model.get_image_features", "config.image_token_id")
 
 
@@ -40,6 +46,13 @@ class LlavaFamily:
 
     def image_extras(self, config: Any) -> tuple[tuple[tuple[int, int], ...], int]:
         return (), 0  # one grid per image (or tile), no other image tokens
+
+    def image_size_grids(self, image_size: tuple[int, int], processor: dict[str, Any] | None,
+                         grid: tuple[int, int]) -> ImageGrids:
+        """`grid`, whatever the size: the processor resizes and centre-crops every image to the vision
+        tower's input size (336 px for LLaVA-1.5), so the image size does not change the cost."""
+        return ImageGrids((tuple(grid),), 0, "fixed grid: the processor resizes and centre-crops every image "
+                                            "to the vision tower's input size, whatever its size")
 
     def multimodal_core(self, model: nn.Module) -> nn.Module:
         return model.model
@@ -79,3 +92,18 @@ class LlavaFamily:
 
     def check(self, model: nn.Module) -> None:
         check_llama_family(self.name, model, PATHS)
+
+    def lora_target_regex(self, targets: Sequence[str]) -> str:
+        return llama_lora_target_regex(targets)
+
+    def projector_paths(self) -> tuple[str, ...]:
+        return (MULTI_MODAL_PROJECTOR,)
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return llama_language_model(model)
+
+    def image_features(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        return core_image_features(model, inputs)
+
+    def placeholder_token_ids(self, config: Any) -> tuple[int, ...]:
+        return (config.image_token_id,)

@@ -7,23 +7,29 @@ newline tokens are no grid cells and count as text (never gated, plain causal at
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..flops import MAX_IMAGE_SIDE, ImageGrids, require_processor, setting_int
 from ..layout import VisualLayout, build_layout
 from .base import (
+    MULTI_MODAL_PROJECTOR,
     RotaryFn,
     TextDims,
     check_llama_family,
     check_patch_features,
+    core_image_features,
+    llama_language_model,
+    llama_lora_target_regex,
     llama_text_dims,
     module_rotary_fn,
 )
 
 # attribute paths this family relies on (tests/modeling/test_families.py checks them)
-PATHS = ("model.language_model.layers", "model.vision_tower", "model.multi_modal_projector",
+PATHS = ("model.language_model.layers", "model.vision_tower", MULTI_MODAL_PROJECTOR,
          "model.image_newline", "model.get_image_features", "config.image_token_id",
          "config.image_grid_pinpoints", "config.vision_config.image_size", "config.vision_config.patch_size")
 Grid = tuple[int, int, bool]
@@ -63,6 +69,39 @@ class LlavaNextFamily:
         stitched = torch.empty(0, tiles_h * side, tiles_w * side)  # shape arithmetic only, no data
         rows, cols = unpad_image(stitched, list(image_size)).shape[1:]
         return [(side, side, False), (int(rows), int(cols), True)]
+
+    def image_size_grids(self, image_size: tuple[int, int], processor: dict[str, Any] | None,
+                         grid: tuple[int, int]) -> ImageGrids:
+        """The grids of one image of `image_size` (height, width) px with the processor's
+        `image_grid_pinpoints` and tile size (`crop_size`, else `size`): the base `grid`, then the
+        tiles of the best pinpoint stitched into one grid and unpadded to the image's aspect ratio
+        (`get_anyres_image_grid_shape`, `unpad_image`, as the model packs its features), with one
+        newline token per row of it."""
+        from transformers.image_processing_utils import select_best_resolution
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        settings = require_processor(self.name, processor)
+        pinpoints = settings.get("image_grid_pinpoints", LLAVA_NEXT_DEFAULTS["image_grid_pinpoints"])
+        if not isinstance(pinpoints, list) or not pinpoints or not all(
+                isinstance(point, list) and len(point) == 2 for point in pinpoints):
+            raise ValueError(f"processor setting image_grid_pinpoints must be a list of [height, width], "
+                             f"got {pinpoints!r}")
+        pinpoints = [[setting_int(side, "image_grid_pinpoints", high=MAX_IMAGE_SIDE) for side in point]
+                     for point in pinpoints]
+        tile = _tile_size(settings)
+        best = select_best_resolution(list(image_size), pinpoints)
+        if best is None:  # every pinpoint scales the image's shorter side to under 1 px
+            raise ValueError(f"a {image_size[0]}x{image_size[1]} px image is too thin for LLaVA-NeXT's pinpoints")
+        tiles_h, tiles_w = get_anyres_image_grid_shape(list(image_size), pinpoints, tile)
+        side = grid[0]
+        stitched = torch.empty(0, tiles_h * side, tiles_w * side)  # shape arithmetic only, no data
+        rows, cols = (int(n) for n in unpad_image(stitched, list(image_size)).shape[1:])
+        if rows < 1 or cols < 1:
+            raise ValueError(f"a {image_size[0]}x{image_size[1]} px image is too thin for LLaVA-NeXT: its "
+                             f"high-resolution grid unpads to {rows}x{cols}")
+        note = (f"pinpoint {best[0]}x{best[1]} px: {tiles_h}x{tiles_w} tiles of {tile} px stitched into "
+                f"{tiles_h * side}x{tiles_w * side}, unpadded to {rows}x{cols}")
+        return ImageGrids((tuple(grid), (rows, cols)), rows, note)
 
     def multimodal_core(self, model: nn.Module) -> nn.Module:
         return model.model
@@ -123,3 +162,34 @@ class LlavaNextFamily:
 
     def check(self, model: nn.Module) -> None:
         check_llama_family(self.name, model, PATHS)
+
+    def lora_target_regex(self, targets: Sequence[str]) -> str:
+        return llama_lora_target_regex(targets)
+
+    def projector_paths(self) -> tuple[str, ...]:
+        return (MULTI_MODAL_PROJECTOR,)
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return llama_language_model(model)
+
+    def image_features(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        return core_image_features(model, inputs)
+
+    def placeholder_token_ids(self, config: Any) -> tuple[int, ...]:
+        return (config.image_token_id,)
+
+
+# LlavaNextImageProcessor's class defaults, what a preprocessor_config.json without these keys gets
+LLAVA_NEXT_DEFAULTS = {"image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+                       "size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}}
+
+
+def _tile_size(settings: dict[str, Any]) -> int:
+    """The processor's tile side in px: crop_size's height, else size's height or shortest edge."""
+    crop = settings["crop_size"] if "crop_size" in settings else LLAVA_NEXT_DEFAULTS["crop_size"]
+    size = settings["size"] if "size" in settings else LLAVA_NEXT_DEFAULTS["size"]
+    for name, value, key in (("crop_size", crop, "height"), ("size", size, "height"), ("size", size, "shortest_edge")):
+        if isinstance(value, dict) and value.get(key) is not None:
+            return setting_int(value[key], f"{name}.{key}", high=MAX_IMAGE_SIDE)
+    raise ValueError(f"processor settings give no tile size (crop_size.height or size.shortest_edge): "
+                     f"crop_size {crop!r}, size {size!r}")

@@ -5,23 +5,36 @@ embedding, so decoder layers receive ordinary (B, T, D) cos/sin tables. Videos a
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..flops import ImageGrids, require_processor, setting_dict, setting_int
 from ..layout import VisualLayout, build_layout
-from .base import RotaryFn, TextDims, check_llama_family, llama_text_dims, module_rotary_fn
+from .base import (
+    RotaryFn,
+    TextDims,
+    check_llama_family,
+    core_image_features,
+    llama_language_model,
+    llama_lora_target_regex,
+    llama_text_dims,
+    module_rotary_fn,
+)
 
 # The FLOPs model costs one image of 16 x 16 visual tokens (the real grid depends on the image: the
 # processor's min/max pixels decide): 448 x 448 px for Qwen2-VL's 14 px patches and 2 x 2 merge. Fixed in
 # tokens, not pixels, so that tiny test configs get the same layout as the real model.
 REFERENCE_GRID = (16, 16)
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+MERGER = "model.visual.merger"  # the projector: the vision tower's last module (patch merger + MLP)
 
 # attribute paths this family relies on (tests/modeling/test_families.py checks them)
 PATHS = ("model.language_model.layers", "model.language_model.rotary_emb.recomposition_frequencies",
-         "model.visual", "model.get_image_features", "config.image_token_id", "config.video_token_id",
+         "model.visual", MERGER, "model.get_image_features", "config.image_token_id", "config.video_token_id",
          "config.vision_config.spatial_merge_size", "config.vision_config.patch_size",
          "config.vision_config.temporal_patch_size", "config.vision_config.in_channels")
 
@@ -46,6 +59,25 @@ class Qwen2VLFamily:
 
     def image_extras(self, config: Any) -> tuple[tuple[tuple[int, int], ...], int]:
         return (), 0  # one grid per image (or tile), no other image tokens
+
+    def image_size_grids(self, image_size: tuple[int, int], processor: dict[str, Any] | None,
+                         grid: tuple[int, int]) -> ImageGrids:
+        """The grid of one image of `image_size` (height, width) px as `Qwen2VLImageProcessor` lays it
+        out: `smart_resize` to multiples of patch_size * merge_size within [min_pixels, max_pixels]
+        (`min_pixels` / `max_pixels` override `size`'s shortest / longest edge, as its __init__ does),
+        then (height, width) / patch_size patches merged merge_size x merge_size into visual tokens."""
+        settings = require_processor(self.name, processor)
+        patch = setting_int(settings.get("patch_size", QWEN_PROCESSOR_DEFAULTS["patch_size"]), "patch_size")
+        merge = setting_int(settings.get("merge_size", QWEN_PROCESSOR_DEFAULTS["merge_size"]), "merge_size")
+        size = setting_dict(settings.get("size") or QWEN_PROCESSOR_DEFAULTS["size"], "size")
+        min_pixels, max_pixels = (
+            setting_int(settings[key] if settings.get(key) is not None else size.get(edge), key)
+            for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")))
+        height, width = smart_resize(*image_size, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
+        rows, cols = height // patch // merge, width // patch // merge
+        note = (f"smart_resize to {height}x{width} px (min_pixels {min_pixels}, max_pixels {max_pixels}), "
+                f"{height // patch}x{width // patch} patches of {patch} px merged {merge}x{merge}")
+        return ImageGrids(((rows, cols),), 0, note)
 
     def multimodal_core(self, model: nn.Module) -> nn.Module:
         return model.model
@@ -141,6 +173,46 @@ class Qwen2VLFamily:
 
     def check(self, model: nn.Module) -> None:
         check_llama_family(self.name, model, PATHS)
+
+    def lora_target_regex(self, targets: Sequence[str]) -> str:
+        return llama_lora_target_regex(targets)
+
+    def projector_paths(self) -> tuple[str, ...]:
+        return (MERGER,)
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return llama_language_model(model)
+
+    def image_features(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        return core_image_features(model, inputs)
+
+    def placeholder_token_ids(self, config: Any) -> tuple[int, ...]:
+        return (config.image_token_id, config.video_token_id)  # videos are refused, never generated
+
+
+# Qwen2VLImageProcessor's class defaults, what a preprocessor_config.json without these keys gets
+QWEN_PROCESSOR_DEFAULTS = {"patch_size": 14, "merge_size": 2,
+                           "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}}
+MAX_ASPECT_RATIO = 200  # smart_resize refuses a longer side over 200 times the shorter
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) px the Qwen2-VL image processor resizes an image to (transformers'
+    `smart_resize`): both multiples of `factor`, about the same aspect ratio, area in
+    [min_pixels, max_pixels] (up to one `factor` step)."""
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"the Qwen2-VL processor refuses aspect ratios above {MAX_ASPECT_RATIO} "
+                         f"(got {height}x{width} px)")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
 
 
 def _patch_size(vision: Any) -> int:

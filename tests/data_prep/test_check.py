@@ -3,10 +3,10 @@ found up front; the CLI fails listing every bad id, or with --skip-bad writes re
 
 from __future__ import annotations
 
-import copy
 import json
 
 from visprune.data_prep.check import REJECTED_FILE, check_records
+from visprune.data_prep.templates import ChatTemplate
 from visprune.trainer.cli import main
 
 
@@ -36,9 +36,9 @@ FAULTS = [
 ]
 
 
-def test_every_fault_is_named_and_good_samples_pass(processor, folder):
+def test_every_fault_is_named_and_good_samples_pass(processor, template, folder):
     records = [sample("ok-image", "red.png"), sample("ok-text")] + [record for record, _ in FAULTS]
-    report = check_records(records, folder, processor, max_length=128, progress=False)
+    report = check_records(records, folder, processor, template, max_length=128, progress=False)
     assert report.num_samples == len(records) and report.num_ok == 2
     assert {item["id"]: item["reason"] for item in report.rejected} == {
         repr(record["id"]): reason for record, reason in FAULTS}
@@ -47,9 +47,10 @@ def test_every_fault_is_named_and_good_samples_pass(processor, folder):
 
 
 def test_a_template_that_supervises_nothing_is_caught(processor, folder):
-    blind = copy.deepcopy(processor)  # renders only the user turns: training would see loss 0
-    blind.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
-    report = check_records([sample("answerless", "red.png")], folder, blind, progress=False)
+    # renders only the user turns: training would see loss 0 (resolve_template refuses it up front)
+    blind = ChatTemplate("processor", "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}"
+                         "{% endif %}{% endfor %}", False, "<image>", ("</s>",))
+    report = check_records([sample("answerless", "red.png")], folder, processor, blind, progress=False)
     assert [item["reason"] for item in report.rejected] == ["no_supervised_tokens"]
 
 

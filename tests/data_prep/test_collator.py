@@ -1,5 +1,6 @@
-"""trainer/data.py: LLaVA JSON validation, the collator's label mask, padding, image-path safety and
-over-long handling, on the toy tokenizer/processor and a toy model saved and loaded with from_pretrained."""
+"""data_prep/records.py and collator.py: LLaVA JSON validation, the collator's label mask, padding,
+image-path safety and over-long handling, on the toy tokenizer/processor and a toy model saved and
+loaded with from_pretrained."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.records import IGNORE_INDEX, DataError, build_dataset
+from visprune.data_prep.templates import resolve_template
 from visprune.data_prep.toy import main, write_toy_inputs
-from visprune.trainer.config import DataConfig
-from visprune.trainer.data import IGNORE_INDEX, DataError, LlavaCollator, build_dataset
 
 TOKENS_PER_IMAGE = 16  # toy processor: 24 px images, 6 px patches
 
@@ -47,17 +49,17 @@ def write_records(tmp_path, records: list[dict]) -> str:
 
 
 def collator_for(processor, folder, max_length: int = 256, drop_overlong: bool = False) -> LlavaCollator:
-    cfg = DataConfig(path="unused.json", image_folder=str(folder), max_length=max_length, drop_overlong=drop_overlong)
-    return LlavaCollator(processor, cfg)
+    return LlavaCollator(processor, resolve_template(processor, "auto", "llava"), image_folder=folder,
+                         max_length=max_length, drop_overlong=drop_overlong)
 
 
 def test_golden_label_mask_two_turns(tmp_path, processor, image_folder):
     records = [{"id": "golden", "image": "red.png", "conversations": [
         human("<image>\nwhat colour is the square?"), gpt("red"), human("where is the square?"), gpt("top left")]}]
-    cfg = DataConfig(path=write_records(tmp_path, records), image_folder=str(image_folder))
-    dataset = build_dataset(cfg)
+    dataset = build_dataset(write_records(tmp_path, records))
     assert dataset[0]["images"] == ["red.png"]
-    collator = LlavaCollator(processor, cfg)
+    collator = collator_for(processor, image_folder)
+    assert collator.template.name == "processor"  # the toy template closes answers with </s>
 
     messages = [{"role": r, "content": c} for r, c in
                 (("user", "<image>\nwhat colour is the square?"), ("assistant", "red"),
@@ -129,7 +131,7 @@ def test_build_dataset_lists_every_bad_id(tmp_path):
         {"id": "absolute", "image": "/etc/passwd", "conversations": [human("<image>"), gpt("red")]},
     ]
     with pytest.raises(DataError) as excinfo:
-        build_dataset(DataConfig(path=write_records(tmp_path, records)))
+        build_dataset(write_records(tmp_path, records))
     message = str(excinfo.value)
     assert "9 of 10 samples are invalid" in message
     assert "'good'" not in message
@@ -149,7 +151,7 @@ def test_build_dataset_columns(tmp_path):
     records = [{"id": 7, "image": "a.png", "conversations": [{"from": "system", "value": "be brief"},
                                                              human("<image>\nwhat?"), gpt("red")]},
                {"id": "t", "conversations": [human("hi"), gpt("hello")]}]
-    dataset = build_dataset(DataConfig(path=write_records(tmp_path, records)))
+    dataset = build_dataset(write_records(tmp_path, records))
     assert dataset.column_names == ["id", "images", "conversations"]
     assert dataset[0]["id"] == "7" and dataset[0]["images"] == ["a.png"]
     assert dataset[1]["images"] == []
@@ -175,7 +177,7 @@ def test_overlong_dropped_and_counted(processor, image_folder, caplog):
     long_row = row("long", ["red.png"], human("<image>\nwhat colour is the square?"), gpt("red"))
     short_row = row("short", [], human("what colour is grass?"), gpt("green"))
     collator = collator_for(processor, image_folder, max_length=20, drop_overlong=True)
-    with caplog.at_level(logging.WARNING, logger="visprune.trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="visprune.data_prep.collator"):
         batch = collator([long_row, short_row])
     assert collator.num_dropped == 1
     assert "dropping over-long sample 'long'" in caplog.text
@@ -222,14 +224,13 @@ def test_toy_inputs_load_and_train(tmp_path):
     assert model.config.image_token_id == processor.image_token_id
     assert model.config.image_seq_length == TOKENS_PER_IMAGE
 
-    cfg = DataConfig(path=paths["data"], image_folder=paths["image_folder"], max_length=128)
-    dataset = build_dataset(cfg)
+    dataset = build_dataset(paths["data"])
     assert len(dataset) == 20
     text_only = [r for r in dataset if not r["images"]]
     with_image = [r for r in dataset if r["images"]]
     assert len(text_only) == 2 and any(len(r["conversations"]) == 4 for r in with_image)
     rows = with_image[:3] + text_only[:1]
-    batch = LlavaCollator(processor, cfg)(rows)
+    batch = collator_for(processor, paths["image_folder"], max_length=128)(rows)
     assert batch["pixel_values"].shape == (3, 3, 24, 24)
     assert ((batch["labels"] != IGNORE_INDEX).sum(dim=1) >= 2).all()  # every sample has a supervised answer
     with torch.no_grad():

@@ -17,22 +17,20 @@ from datasets import load_from_disk
 from PIL import Image
 from test_check import FAULTS, sample
 from visprune.data_prep.check import REJECTED_FILE, check_records
+from visprune.data_prep.collator import LlavaCollator
 from visprune.data_prep.prepare import prepare_dataset
-from visprune.data_prep.toy import write_toy_inputs
-from visprune.trainer.cli import main
-from visprune.trainer.config import DataConfig
-from visprune.trainer.data import (
+from visprune.data_prep.prepared import MANIFEST_FILE, check_prepared_matches, prepared_lengths
+from visprune.data_prep.records import (
     IGNORE_INDEX,
-    MANIFEST_FILE,
     DataError,
-    LlavaCollator,
     build_dataset,
-    check_prepared_matches,
     iter_records,
     normalize_record,
-    prepared_lengths,
     read_records,
 )
+from visprune.data_prep.templates import resolve_template
+from visprune.data_prep.toy import write_toy_inputs
+from visprune.trainer.cli import main
 
 COLUMNS = ["id", "images", "conversations", "input_ids", "labels", "length"]
 
@@ -58,8 +56,8 @@ def raw_rows(data_path):
 
 
 def collator_for(toy, **kwargs):
-    cfg = DataConfig(path="-", image_folder=toy["image_folder"], max_length=128, **kwargs)
-    return LlavaCollator(toy["processor"], cfg)
+    return LlavaCollator(toy["processor"], resolve_template(toy["processor"], "auto", "llava"),
+                         image_folder=toy["image_folder"], max_length=128, **kwargs)
 
 
 def test_prepared_rows_are_the_collators_encodings_in_order(toy):
@@ -84,7 +82,7 @@ def test_two_workers_write_the_same_rows_and_manifest(toy):
     assert one.to_dict() == two.to_dict()
     assert len(list((toy["root"] / "two").glob("data-*.arrow"))) == 10  # 40 rows in 4-row shards
     m1, m2 = toy["one"].manifest, toy["two"].manifest
-    assert m1["format"] == "visprune-data/1" and m1["processor"]["fingerprint"] == m2["processor"]["fingerprint"]
+    assert m1["format"] == "visprune-data/2" and m1["processor"]["fingerprint"] == m2["processor"]["fingerprint"]
     for key in ("source", "image_folder", "max_length", "counts", "lengths", "columns"):
         assert m1[key] == m2[key], key
     data = Path(toy["data"]).read_bytes()
@@ -99,7 +97,7 @@ def test_two_workers_write_the_same_rows_and_manifest(toy):
 
 
 def test_collated_prepared_rows_equal_raw_rows(toy):
-    dataset = build_dataset(DataConfig(path=str(toy["root"] / "two"), image_folder=toy["image_folder"]))
+    dataset = build_dataset(toy["root"] / "two")
     assert dataset.column_names == COLUMNS
     rows = raw_rows(toy["data"])
     collator = collator_for(toy)
@@ -121,8 +119,8 @@ def test_prepared_llava_next_rows_collate_like_raw_rows(tmp_path):
     report = prepare_dataset(paths["data"], paths["image_folder"], tmp_path / "prepared", processor, max_length=512,
                              num_proc=1, progress=False)
     assert report.manifest["counts"]["ok"] == 10 and report.manifest["family"] is None
-    dataset = build_dataset(DataConfig(path=str(tmp_path / "prepared"), image_folder=paths["image_folder"]))
-    collator = LlavaCollator(processor, DataConfig(path="-", image_folder=paths["image_folder"], max_length=512))
+    dataset = build_dataset(tmp_path / "prepared")
+    collator = LlavaCollator(processor, resolve_template(processor), image_folder=paths["image_folder"], max_length=512)
     rows = raw_rows(paths["data"])
     prepared_batch, raw_batch = collator(list(dataset)), collator(rows)
     assert set(prepared_batch) == set(raw_batch) and "image_sizes" in raw_batch
@@ -137,9 +135,9 @@ def test_changed_images_are_an_error_not_a_silent_reencode(tmp_path):
     processor, _ = build_llava_next()
     prepare_dataset(paths["data"], paths["image_folder"], tmp_path / "prepared", processor, max_length=512,
                     num_proc=1, progress=False)
-    row = next(r for r in build_dataset(DataConfig(path=str(tmp_path / "prepared"))) if r["images"])
+    row = next(r for r in build_dataset(tmp_path / "prepared") if r["images"])
     Image.new("RGB", (48, 8), "red").save(os.path.join(paths["image_folder"], row["images"][0]))  # other tiles
-    collator = LlavaCollator(processor, DataConfig(path="-", image_folder=paths["image_folder"], max_length=512))
+    collator = LlavaCollator(processor, resolve_template(processor), image_folder=paths["image_folder"], max_length=512)
     with pytest.raises(DataError, match=rf"sample '{row['id']}': its images now take \d+ image tokens but the "
                                         r"prepared dataset has \d+"):
         collator([row])
@@ -165,7 +163,7 @@ def test_bad_samples_fail_listing_every_id(processor, folder, faulty, tmp_path):
 def test_skip_bad_writes_rejected_jsonl_and_converts_the_rest(processor, folder, faulty, tmp_path):
     report = prepare_dataset(faulty, folder, tmp_path / "out", processor, max_length=128, num_proc=1, progress=False,
                              skip_bad=True)
-    dataset = build_dataset(DataConfig(path=str(tmp_path / "out"), image_folder=str(folder)))
+    dataset = build_dataset(tmp_path / "out")
     assert dataset["id"] == ["ok-image", "ok-text"]
     lines = [json.loads(line) for line in (tmp_path / "out" / REJECTED_FILE).read_text().splitlines()]
     assert [line["reason"] for line in lines[:-1]] == [reason for _, reason in FAULTS]
@@ -182,10 +180,10 @@ def test_incomplete_or_foreign_folders_are_refused(toy, tmp_path):
     shutil.copytree(toy["root"] / "one", copy_dir)
     (copy_dir / MANIFEST_FILE).unlink()  # what an interrupted conversion looks like
     with pytest.raises(DataError, match=r"no visprune_data.json: .*incomplete"):
-        build_dataset(DataConfig(path=str(copy_dir)))
+        build_dataset(copy_dir)
     (copy_dir / MANIFEST_FILE).write_text(json.dumps({"format": "visprune-data/0"}))
-    with pytest.raises(DataError, match=r"format 'visprune-data/0', this visprune reads 'visprune-data/1'"):
-        build_dataset(DataConfig(path=str(copy_dir)))
+    with pytest.raises(DataError, match=r"format 'visprune-data/0', this visprune reads 'visprune-data/2'"):
+        build_dataset(copy_dir)
 
     processor = toy["processor"]
     with pytest.raises(DataError, match=r"exists and is not empty"):
@@ -213,20 +211,24 @@ def test_incomplete_or_foreign_folders_are_refused(toy, tmp_path):
 def test_check_prepared_matches_names_the_mismatch(toy):
     prepared = toy["root"] / "one"
     processor = toy["processor"]
-    manifest = check_prepared_matches(prepared, processor, 128, toy["image_folder"])
+    template = resolve_template(processor, "auto", "llava")
+    manifest = check_prepared_matches(prepared, processor, template, 128, toy["image_folder"])
     assert manifest["counts"]["ok"] == 40
+    assert manifest["template"]["name"] == "processor" and manifest["processor"]["template"] == "processor"
     other = copy.deepcopy(processor)
-    other.chat_template = other.chat_template.replace("ASSISTANT: ", "BOT: ")
-    with pytest.raises(DataError, match=r"another processor \(chat template differ"):
-        check_prepared_matches(prepared, other, 128, toy["image_folder"])
+    other.chat_template = other.chat_template.replace("ASSISTANT", "BOT")
+    with pytest.raises(DataError, match=r"another processor or chat template \(chat template differ"):
+        check_prepared_matches(prepared, other, resolve_template(other, "auto", "llava"), 128, toy["image_folder"])
+    with pytest.raises(DataError, match=r"chat template name, chat template differ.*'processor', this run has "
+                                        r"LlavaProcessor and 'llava_v1'"):  # same processor, another data.template
+        check_prepared_matches(prepared, processor, resolve_template(processor, "llava_v1", "llava"), 128,
+                               toy["image_folder"])
     longest = manifest["lengths"]["max"]
     with pytest.raises(DataError, match=rf"longest sample has {longest} tokens .* > data.max_length {longest - 1}"):
-        check_prepared_matches(prepared, processor, longest - 1, toy["image_folder"])
-    check_prepared_matches(prepared, processor, longest - 1, toy["image_folder"], drop_overlong=True)
+        check_prepared_matches(prepared, processor, template, longest - 1, toy["image_folder"])
+    check_prepared_matches(prepared, processor, template, longest - 1, toy["image_folder"], drop_overlong=True)
     with pytest.raises(DataError, match=r"images were checked in .* but data.image_folder is"):
-        check_prepared_matches(prepared, processor, 128, toy["root"])
-    with pytest.raises(DataError, match=r"text of an <image>"):
-        check_prepared_matches(prepared, processor, 128, toy["image_folder"], image_text="<image>\n")
+        check_prepared_matches(prepared, processor, template, 128, toy["root"])
 
 
 def test_cli_exit_codes(processor, folder, faulty, tmp_path, capsys):
@@ -276,9 +278,10 @@ def test_a_template_error_rejects_only_its_sample(processor, folder):
     strict = copy.deepcopy(processor)  # like templates that refuse a system turn
     strict.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
                             + processor.chat_template)
+    template = resolve_template(strict, "processor", "llava")
     system = {"id": "system", "conversations": [{"from": "system", "value": "be brief"},
                                                 {"from": "human", "value": "what colour?"}, {"from": "gpt", "value": "red"}]}
-    report = check_records([sample("a", "red.png"), system, sample("b")], folder, strict, progress=False)
+    report = check_records([sample("a", "red.png"), system, sample("b")], folder, strict, template, progress=False)
     assert report.num_ok == 2
     assert [(item["id"], item["reason"]) for item in report.rejected] == [("'system'", "encoding")]
     assert "the chat template rejected it: no system turns" in report.rejected[0]["detail"]
@@ -287,8 +290,8 @@ def test_a_template_error_rejects_only_its_sample(processor, folder):
 def test_lengths_for_the_length_grouped_sampler(toy):
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    dataset = build_dataset(DataConfig(path=str(toy["root"] / "one")))
+    dataset = build_dataset(toy["root"] / "one")
     lengths = prepared_lengths(dataset)
     assert isinstance(lengths, list) and lengths == [len(ids) for ids in dataset["input_ids"]]
     assert sorted(LengthGroupedSampler(4, lengths=lengths)) == list(range(len(dataset)))
-    assert prepared_lengths(build_dataset(DataConfig(path=toy["data"]))) is None  # raw rows have none
+    assert prepared_lengths(build_dataset(toy["data"])) is None  # raw rows have none

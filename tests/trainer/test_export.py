@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+from visprune.data_prep.records import build_dataset
 from visprune.data_prep.toy import write_toy_inputs
 from visprune.modeling import LayerPlan, Plan, apply_plan, load_pruned
 from visprune.trainer.cli import main
 from visprune.trainer.config import load_recipe
-from visprune.trainer.data import LlavaCollator, build_dataset
 from visprune.trainer.export import PLAN_FILE, REPORT_FILE, HardenError, harden, load_checkpoint
-from visprune.trainer.trainer import train
+from visprune.trainer.trainer import build_collator, train
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_harden_exports_a_plain_model_with_plan_and_report(checkpoint, tmp_path,
     processor = AutoProcessor.from_pretrained(out)
     assert model.config.text_config._attn_implementation != "visprune_sdpa"
     assert list(out.glob("model*.safetensors"))
-    batch = LlavaCollator(processor, recipe.data)([build_dataset(recipe.data)[i] for i in range(2)])
+    batch = build_collator(recipe, model, processor)([build_dataset(recipe.data.path)[i] for i in range(2)])
     with torch.no_grad():
         dense = model(**batch).logits
     apply_plan(model, plan)  # and executes its plan in gated mode
@@ -76,7 +76,7 @@ def test_harden_then_load_pruned_reproduces_in_memory_hardened_and_gated(checkpo
     harden(ckpt, out, budget=0.25)
     plan = Plan.from_json(out / PLAN_FILE)
     processor = AutoProcessor.from_pretrained(out)
-    batch = LlavaCollator(processor, recipe.data)([build_dataset(recipe.data)[i] for i in range(3)])
+    batch = build_collator(recipe, load_pruned(out), processor)([build_dataset(recipe.data.path)[i] for i in range(3)])
     batch.pop("labels")
     valid = batch["attention_mask"].bool()
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from tiny_families import TINY_FAMILIES
 from transformers import AutoModelForImageTextToText
+from visprune.data_prep.collator import LlavaCollator, cat_images
 from visprune.trainer.config import load_recipe
-from visprune.trainer.data import LlavaCollator, cat_images
 from visprune.trainer.trainer import VispruneTrainer, build_training_args, prepare_model
 
 ENCODED_FAMILIES = ["qwen2_vl", "internvl", "llava_next"]

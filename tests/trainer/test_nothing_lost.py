@@ -10,16 +10,17 @@ import torch
 from conftest import assert_tensors_equal, checkpoint_tensors
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
+from visprune.data_prep.records import build_dataset
 from visprune.data_prep.toy import write_toy_inputs
 from visprune.trainer import checkpoints as ckpt
 from visprune.trainer.cli import main
 from visprune.trainer.config import load_recipe
-from visprune.trainer.data import LlavaCollator, build_dataset
 from visprune.trainer.export import HardenError, harden
 from visprune.trainer.trainer import (
     GATES_FILE,
     NonFiniteError,
     VispruneTrainer,
+    build_collator,
     build_model,
     build_training_args,
     check_saved_tensors,
@@ -48,9 +49,10 @@ def toy_recipe(toy_inputs, out_dir, *overrides):
 def make_trainer(toy_inputs, out_dir, *overrides) -> VispruneTrainer:
     recipe = toy_recipe(toy_inputs, out_dir, *overrides)
     model, processor = build_model(recipe)
+    collator = build_collator(recipe, model, processor)
     model, gates, controller = prepare_model(model, recipe)
     return VispruneTrainer(model=model, args=build_training_args(recipe, render_deepspeed_config(recipe)),
-                           train_dataset=build_dataset(recipe.data), data_collator=LlavaCollator(processor, recipe.data),
+                           train_dataset=build_dataset(recipe.data.path), data_collator=collator,
                            processing_class=processor, recipe=recipe, gates=gates, controller=controller)
 
 

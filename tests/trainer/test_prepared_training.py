@@ -7,10 +7,10 @@ import pytest
 from conftest import assert_tensors_equal, checkpoint_tensors
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from visprune.data_prep.prepare import prepare_dataset
+from visprune.data_prep.records import DataError
 from visprune.data_prep.toy import write_toy_inputs
 from visprune.trainer import checkpoints as ckpt
 from visprune.trainer.config import load_recipe
-from visprune.trainer.data import DataError
 from visprune.trainer.trainer import VispruneTrainer, train
 
 TOY_RECIPE = "recipes/toy/flops25.yaml"

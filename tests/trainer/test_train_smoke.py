@@ -13,6 +13,7 @@ from visprune.trainer.config import load_recipe
 from visprune.trainer.trainer import (
     GATES_FILE,
     VispruneTrainer,
+    build_collator,
     build_model,
     build_training_args,
     prepare_model,
@@ -54,12 +55,13 @@ def test_budget_reached_and_loss_finite(toy_inputs, tmp_path):
 def _trainer(toy_inputs, out_dir, *overrides):
     recipe = toy_recipe(toy_inputs, out_dir, *overrides)
     model, processor = build_model(recipe)
+    collator = build_collator(recipe, model, processor)
     model, gates, controller = prepare_model(model, recipe)
-    from visprune.trainer.data import LlavaCollator, build_dataset
+    from visprune.data_prep.records import build_dataset
 
     args = build_training_args(recipe, render_deepspeed_config(recipe))
-    return VispruneTrainer(model=model, args=args, train_dataset=build_dataset(recipe.data),
-                           data_collator=LlavaCollator(processor, recipe.data), processing_class=processor,
+    return VispruneTrainer(model=model, args=args, train_dataset=build_dataset(recipe.data.path),
+                           data_collator=collator, processing_class=processor,
                            recipe=recipe, gates=gates, controller=controller)
 
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 from tiny_eval import make_tiny, one_thread, records_with, write_json
+from visprune.data_prep.records import DataError
 from visprune.trainer.cli_eval import add_compare_parser, add_eval_scoring_args
-from visprune.trainer.data import DataError
 from visprune.trainer.evaluate import load_for_eval
 from visprune.trainer.scoring import pope_metrics, vqa_accuracy
 from visprune.trainer.vqa_eval import generate_answers, read_samples

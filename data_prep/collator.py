@@ -1,0 +1,352 @@
+"""Collation: `LlavaCollator` loads a row's images safely, renders its conversation with the run's chat
+template (`templates.ChatTemplate`), tokenizes text and images with the processor and supervises only
+the assistant answers and their end-of-turn tokens; batches are right-padded."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .records import IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, image_path_problem, validate_row
+from .templates import ChatTemplate, render, to_messages
+
+logger = logging.getLogger(__name__)
+
+_TEXT_KEYS = {"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets", "token_type_ids"}
+_TOKEN_KEYS = ("mm_token_type_ids",)  # per-token tensors beside input_ids (Qwen2-VL's M-RoPE needs it): padded with 0
+
+
+class LlavaCollator:
+    """Turn dataset rows into a right-padded training batch.
+
+    Output: `input_ids`, `attention_mask`, `labels` (B, T) long, per-token tensors the processor
+    returns beside them (`mm_token_type_ids`, padded with 0), and `pixel_values` with every image of
+    the batch in sample order when there is at least one (plus any other per-image tensor the
+    processor returns; LLaVA-NeXT's per-image tile stacks of different sizes are zero-padded). Labels are
+    IGNORE_INDEX except on each assistant answer and its end-of-turn token. Conversations are rendered
+    with `template` (see `templates.resolve_template`). Nothing is truncated: an over-long sample (more
+    than `max_length` tokens, image tokens included) is an error or, with `drop_overlong`, dropped and
+    counted in `num_dropped` (per process: DataLoader workers count in their own copy). Images are
+    resolved inside `image_folder`, never outside it.
+    """
+
+    def __init__(self, processor: Any, template: ChatTemplate, image_folder: str | os.PathLike | None = None,
+                 max_length: int = 2048, drop_overlong: bool = False):
+        tokenizer = processor.tokenizer
+        if tokenizer.pad_token_id is None:
+            raise ValueError("LlavaCollator: the processor's tokenizer has no pad token")
+        self.processor = processor
+        self.template = template
+        self.max_length = max_length
+        self.drop_overlong = drop_overlong
+        self.pad_token_id = tokenizer.pad_token_id
+        self.bos_token = tokenizer.bos_token
+        self.image_token_id = getattr(processor, "image_token_id", None)
+        self.image_folder = Path(image_folder).resolve() if image_folder is not None else None
+        self.num_dropped = 0
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        samples, dropped = [], []
+        for row in rows:
+            sample = self.encode(row)
+            length = sample["input_ids"].numel()
+            if length <= self.max_length:
+                samples.append(sample)
+            elif not self.drop_overlong:
+                raise DataError(f"sample {row['id']!r}: {length} tokens (image tokens included) > data.max_length "
+                                f"{self.max_length}; raise max_length (--max-length) or set data.drop_overlong")
+            else:
+                self.num_dropped += 1
+                dropped.append(row["id"])
+                logger.warning("dropping over-long sample %r: %d tokens > data.max_length %d (%d dropped so far)",
+                               row["id"], length, self.max_length, self.num_dropped)
+        if not samples:
+            raise DataError(f"every sample of the batch is over-long (> data.max_length {self.max_length}) "
+                            f"and was dropped: {dropped}")
+        return self.pad(samples)
+
+    def encode(self, row: dict, images: list[Image.Image] | None = None) -> dict[str, torch.Tensor]:
+        """One row -> `input_ids`, `labels` (T,) long, and the processor's image tensors if it has images.
+
+        A prepared row (`visprune data prepare`: it has `input_ids` and `labels`) is not rendered or
+        tokenized again; see `encode_prepared`. `images`: the row's images already opened (as RGB, by a
+        caller that checked them the way `load_image` does); default: `load_image` opens them.
+        """
+        if row.get("input_ids") is not None:
+            return self.encode_prepared(row, images)
+        sample_id = row["id"]
+        reasons = validate_row(row)
+        if reasons:
+            raise DataError(f"sample {sample_id!r}: {'; '.join(reasons)}")
+        if images is None:
+            images = [self.load_image(sample_id, image) for image in row["images"]]
+        text, spans = self.render(sample_id, self.messages(row))
+        out = self._process([sample_id], [text], images)
+        sample = self._token_sample(out, 0, spans)
+        if images:
+            sample.update(self._image_tensors(out))
+        return sample
+
+    def encode_tokens(self, rows: list[dict], images: list[list[Image.Image] | None] | None = None
+                      ) -> list[dict[str, torch.Tensor] | DataError]:
+        """The token side of `encode` (`input_ids`, `labels` and per-token tensors, no image tensors) for
+        many raw rows with one chat-template render and one processor call for all of them, which is
+        several times cheaper per row than `encode` (`visprune data prepare` uses it; equal to `encode`
+        row by row, tested). A row that cannot be encoded gets its DataError in its place; when the
+        processor rejects the batch, every row is encoded alone so the error lands on its own row."""
+        results: list[Any] = [None] * len(rows)
+        todo = []  # (position, row, images)
+        for pos, row in enumerate(rows):
+            try:
+                reasons = validate_row(row)
+                if reasons:
+                    raise DataError(f"sample {row['id']!r}: {'; '.join(reasons)}")
+                opened = images[pos] if images is not None and images[pos] is not None else \
+                    [self.load_image(row["id"], image) for image in row["images"]]
+                todo.append((pos, row, opened))
+            except DataError as exc:
+                results[pos] = exc
+        rendered = self.render_many([row["id"] for _, row, _ in todo], [self.messages(row) for _, row, _ in todo])
+        ready = []
+        for (pos, row, opened), result in zip(todo, rendered):
+            if isinstance(result, DataError):
+                results[pos] = result
+            else:
+                ready.append((pos, row, opened, *result))
+        # texts that start with the template's own BOS are tokenized without adding one: one call per kind
+        for add_bos in (False, True):
+            group = [item for item in ready if self._add_special_tokens(item[3]) == add_bos]
+            if not group:
+                continue
+            flat = [image for item in group for image in item[2]]
+            try:
+                out = self._process([item[1]["id"] for item in group], [item[3] for item in group], flat)
+            except DataError as exc:
+                if len(group) == 1:
+                    results[group[0][0]] = exc
+                    continue
+                for pos, row, opened, _, _ in group:  # find the row the processor rejects
+                    results[pos] = self.encode_tokens([row], [opened])[0]
+                continue
+            for index, (pos, _, _, _, spans) in enumerate(group):
+                results[pos] = self._token_sample(out, index, spans)
+        return results
+
+    def messages(self, row: dict) -> list[dict]:
+        """A row's turns as the template's messages (content blocks, or strings with the image text)."""
+        return to_messages(row["conversations"], self.template)
+
+    def _add_special_tokens(self, text: str) -> bool:
+        return not (self.bos_token and text.startswith(self.bos_token))
+
+    def _process(self, sample_ids: list[str], texts: list[str], images: list[Image.Image]) -> Any:
+        """The processor on `texts` (one add_special_tokens choice for all) and their images in order;
+        image tensors as "pt" (what the model gets), the text as lists (converting offsets is slow)."""
+        kwargs = {"images": images, "images_kwargs": {"return_tensors": "pt"}} if images else {}
+        try:
+            out = self.processor(text=texts, return_offsets_mapping=True, return_text_replacement_offsets=True,
+                                 add_special_tokens=self._add_special_tokens(texts[0]), **kwargs)
+        except ValueError as exc:
+            name = repr(sample_ids[0]) if len(sample_ids) == 1 else f"{sample_ids[0]!r} (of {len(sample_ids)})"
+            raise DataError(f"sample {name}: the processor rejected it: {exc}") from exc
+        if "offset_mapping" not in out:
+            raise ValueError("LlavaCollator needs a fast (tokenizers) tokenizer that returns offset mappings")
+        if images and "text_replacement_offsets" not in out:  # without them the spans would silently shift
+            raise ValueError("LlavaCollator needs a processor that returns text_replacement_offsets")
+        return out
+
+    def _token_sample(self, out: Any, index: int, spans: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """Text `index` of a processor output -> `input_ids`, `labels` and per-token tensors."""
+        replacements = (out.get("text_replacement_offsets") or [[]] * (index + 1))[index]
+        spans = [(shift_char(start, replacements), shift_char(end, replacements)) for start, end in spans]
+        input_ids = torch.tensor(out["input_ids"][index], dtype=torch.long)
+        offsets = torch.tensor(out["offset_mapping"][index], dtype=torch.long).reshape(-1, 2)
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        # a token is supervised when it overlaps an assistant span; zero-width (added) tokens never do
+        supervised = torch.zeros_like(input_ids, dtype=torch.bool)
+        for span_start, span_end in spans:
+            supervised |= (starts < span_end) & (ends > span_start)
+        supervised &= ends > starts
+        if self.image_token_id is not None:
+            supervised &= input_ids != self.image_token_id
+        sample = {"input_ids": input_ids, "labels": torch.where(supervised, input_ids, IGNORE_INDEX)}
+        sample.update({key: torch.tensor(out[key][index], dtype=torch.long) for key in _TOKEN_KEYS if key in out})
+        return sample
+
+    def _image_tensors(self, out: Any) -> dict[str, torch.Tensor]:
+        """The processor output's image entries, converted as the processor converts for return_tensors="pt"."""
+        from transformers import BatchFeature
+
+        images = {key: value for key, value in out.items() if key not in _TEXT_KEYS and key not in _TOKEN_KEYS}
+        return dict(BatchFeature(images, tensor_type="pt",
+                                 skip_tensor_conversion=getattr(self.processor, "skip_tensor_conversion", None)))
+
+    def encode_prepared(self, row: dict, images: list[Image.Image] | None = None) -> dict[str, torch.Tensor]:
+        """A prepared row -> the stored `input_ids`, `labels` (and per-token columns) as long tensors, plus
+        the image tensors of its images.
+
+        The image tensors come from the processor called on the images with a minimal prompt (one image
+        token per image): the same `_process_images` call with the same image kwargs `encode` makes, so
+        the same tensors for any processor whose image tensors do not depend on the text (LLaVA,
+        LLaVA-NeXT, Qwen2-VL, InternVL in transformers 5.x; tested equal to `encode` for LLaVA and
+        LLaVA-NeXT). The prompt's image tokens must number those stored for the row: otherwise the images
+        or the processor changed since the folder was prepared, and that is an error, never re-encoded.
+        """
+        sample_id = row["id"]
+        input_ids = torch.tensor(row["input_ids"], dtype=torch.long)
+        labels = torch.tensor(row["labels"], dtype=torch.long)
+        if labels.shape != input_ids.shape:
+            raise DataError(f"sample {sample_id!r}: prepared labels and input_ids differ in length")
+        sample = {"input_ids": input_ids, "labels": labels}
+        sample.update({key: torch.tensor(row[key], dtype=torch.long) for key in _TOKEN_KEYS if row.get(key) is not None})
+        if images is None:
+            images = [self.load_image(sample_id, image) for image in row["images"]]
+        if not images:
+            return sample
+        image_token = getattr(self.processor, "image_token", IMAGE_PLACEHOLDER)
+        try:
+            out = self.processor(text=[image_token * len(images)], images=images, return_tensors="pt")
+        except ValueError as exc:
+            raise DataError(f"sample {sample_id!r}: the processor rejected its images: {exc}") from exc
+        if self.image_token_id is not None:
+            expected = int((out["input_ids"] == self.image_token_id).sum())
+            stored = int((input_ids == self.image_token_id).sum())
+            if expected != stored:
+                raise DataError(f"sample {sample_id!r}: its images now take {expected} image tokens but the prepared "
+                                f"dataset has {stored}; the images or the processor changed since "
+                                "`visprune data prepare`: prepare the data again")
+        sample.update(self._image_tensors(out))
+        return sample
+
+    def render(self, sample_id: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The chat-template text and the character spans of each assistant turn (answer + end of turn).
+
+        A span is what rendering the conversation through that answer adds to rendering it up to the
+        generation prompt, cut after the template's last end-of-turn token in it (ChatML's newline after
+        `<|im_end|>` is not supervised). Templates that do not render a conversation's prefixes as text
+        prefixes are rejected rather than mislabelled; a template that raises (e.g. on a role it does not
+        support) is a DataError naming the sample.
+        """
+        result = self.render_many([sample_id], [messages])[0]
+        if isinstance(result, DataError):
+            raise result
+        return result
+
+    def render_many(self, sample_ids: list[str], conversations: list[list[dict]]
+                    ) -> list[tuple[str, list[tuple[int, int]]] | DataError]:
+        """`render` for many conversations with two batched template calls (every prefix of every
+        conversation at once) instead of 1 + 2 per answer each: the same strings, less overhead. A
+        conversation that ends with an answer is its own last prefix. When the template raises, each
+        conversation is rendered alone so the error lands on its own sample."""
+        from jinja2 import TemplateError
+
+        source = self.template.source
+        if not conversations:
+            return []
+        throughs, befores, plan = [], [], []
+        for messages in conversations:
+            answers = [idx for idx, message in enumerate(messages) if message["role"] == "assistant"]
+            ends_with_answer = bool(answers) and answers[-1] == len(messages) - 1
+            plan.append((len(throughs), len(befores), len(answers), ends_with_answer))
+            throughs += [messages[:idx + 1] for idx in answers] + ([] if ends_with_answer else [messages])
+            befores += [messages[:idx] for idx in answers]
+        try:
+            throughs = render(self.processor, throughs, source)
+            befores = render(self.processor, befores, source, add_generation_prompt=True) if befores else []
+        except (TemplateError, TypeError) as exc:
+            if len(conversations) > 1:
+                return [self.render_many([sample_id], [messages])[0]
+                        for sample_id, messages in zip(sample_ids, conversations)]
+            return [DataError(f"sample {sample_ids[0]!r}: the chat template rejected it: {exc}")]
+        results: list[Any] = []
+        for sample_id, (at, before_at, num_answers, ends_with_answer) in zip(sample_ids, plan):
+            answer_texts = throughs[at:at + num_answers]
+            text = answer_texts[-1] if ends_with_answer else throughs[at + num_answers]
+            spans = []
+            for before, through in zip(befores[before_at:before_at + num_answers], answer_texts):
+                if not (through.startswith(before) and text.startswith(through)):
+                    spans = DataError(f"sample {sample_id!r}: the chat template does not render conversation "
+                                      "prefixes as text prefixes, so the assistant spans cannot be found")
+                    break
+                spans.append((len(before), self._answer_end(through, len(before))))
+            results.append(spans if isinstance(spans, DataError) else (text, spans))
+        return results
+
+    def _answer_end(self, through: str, start: int) -> int:
+        """Where an answer's span ends: after the last end-of-turn token in `through[start:]`, else its end."""
+        ends = [through.rfind(token, start) + len(token) for token in self.template.end_of_turn
+                if through.rfind(token, start) >= 0]
+        return max(ends) if ends else len(through)
+
+    def load_image(self, sample_id: str, image: str) -> Image.Image:
+        """Open `image` (relative to the image folder, which it may not leave) as RGB."""
+        path = self.resolve_image_path(sample_id, image)
+        if not path.is_file():
+            raise DataError(f"sample {sample_id!r}: image {image!r} not found in {self.image_folder}")
+        try:
+            with Image.open(path) as opened:
+                return opened.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataError(f"sample {sample_id!r}: cannot decode image {image!r}: {exc}") from exc
+
+    def resolve_image_path(self, sample_id: str, image: str) -> Path:
+        """The real path of `image`; symlinks are followed and the target must stay inside the folder."""
+        if self.image_folder is None:
+            raise DataError(f"sample {sample_id!r} has image {image!r} but data.image_folder is not set")
+        problem = image_path_problem(image)
+        if problem:
+            raise DataError(f"sample {sample_id!r}: image {image!r}: {problem}")
+        path = (self.image_folder / image).resolve()
+        if not path.is_relative_to(self.image_folder):
+            raise DataError(f"sample {sample_id!r}: image {image!r} resolves outside data.image_folder "
+                            f"({self.image_folder}); symlinks must point inside it")
+        return path
+
+    def pad(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Right-pad the text tensors to the longest sample; concatenate the image tensors in sample order."""
+        length = max(sample["input_ids"].numel() for sample in samples)
+        input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+        for b, sample in enumerate(samples):
+            num_tokens = sample["input_ids"].numel()
+            input_ids[b, :num_tokens] = sample["input_ids"]
+            attention_mask[b, :num_tokens] = 1
+            labels[b, :num_tokens] = sample["labels"]
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        for key in _TOKEN_KEYS:
+            if any(key in sample for sample in samples):
+                batch[key] = torch.zeros((len(samples), length), dtype=torch.long)
+                for b, sample in enumerate(samples):
+                    if key in sample:
+                        batch[key][b, :sample[key].numel()] = sample[key]
+        image_keys = dict.fromkeys(key for sample in samples for key in sample if key not in batch)
+        for key in image_keys:
+            batch[key] = cat_images([sample[key] for sample in samples if key in sample])
+        return batch
+
+
+def cat_images(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-sample image tensors along dim 0; LLaVA-NeXT's (images, tiles, 3, H, W) stacks
+    with different tile counts are zero-padded along dim 1 first (the model reads only each image's
+    own tiles, from `image_sizes`)."""
+    if parts[0].dim() == 5 and len({part.shape[1] for part in parts}) > 1:
+        tiles = max(part.shape[1] for part in parts)
+        parts = [torch.nn.functional.pad(part, (0, 0, 0, 0, 0, 0, 0, tiles - part.shape[1])) for part in parts]
+    return torch.cat(parts)
+
+
+def shift_char(char: int, replacements: list[dict]) -> int:
+    """Map a character position of the rendered text into the text after the processor expanded its
+    image placeholders (`text_replacement_offsets`: each entry's `new_span` end minus `span` end is the
+    growth so far)."""
+    shift = 0
+    for replacement in replacements:
+        if replacement["span"][1] <= char:
+            shift = replacement["new_span"][1] - replacement["span"][1]
+    return char + shift
