@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# CPU torch first: otherwise pip resolves transformers/peft/deepspeed to a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# torchvision (the Qwen2-VL / InternVL processors need it; extra "vision") is not installed: PyPI's x86_64
+	# wheels are CUDA builds that do not import beside the CPU torch, and the CPU wheel index is out of reach.
+	# Where your torch's index is reachable: pip install -c <(echo $(TORCH_PIN)) "torchvision==0.28.*"
 	# the lmms-eval plugin's tests: lmms-eval without its torchvision dependency (which would replace CPU torch)
 	$(BIN)/python -m pip install --quiet --no-deps "lmms-eval==0.7.3"
 	$(BIN)/python -m pip install --quiet loguru pytz evaluate sacrebleu tenacity pytablewriter
