@@ -13,9 +13,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from visprune.data_prep.records import build_dataset
 from visprune.data_prep.toy import write_toy_inputs
+from visprune.modeling.families import family_for
 from visprune.trainer.config import load_recipe
 from visprune.trainer.sparsity import ExpectedFlops
-from visprune.trainer.trainer import LM_LINEAR_REGEX, build_collator, build_model, prepare_model
+from visprune.trainer.trainer import build_collator, build_model, prepare_model
 
 
 def main() -> None:
@@ -32,8 +33,8 @@ def main() -> None:
     dataset = build_dataset(recipe.data.path)
     batch = build_collator(recipe, plain, processor)([dataset[i] for i in range(args.batch)])
 
-    plain = get_peft_model(plain, LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, target_modules=
-                                             LM_LINEAR_REGEX.format(targets="|".join(recipe.lora.targets))))
+    targets = family_for(plain).lora_target_regex(recipe.lora.targets)
+    plain = get_peft_model(plain, LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, target_modules=targets))
     gated, _ = build_model(recipe)
     gated, gates, controller = prepare_model(gated, recipe)
     from visprune.modeling.flops import default_layout

@@ -35,8 +35,6 @@ RECIPE_FILE = "recipe.yaml"
 FINAL_DIR = "final"  # RUN_DIR/final: the adapter (or model), gates and recipe after the last step
 STATE_FILE = "visprune_state.json"  # skipped-step counters, beside trainer_state.json
 SPARSITY_ATTR = "visprune_sparsity"
-# LoRA targets of an ungated LLaVA baseline (benchmarks/train_step_time.py); prepare_model asks the family
-LM_LINEAR_REGEX = r".*language_model.*\.({targets})$"
 
 
 # ---- builders ------------------------------------------------------------------------------------

@@ -122,6 +122,28 @@ def core_image_features(model: nn.Module, inputs: dict[str, torch.Tensor]) -> to
     return model.model.get_image_features(**inputs).pooler_output
 
 
+class LlamaStyleFamily:
+    """The training paths the Llama-style families share (text decoder at `LANGUAGE_MODEL`, a LLaVA-style
+    projector, transformers' `get_image_features`, one image placeholder token); a family class inherits
+    them and overrides what differs (Qwen2-VL: its projector is the vision tower's merger, and it has a
+    video token)."""
+
+    def lora_target_regex(self, targets: Sequence[str]) -> str:
+        return llama_lora_target_regex(targets)
+
+    def projector_paths(self) -> tuple[str, ...]:
+        return (MULTI_MODAL_PROJECTOR,)
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return llama_language_model(model)
+
+    def image_features(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        return core_image_features(model, inputs)
+
+    def placeholder_token_ids(self, config: Any) -> tuple[int, ...]:
+        return (config.image_token_id,)
+
+
 def suppress_in_generation(model: nn.Module, token_ids: Sequence[int]) -> None:
     """Make `generate()` of `model` never emit `token_ids`: add them to the model's
     `generation_config.suppress_tokens`, keeping the ids already there.

@@ -5,7 +5,6 @@ shuffle (16 x 16 at 448 px, patch 14, ratio 0.5), so the neighbour window never 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,13 +14,11 @@ from ..flops import MAX_TILES, ImageGrids, require_processor, setting_dict, sett
 from ..layout import VisualLayout, build_layout
 from .base import (
     MULTI_MODAL_PROJECTOR,
+    LlamaStyleFamily,
     RotaryFn,
     TextDims,
     check_llama_family,
     check_patch_features,
-    core_image_features,
-    llama_language_model,
-    llama_lora_target_regex,
     llama_text_dims,
     module_rotary_fn,
 )
@@ -32,7 +29,7 @@ PATHS = ("model.language_model.layers", "model.vision_tower", MULTI_MODAL_PROJEC
          "config.vision_config.image_size", "config.vision_config.patch_size")
 
 
-class InternVLFamily:
+class InternVLFamily(LlamaStyleFamily):
     name = "internvl"
 
     def matches(self, model: nn.Module) -> bool:
@@ -128,20 +125,6 @@ class InternVLFamily:
     def check(self, model: nn.Module) -> None:
         check_llama_family(self.name, model, PATHS)
 
-    def lora_target_regex(self, targets: Sequence[str]) -> str:
-        return llama_lora_target_regex(targets)
-
-    def projector_paths(self) -> tuple[str, ...]:
-        return (MULTI_MODAL_PROJECTOR,)
-
-    def language_model(self, model: nn.Module) -> nn.Module:
-        return llama_language_model(model)
-
-    def image_features(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        return core_image_features(model, inputs)
-
-    def placeholder_token_ids(self, config: Any) -> tuple[int, ...]:
-        return (config.image_token_id,)  # <IMG_CONTEXT>; <img> / </img> frame it as text
 
 
 # InternVLProcessor's images_kwargs: it tiles whatever its image processor's own crop_to_patches says

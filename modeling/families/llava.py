@@ -3,7 +3,6 @@ grid are, and how image tokens map to the 24x24 (for 336 px / patch 14) patch gr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -13,13 +12,11 @@ from ..flops import ImageGrids
 from ..layout import VisualLayout, build_layout
 from .base import (
     MULTI_MODAL_PROJECTOR,
+    LlamaStyleFamily,
     RotaryFn,
     TextDims,
     check_llama_family,
     check_patch_features,
-    core_image_features,
-    llama_language_model,
-    llama_lora_target_regex,
     llama_text_dims,
     module_rotary_fn,
 )
@@ -29,7 +26,7 @@ PATHS = ("model.language_model.layers", "model.vision_tower", MULTI_MODAL_PROJEC
          "model.get_image_features", "config.image_token_id")
 
 
-class LlavaFamily:
+class LlavaFamily(LlamaStyleFamily):
     name = "llava"
 
     def matches(self, model: nn.Module) -> bool:
@@ -93,17 +90,3 @@ class LlavaFamily:
     def check(self, model: nn.Module) -> None:
         check_llama_family(self.name, model, PATHS)
 
-    def lora_target_regex(self, targets: Sequence[str]) -> str:
-        return llama_lora_target_regex(targets)
-
-    def projector_paths(self) -> tuple[str, ...]:
-        return (MULTI_MODAL_PROJECTOR,)
-
-    def language_model(self, model: nn.Module) -> nn.Module:
-        return llama_language_model(model)
-
-    def image_features(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        return core_image_features(model, inputs)
-
-    def placeholder_token_ids(self, config: Any) -> tuple[int, ...]:
-        return (config.image_token_id,)

@@ -7,7 +7,6 @@ newline tokens are no grid cells and count as text (never gated, plain causal at
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,13 +16,11 @@ from ..flops import MAX_IMAGE_SIDE, ImageGrids, require_processor, setting_int
 from ..layout import VisualLayout, build_layout
 from .base import (
     MULTI_MODAL_PROJECTOR,
+    LlamaStyleFamily,
     RotaryFn,
     TextDims,
     check_llama_family,
     check_patch_features,
-    core_image_features,
-    llama_language_model,
-    llama_lora_target_regex,
     llama_text_dims,
     module_rotary_fn,
 )
@@ -35,7 +32,7 @@ PATHS = ("model.language_model.layers", "model.vision_tower", MULTI_MODAL_PROJEC
 Grid = tuple[int, int, bool]
 
 
-class LlavaNextFamily:
+class LlavaNextFamily(LlamaStyleFamily):
     name = "llava_next"
 
     def matches(self, model: nn.Module) -> bool:
@@ -163,20 +160,6 @@ class LlavaNextFamily:
     def check(self, model: nn.Module) -> None:
         check_llama_family(self.name, model, PATHS)
 
-    def lora_target_regex(self, targets: Sequence[str]) -> str:
-        return llama_lora_target_regex(targets)
-
-    def projector_paths(self) -> tuple[str, ...]:
-        return (MULTI_MODAL_PROJECTOR,)
-
-    def language_model(self, model: nn.Module) -> nn.Module:
-        return llama_language_model(model)
-
-    def image_features(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        return core_image_features(model, inputs)
-
-    def placeholder_token_ids(self, config: Any) -> tuple[int, ...]:
-        return (config.image_token_id,)
 
 
 # LlavaNextImageProcessor's class defaults, what a preprocessor_config.json without these keys gets

@@ -6,7 +6,6 @@ embedding, so decoder layers receive ordinary (B, T, D) cos/sin tables. Videos a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,12 +14,10 @@ from torch import nn
 from ..flops import ImageGrids, require_processor, setting_dict, setting_int
 from ..layout import VisualLayout, build_layout
 from .base import (
+    LlamaStyleFamily,
     RotaryFn,
     TextDims,
     check_llama_family,
-    core_image_features,
-    llama_language_model,
-    llama_lora_target_regex,
     llama_text_dims,
     module_rotary_fn,
 )
@@ -39,7 +36,7 @@ PATHS = ("model.language_model.layers", "model.language_model.rotary_emb.recompo
          "config.vision_config.temporal_patch_size", "config.vision_config.in_channels")
 
 
-class Qwen2VLFamily:
+class Qwen2VLFamily(LlamaStyleFamily):
     """One instance per model class: `qwen2_vl` and `qwen2_5_vl` differ only in the class name."""
 
     def __init__(self, name: str, class_name: str) -> None:
@@ -174,17 +171,8 @@ class Qwen2VLFamily:
     def check(self, model: nn.Module) -> None:
         check_llama_family(self.name, model, PATHS)
 
-    def lora_target_regex(self, targets: Sequence[str]) -> str:
-        return llama_lora_target_regex(targets)
-
     def projector_paths(self) -> tuple[str, ...]:
         return (MERGER,)
-
-    def language_model(self, model: nn.Module) -> nn.Module:
-        return llama_language_model(model)
-
-    def image_features(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        return core_image_features(model, inputs)
 
     def placeholder_token_ids(self, config: Any) -> tuple[int, ...]:
         return (config.image_token_id, config.video_token_id)  # videos are refused, never generated
