@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 
 from .plan import Plan
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -273,18 +276,108 @@ def dims_from_config(config: Any, name: str = "local") -> ModelDims:
                      non_grid_tokens=non_grid, **asdict(text))
 
 
+CONFIG_FILE = "config.json"
+MAX_CONFIG_BYTES = 16 * 2**20  # a config.json is a few KB; label maps can make it larger
+# The language-model keys the cost model reads from a model folder's config.json, each with the largest
+# value taken as real (published LMs: up to ~130 layers, 128 heads, hidden 16384, MLP 53248).
+CONFIG_DIM_LIMITS = {"num_hidden_layers": 1000, "hidden_size": 1_000_000, "num_attention_heads": 1000,
+                     "intermediate_size": 10_000_000}
+_DIM_OF_KEY = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size", "num_attention_heads": "num_heads",
+               "intermediate_size": "intermediate_size"}
+
+
 def resolve_model_dims(model: str) -> ModelDims:
-    """A built-in name (`llava-1.5-7b`, ...) or a local folder holding a transformers config.json."""
+    """A built-in name (`llava-1.5-7b`, ...) or a local folder holding a transformers config.json.
+
+    The language model's num_hidden_layers, hidden_size, num_attention_heads and intermediate_size (in
+    `text_config`, or at the top level when it has none) must each be from 1 to its CONFIG_DIM_LIMITS bound
+    where the file states them. A size the file leaves out is the config class's default, which is what
+    `from_pretrained` builds (llava-hf's published LLaVA configs store only what differs from Llama's
+    defaults); it is costed, never silently: a warning names every such key and the value used.
+    Raises ValueError naming the file and key.
+    """
     if model in BUILTIN_MODELS:
         return BUILTIN_MODELS[model]
     folder = Path(model)
-    if not (folder / "config.json").is_file():
+    file = folder / CONFIG_FILE
+    if not file.is_file():
         raise ValueError(f"{model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
                          "nor a folder with a config.json")
+    from .families import FAMILIES
+
+    raw = _read_json_object(file)
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        raise ValueError(f"{file}: model_type {_show(model_type)} is not a supported family; "
+                         f"supported: {sorted(FAMILIES)}")
+    prefix, text = ("text_config.", raw["text_config"]) if "text_config" in raw else ("", raw)
+    text = text if isinstance(text, dict) else {}
+    for key, limit in CONFIG_DIM_LIMITS.items():  # before transformers sees them: a config of 10^9 layers is slow
+        value = text.get(key)
+        if key in text and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit):
+            raise ValueError(f"{file}: {prefix}{key} must be an integer from 1 to {limit}, got {_show(value)}")
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    return dims_from_config(config, name=str(folder))
+    dims = dims_from_config(config, name=str(folder))
+    defaults = [f"{prefix}{key} = {getattr(dims, field_name)}" for key, field_name in _DIM_OF_KEY.items()
+                if key not in text]
+    if defaults:
+        logger.warning("%s does not state %s: costed with the config class's defaults, which from_pretrained "
+                       "builds as well (%s)", file, ", ".join(d.split(" = ")[0] for d in defaults), ", ".join(defaults))
+    for key, field_name in _DIM_OF_KEY.items():
+        read = getattr(dims, field_name)
+        if key in text and read != text[key]:
+            raise ValueError(f"{file}: transformers reads {key} = {read} for the language model, not the "
+                             f"{text[key]} written at {prefix}{key}; write it where the config class reads it")
+    if dims.num_kv_heads < 1 or dims.num_heads % dims.num_kv_heads or dims.head_dim < 1:
+        raise ValueError(f"{file}: {dims.num_heads} attention heads cannot share {dims.num_kv_heads} key-value "
+                         f"heads of dimension {dims.head_dim}")
+    return dims
+
+
+def _read_json_object(file: Path) -> dict[str, Any]:
+    """The JSON object of a model or processor config file: at most MAX_CONFIG_BYTES, no duplicate keys."""
+    try:
+        with open(file, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ValueError(f"{file}: cannot read: {err.strerror or err}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{file} is larger than {MAX_CONFIG_BYTES} bytes; a config file is a few KB")
+    try:
+        settings = json.loads(data.decode("utf-8"), object_pairs_hook=_without_duplicates)
+    except (UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{file} is not valid JSON ({type(err).__name__})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except ValueError as err:  # a duplicate key, an int of thousands of digits
+        raise ValueError(f"{file} is not valid JSON ({_shorten(str(err), 120)})") from None
+    if isinstance(settings, dict):
+        return settings
+    raise ValueError(f"{file} must hold a JSON object, got {type(settings).__name__}")
+
+
+def _without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`object_pairs_hook`: json.loads (and transformers) keep the last of two equal keys silently."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {_show(key)}")
+        out[key] = value
+    return out
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters."""
+    try:
+        return _shorten(repr(value), limit)
+    except ValueError:  # an int past Python's digit limit
+        return f"<{type(value).__name__} too large to show>"
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # Image sizes and processor settings: what one real image costs. The per-family rules (size -> grids)
@@ -375,13 +468,7 @@ def load_processor_settings(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"processor folder {str(path)!r} does not exist")
     if not file.is_file():
         raise ValueError(f"{path} has no {PREPROCESSOR_FILE}")
-    try:
-        settings = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file} is not valid JSON ({err})") from None
-    if isinstance(settings, dict):
-        return settings
-    raise ValueError(f"{file} must hold a JSON object, got {type(settings).__name__}")
+    return _read_json_object(file)
 
 
 def resolve_processor_settings(model: str, folder: str | Path | None = None) -> tuple[dict[str, Any] | None, str | None]:

@@ -12,6 +12,8 @@ from typing import Any
 
 PLAN_FORMAT = "visprune-plan/1"
 PLAN_FILE = "pruning_plan.json"  # the plan inside an exported folder
+# every MLP channel of every layer listed (80 layers x 29568 channels, indent 1) is about 24 MiB
+MAX_PLAN_BYTES = 64 * 2**20
 _TOP_KEYS = {"format", "family", "window", "num_layers", "num_heads", "layers"}
 _LAYER_KEYS = {"heads", "mlp", "mlp_channels"}
 
@@ -39,6 +41,7 @@ class Plan:
     num_layers: int
     num_heads: int
     layers: tuple[LayerPlan, ...] = field(default_factory=tuple)
+    source: str | None = field(default=None, compare=False, repr=False)  # the file it was read from
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -53,29 +56,27 @@ class Plan:
 
     @classmethod
     def from_json(cls, source: str | os.PathLike | dict[str, Any]) -> Plan:
-        """Load from a `pruning_plan.json` path or an already parsed dict; raises PlanError."""
+        """Load from a `pruning_plan.json` path or an already parsed dict; raises PlanError.
+
+        A file is refused above MAX_PLAN_BYTES, with duplicate keys or with NaN / Infinity literals.
+        """
         if isinstance(source, dict):
-            data, where = source, "plan"
-        else:
-            where = str(source)
-            try:
-                data = json.loads(Path(source).read_text())
-            except json.JSONDecodeError as err:
-                raise PlanError(f"{where}: not valid JSON ({err})") from err
-        return cls._from_dict(data, where)
+            return cls._from_dict(source, "plan")
+        where = str(source)
+        return cls._from_dict(_read_plan_file(where), where, source=where)
 
     @classmethod
-    def _from_dict(cls, data: Any, where: str) -> Plan:
+    def _from_dict(cls, data: Any, where: str, source: str | None = None) -> Plan:
         if not isinstance(data, dict):
             raise PlanError(f"{where}: a plan is a JSON object, got {type(data).__name__}")
         unknown = sorted(set(data) - _TOP_KEYS)
         if unknown:
-            raise PlanError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_TOP_KEYS)}")
+            raise PlanError(f"{where}: unknown key(s) {_show_keys(unknown)}; allowed: {sorted(_TOP_KEYS)}")
         missing = sorted(_TOP_KEYS - set(data))
         if missing:
             raise PlanError(f"{where}: missing key(s) {missing}")
         if data["format"] != PLAN_FORMAT:
-            raise PlanError(f"{where}: format must be {PLAN_FORMAT!r}, got {data['format']!r}")
+            raise PlanError(f"{where}: format must be {PLAN_FORMAT!r}, got {_show(data['format'])}")
         if not isinstance(data["layers"], list):
             raise PlanError(f"{where}: 'layers' must be a list")
         layers = []
@@ -85,7 +86,7 @@ class Plan:
                 raise PlanError(f"{key} must be an object")
             unknown = sorted(set(layer) - _LAYER_KEYS)
             if unknown:
-                raise PlanError(f"{key}: unknown key(s) {unknown}; allowed: {sorted(_LAYER_KEYS)}")
+                raise PlanError(f"{key}: unknown key(s) {_show_keys(unknown)}; allowed: {sorted(_LAYER_KEYS)}")
             if "heads" not in layer or "mlp" not in layer:
                 raise PlanError(f"{key}: needs 'heads' and 'mlp'")
             heads, channels = layer["heads"], layer.get("mlp_channels")
@@ -97,7 +98,7 @@ class Plan:
                                     mlp_channels=None if channels is None else tuple(channels)))
         try:
             return cls(family=data["family"], window=data["window"], num_layers=data["num_layers"],
-                       num_heads=data["num_heads"], layers=tuple(layers))
+                       num_heads=data["num_heads"], layers=tuple(layers), source=source)
         except PlanError as err:
             raise PlanError(f"{where}: {err}") from None
 
@@ -120,17 +121,77 @@ class Plan:
         """(num_layers, num_heads) booleans: visual head kept."""
         return [[h in set(layer.heads) for h in range(self.num_heads)] for layer in self.layers]
 
-    def validate_for(self, num_layers: int, num_heads: int, intermediate_size: int | None = None) -> None:
-        """Raise PlanError unless the plan fits a model of these dimensions."""
+    def validate_for(self, num_layers: int, num_heads: int, intermediate_size: int | None = None,
+                     family: str | None = None) -> None:
+        """Raise PlanError unless the plan fits a model of these dimensions (and of `family`, when given:
+        a plan of another family would keep other heads than the ones it names). Messages start with
+        the plan's file when it was read from one."""
+        where = f"{self.source}: " if self.source else ""
+        if family is not None and self.family != family:
+            raise PlanError(f"{where}plan is for family {_show(self.family)}, the model is {family!r}")
         if (self.num_layers, self.num_heads) != (num_layers, num_heads):
-            raise PlanError(f"plan is for {self.num_layers} layers x {self.num_heads} heads, "
+            raise PlanError(f"{where}plan is for {self.num_layers} layers x {self.num_heads} heads, "
                             f"the model has {num_layers} x {num_heads}")
         if intermediate_size is None:
             return
         for idx, layer in enumerate(self.layers):
             if layer.mlp_channels and max(layer.mlp_channels) >= intermediate_size:
-                raise PlanError(f"layers[{idx}].mlp_channels: channel {max(layer.mlp_channels)} is out of range "
-                                f"for intermediate size {intermediate_size}")
+                raise PlanError(f"{where}layers[{idx}].mlp_channels: channel {max(layer.mlp_channels)} is out of "
+                                f"range for intermediate size {intermediate_size}")
+
+
+def _read_plan_file(where: str) -> Any:
+    """The JSON value of a plan file: at most MAX_PLAN_BYTES, UTF-8, no duplicate keys, no NaN / Infinity."""
+    try:
+        with open(where, "rb") as file:
+            raw = file.read(MAX_PLAN_BYTES + 1)
+    except OSError as err:
+        raise PlanError(f"{where}: cannot read plan: {err.strerror or err}") from None
+    if len(raw) > MAX_PLAN_BYTES:
+        raise PlanError(f"{where}: a plan must be at most {MAX_PLAN_BYTES} bytes; this file is larger")
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_without_duplicates, parse_constant=_no_constant)
+    except PlanError as err:
+        raise PlanError(f"{where}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise PlanError(f"{where}: a plan must be UTF-8 text (byte {err.start} is not)") from None
+    except json.JSONDecodeError as err:
+        raise PlanError(f"{where}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except (ValueError, RecursionError) as err:  # an int of thousands of digits; nesting past the stack
+        text = "nested too deeply" if isinstance(err, RecursionError) else _shorten(str(err), 120)
+        raise PlanError(f"{where}: not valid JSON ({text})") from None
+
+
+def _without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`object_pairs_hook`: json.loads keeps the last of two equal keys silently; a plan must not."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise PlanError(f"duplicate key {_show(key)}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    """`parse_constant`: NaN, Infinity and -Infinity are not JSON, though json.loads reads them."""
+    raise PlanError(f"{name} is not a valid JSON value")
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: messages never print a whole (hostile) value."""
+    try:
+        return _shorten(repr(value), limit)
+    except ValueError:  # an int past Python's digit limit
+        return f"<{type(value).__name__} too large to show>"
+
+
+def _show_keys(keys: list[Any]) -> str:
+    shown = _show(keys[:5])
+    return shown if len(keys) <= 5 else f"{shown} and {len(keys) - 5} more"
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_int(value: Any) -> bool:
@@ -139,28 +200,29 @@ def _is_int(value: Any) -> bool:
 
 def _validate(plan: Plan) -> None:
     if not isinstance(plan.family, str) or not plan.family:
-        raise PlanError(f"family must be a non-empty string, got {plan.family!r}")
+        raise PlanError(f"family must be a non-empty string, got {_show(plan.family)}")
     if plan.window is not None and (not _is_int(plan.window) or plan.window < 1 or plan.window % 2 == 0):
-        raise PlanError(f"window must be null or an odd positive integer, got {plan.window!r}")
+        raise PlanError(f"window must be null or an odd positive integer, got {_show(plan.window)}")
     for name in ("num_layers", "num_heads"):
         value = getattr(plan, name)
         if not _is_int(value) or value < 1:
-            raise PlanError(f"{name} must be a positive integer, got {value!r}")
+            raise PlanError(f"{name} must be a positive integer, got {_show(value)}")
     if len(plan.layers) != plan.num_layers:
         raise PlanError(f"layers has {len(plan.layers)} entries, num_layers is {plan.num_layers}")
     for idx, layer in enumerate(plan.layers):
         for pos, head in enumerate(layer.heads):
             if not _is_int(head) or not 0 <= head < plan.num_heads:
-                raise PlanError(f"layers[{idx}].heads[{pos}] = {head!r} is not a head index in [0, {plan.num_heads})")
+                raise PlanError(f"layers[{idx}].heads[{pos}] = {_show(head)} is not a head index "
+                                f"in [0, {plan.num_heads})")
         if len(set(layer.heads)) != len(layer.heads):
-            raise PlanError(f"layers[{idx}].heads has duplicates: {list(layer.heads)}")
+            raise PlanError(f"layers[{idx}].heads has duplicates: {_show(list(layer.heads))}")
         if not isinstance(layer.mlp, bool):
-            raise PlanError(f"layers[{idx}].mlp must be true or false, got {layer.mlp!r}")
+            raise PlanError(f"layers[{idx}].mlp must be true or false, got {_show(layer.mlp)}")
         if layer.mlp_channels is not None:
             if not layer.mlp:
                 raise PlanError(f"layers[{idx}].mlp_channels is given but mlp is false")
             for pos, channel in enumerate(layer.mlp_channels):
                 if not _is_int(channel) or channel < 0:
-                    raise PlanError(f"layers[{idx}].mlp_channels[{pos}] = {channel!r} is not a channel index")
+                    raise PlanError(f"layers[{idx}].mlp_channels[{pos}] = {_show(channel)} is not a channel index")
             if len(set(layer.mlp_channels)) != len(layer.mlp_channels):
                 raise PlanError(f"layers[{idx}].mlp_channels has duplicates")
