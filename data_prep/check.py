@@ -16,11 +16,24 @@ from typing import Any
 
 from PIL import Image
 
-from .collator import LlavaCollator
-from .records import IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, image_path_problem, iter_records, normalize_record
+from .collator import MAX_IMAGE_PIXELS, ImageTooLargeError, LlavaCollator, check_positive, decode_image
+from .files import write_atomic
+from .records import (
+    DETAIL_CHARS,
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    DataError,
+    conversation_problems,
+    image_path_problem,
+    iter_records,
+    normalize_record,
+    quote,
+    shorten,
+)
 from .templates import ChatTemplate
 
 REJECTED_FILE = "rejected.jsonl"
+COUNTS_KEYS = {"counts", "num_samples", "num_ok"}  # the last line of a rejected.jsonl visprune wrote
 # what each file ending must decode as (content, not name, decides the format: a GIF named .jpg is mislabelled)
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".webp": "WEBP", ".bmp": "BMP"}
 
@@ -47,38 +60,40 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def image_problem(folder: Path, image: str) -> tuple[str, str] | None:
-    """(reason, detail) when `image` is not a decodable regular file inside `folder`; None when it is.
+def image_problem(folder: Path, image: str, max_image_pixels: int = MAX_IMAGE_PIXELS) -> tuple[str, str] | None:
+    """(reason, detail) when `image` is not a decodable regular file inside `folder` of at most
+    `max_image_pixels` pixels; None when it is.
 
     Checked without opening anything that is not a regular file (a FIFO would block the reader)."""
-    return open_checked_image(folder, image)[0]
+    return open_checked_image(folder, image, max_image_pixels)[0]
 
 
-def open_checked_image(folder: Path, image: str) -> tuple[tuple[str, str] | None, Image.Image | None]:
+def open_checked_image(folder: Path, image: str, max_image_pixels: int = MAX_IMAGE_PIXELS
+                       ) -> tuple[tuple[str, str] | None, Image.Image | None]:
     """`image_problem`'s verdict and, when there is none, the image fully decoded as RGB (what
-    `LlavaCollator.load_image` returns), so a checked image is decoded once."""
+    `LlavaCollator.load_image` returns), so a checked image is decoded once. An image over
+    `max_image_pixels` is `image_too_large`, judged from its header before any pixel is decoded."""
     problem = image_path_problem(image)
     if problem:
-        return ("image_path", f"{image!r}: {problem}"), None
+        return ("image_path", f"{quote(image)}: {problem}"), None
     path = (folder / image).resolve()
     if not path.is_relative_to(folder):
-        return ("image_outside_folder", f"{image!r} resolves to {path}, outside {folder}"), None
+        return ("image_outside_folder", f"{quote(image)} resolves to {shorten(str(path), 200)}, outside {folder}"), None
     try:
         mode = os.stat(path).st_mode
     except OSError:
-        return ("image_missing", f"{image!r} not found in {folder}"), None
+        return ("image_missing", f"{quote(image)} not found in {folder}"), None
     if not stat.S_ISREG(mode):
-        return ("image_not_a_file", f"{image!r} is not a regular file"), None
+        return ("image_not_a_file", f"{quote(image)} is not a regular file"), None
     try:
-        with Image.open(path) as opened:
-            found = opened.format
-            opened.load()  # decode every pixel: a truncated file fails here, not in training
-            rgb = opened.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        return ("image_undecodable", f"{image!r}: {exc}"), None
+        rgb, found = decode_image(path, max_image_pixels)
+    except ImageTooLargeError as exc:
+        return ("image_too_large", f"{quote(image)}: {exc}"), None
+    except (OSError, ValueError) as exc:
+        return ("image_undecodable", f"{quote(image)}: {shorten(str(exc), 300)}"), None
     expected = FORMATS.get(path.suffix.lower())
     if expected is not None and found != expected:
-        return ("image_mislabelled", f"{image!r} is {found} data named {path.suffix}"), None
+        return ("image_mislabelled", f"{quote(image)} is {found} data named {path.suffix}"), None
     return None, rgb
 
 
@@ -87,14 +102,27 @@ class Judge:
     the collator's encoding (the chat template, length with image tokens counted, supervised tokens).
 
     The verdict on each distinct image path is remembered (up to `cache_images` paths, oldest forgotten
-    first): LLaVA mixtures reuse images, and files do not change during a scan.
+    first): LLaVA mixtures reuse images, and files do not change during a scan. The cheap verdicts come
+    first (structure, placeholders, turns, a length bound for very large records), so a record of 10,000
+    images or 100,000 turns is judged without decoding its images or rendering every answer's prefix.
+    Every detail is cut to `DETAIL_CHARS` characters.
+
+    Raises:
+        ValueError: `max_length` or `max_image_pixels` < 1.
+        DataError: `image_folder` is not a folder.
     """
 
     def __init__(self, image_folder: str | Path | None, processor: Any, template: ChatTemplate,
-                 max_length: int = 2048, cache_images: int = 200_000):
+                 max_length: int = 2048, cache_images: int = 200_000, max_image_pixels: int = MAX_IMAGE_PIXELS):
+        check_positive("max_length", max_length)
+        check_positive("max_image_pixels", max_image_pixels)
+        if image_folder is not None and not Path(image_folder).is_dir():
+            raise DataError(f"image folder {image_folder} is not a folder")
         self.folder = None if image_folder is None else Path(image_folder).resolve()
-        self.collator = LlavaCollator(processor, template, image_folder=self.folder, max_length=max_length)
+        self.collator = LlavaCollator(processor, template, image_folder=self.folder, max_length=max_length,
+                                      max_image_pixels=max_image_pixels)
         self.max_length = max_length
+        self.max_image_pixels = max_image_pixels
         self.cache_images = cache_images
         self.verdicts: dict[str, tuple[str, str] | None] = {}
 
@@ -102,7 +130,7 @@ class Judge:
         """(verdict, the decoded image or None when the verdict was remembered or is bad)."""
         if image in self.verdicts:
             return self.verdicts[image], None
-        verdict, opened = open_checked_image(self.folder, image)
+        verdict, opened = open_checked_image(self.folder, image, self.max_image_pixels)
         if len(self.verdicts) >= self.cache_images:
             del self.verdicts[next(iter(self.verdicts))]
         self.verdicts[image] = verdict
@@ -121,7 +149,8 @@ class Judge:
         todo = []  # (position, row, images decoded by the check or None)
 
         def reject(pos: int, name: str, reason: str, detail: str) -> None:
-            results[pos] = (None, {"id": name, "index": start + pos, "reason": reason, "detail": detail})
+            results[pos] = (None, {"id": name, "index": start + pos, "reason": reason,
+                                   "detail": shorten(detail, DETAIL_CHARS)})
 
         for pos, record in enumerate(records):
             name, row, reasons = normalize_record(record, start + pos)
@@ -136,6 +165,15 @@ class Judge:
             if row["images"] and self.folder is None:
                 reject(pos, name, "no_image_folder", "the sample has images but no image folder was given")
                 continue
+            problems = conversation_problems(row["conversations"])  # roles and turn order
+            if problems:
+                reject(pos, name, "conversation", "; ".join(problems))
+                continue
+            floor = self.collator.length_floors([row])[0]
+            if floor is not None and floor > self.max_length:
+                reject(pos, name, "over_length", f"at least {floor} tokens (its text alone, before image tokens) > "
+                                                 f"max length {self.max_length}")
+                continue
             opened, bad = [], None
             for image in row["images"]:
                 verdict, decoded = self.check_image(image)
@@ -145,9 +183,6 @@ class Judge:
                 opened.append(decoded)
             if bad:
                 reject(pos, name, *bad)
-                continue
-            if reasons:  # roles and turn order (path and placeholder reasons were judged above)
-                reject(pos, name, "conversation", "; ".join(reasons))
                 continue
             todo.append((pos, name, row, opened))
         images = []
@@ -178,12 +213,14 @@ class Judge:
 
 
 def check_records(records: Iterable[Any], image_folder: str | Path | None, processor: Any, template: ChatTemplate,
-                  max_length: int = 2048, progress: bool = True, batch_size: int = 64) -> CheckReport:
+                  max_length: int = 2048, progress: bool = True, batch_size: int = 64,
+                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> CheckReport:
     """Judge every record (see `Judge`; `batch_size` records at a time) as the trainer's collator would
-    encode it with `template` (see `templates.resolve_template`)."""
+    encode it with `template` (see `templates.resolve_template`); images over `max_image_pixels` pixels
+    are `image_too_large`."""
     from tqdm.auto import tqdm
 
-    judge = Judge(image_folder, processor, template, max_length=max_length)
+    judge = Judge(image_folder, processor, template, max_length=max_length, max_image_pixels=max_image_pixels)
     report = CheckReport()
     total = len(records) if hasattr(records, "__len__") else None
     with tqdm(total=total, desc="check", disable=not progress) as bar:
@@ -210,21 +247,62 @@ def _chunked(records: Iterable[Any], size: int) -> Iterator[tuple[int, list[Any]
 
 
 def check_file(data_path: str | Path, image_folder: str | Path | None, processor: Any, template: ChatTemplate,
-               max_length: int = 2048, progress: bool = True) -> CheckReport:
-    """`check_records` over a `.json` list or `.jsonl` file, streamed (a few MB of it in memory at a time)."""
+               max_length: int = 2048, progress: bool = True, max_image_pixels: int = MAX_IMAGE_PIXELS) -> CheckReport:
+    """`check_records` over a `.json` list or `.jsonl` file, streamed (a few MB of it in memory at a time).
+
+    Raises:
+        DataError: the file is not a readable JSON list / JSON lines (see `records.iter_records`) or has no
+            record; the image folder is not a folder.
+    """
     records = (record for record, _ in iter_records(Path(data_path)))
-    return check_records(records, image_folder, processor, template, max_length, progress)
+    report = check_records(records, image_folder, processor, template, max_length, progress,
+                           max_image_pixels=max_image_pixels)
+    if not report.num_samples:
+        raise DataError(f"{data_path}: no samples")
+    return report
 
 
-def write_rejected(report: CheckReport, out_dir: str | Path) -> Path:
-    """`out_dir/rejected.jsonl`: one line per bad sample, then a last line with the counts per reason."""
-    path = Path(out_dir) / REJECTED_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(item) for item in report.rejected]
-    lines.append(json.dumps({"counts": report.counts, "num_samples": report.num_samples, "num_ok": report.num_ok}))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+def check_rejected_target(out_dir: str | Path) -> Path:
+    """The `rejected.jsonl` path in `out_dir`, refused before a scan when writing it could destroy a file
+    visprune did not write: `out_dir` must be a folder (or not exist yet) and an existing rejected.jsonl must
+    be a regular file whose last line is the counts record `write_rejected` ends with.
+
+    Raises:
+        DataError: naming the path and why.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} is not a folder (rejected.jsonl is written inside it)")
+    path = out_dir / REJECTED_FILE
+    if not os.path.lexists(path):
+        return path
+    if path.is_symlink() or not path.is_file():
+        raise DataError(f"{path} exists and is not a regular file: refusing to replace it")
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 65536))
+            last = handle.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        written = set(json.loads(last)) == COUNTS_KEYS
+    except (OSError, ValueError, TypeError):
+        written = False
+    if not written:
+        raise DataError(f"{path} exists and was not written by `visprune data check` (its last line is not the "
+                        "counts record): refusing to replace it; choose another --out")
     return path
 
 
-__all__ = ["FORMATS", "REJECTED_FILE", "CheckReport", "Judge", "check_file", "check_records", "image_problem",
-           "open_checked_image", "write_rejected"]
+def write_rejected(report: CheckReport, out_dir: str | Path) -> Path:
+    """`out_dir/rejected.jsonl`: one line per bad sample, then a last line with the counts per reason.
+
+    The file replaces an earlier rejected.jsonl only when visprune wrote that one (`check_rejected_target`)
+    and is written atomically (a temporary file renamed over it): nothing else in `out_dir` is touched.
+    """
+    path = check_rejected_target(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(item) for item in report.rejected]
+    lines.append(json.dumps({"counts": report.counts, "num_samples": report.num_samples, "num_ok": report.num_ok}))
+    return write_atomic(path, "\n".join(lines) + "\n")
+
+
+__all__ = ["FORMATS", "REJECTED_FILE", "CheckReport", "Judge", "check_file", "check_records", "check_rejected_target",
+           "image_problem", "open_checked_image", "write_rejected"]

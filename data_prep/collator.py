@@ -6,16 +6,76 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from .records import IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, image_path_problem, validate_row
+from .records import IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, image_path_problem, quote, shorten, validate_row
 from .templates import ChatTemplate, render, to_messages
 
 logger = logging.getLogger(__name__)
+
+# images above this many pixels are refused from their header, before any pixel is decoded: a 144-megapixel
+# PNG can be a 420 KB file and 430 MB as RGB (PIL's own guard only warns below 2 x 89 megapixels)
+MAX_IMAGE_PIXELS = 64_000_000
+# a raw row with more turns + images or characters than these has its length bounded from one render of its
+# whole conversation before its images are decoded and its answer prefixes rendered (`length_floors`)
+_FLOOR_ITEMS = 32
+_FLOOR_CHARS = 1 << 16
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose header gives more pixels than the limit; nothing of it was decoded."""
+
+
+class OverLengthError(DataError):
+    """A raw sample found over-long from a lower bound on its tokens (`LlavaCollator.length_floors`) before it
+    was encoded; `length` is that bound."""
+
+    def __init__(self, sample_id: str, length: int, max_length: int):
+        super().__init__(f"sample {quote(sample_id)}: at least {length} tokens (its text alone) > data.max_length "
+                         f"{max_length}; raise max_length (--max-length) or set data.drop_overlong")
+        self.length = length
+
+
+def check_positive(name: str, value: int) -> int:
+    """`value` when it is an int >= 1.
+
+    Raises:
+        ValueError: naming the parameter `name`.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def decode_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, str | None]:
+    """(the image decoded as RGB, its format as PIL reads it from the content), after checking its size
+    from the header: nothing is decoded for an image over `max_pixels`. PIL's own decompression-bomb
+    warning is silenced (this check replaces it); its error above 2 x `Image.MAX_IMAGE_PIXELS` stays one.
+
+    Raises:
+        ImageTooLargeError: over `max_pixels` (or PIL's own limit).
+        OSError, ValueError: PIL cannot decode the file.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > max_pixels:
+                    raise ImageTooLargeError(f"{width} x {height} = {width * height:,} pixels, over the limit of "
+                                             f"{max_pixels:,} (max_image_pixels)")
+                found = opened.format
+                opened.load()  # decode every pixel: a truncated file fails here
+                return opened.convert("RGB"), found
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLargeError(f"{exc} (PIL's Image.MAX_IMAGE_PIXELS; max_image_pixels is "
+                                     f"{max_pixels:,})") from None
 
 _TEXT_KEYS = {"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets", "token_type_ids"}
 _TOKEN_KEYS = ("mm_token_type_ids",)  # per-token tensors beside input_ids (Qwen2-VL's M-RoPE needs it): padded with 0
@@ -36,7 +96,11 @@ class LlavaCollator:
     """
 
     def __init__(self, processor: Any, template: ChatTemplate, image_folder: str | os.PathLike | None = None,
-                 max_length: int = 2048, drop_overlong: bool = False):
+                 max_length: int = 2048, drop_overlong: bool = False, max_image_pixels: int = MAX_IMAGE_PIXELS):
+        check_positive("max_length", max_length)
+        check_positive("max_image_pixels", max_image_pixels)
+        if image_folder is not None and os.path.exists(image_folder) and not os.path.isdir(image_folder):
+            raise DataError(f"image folder {image_folder} is not a folder")
         tokenizer = processor.tokenizer
         if tokenizer.pad_token_id is None:
             raise ValueError("LlavaCollator: the processor's tokenizer has no pad token")
@@ -48,26 +112,32 @@ class LlavaCollator:
         self.bos_token = tokenizer.bos_token
         self.image_token_id = getattr(processor, "image_token_id", None)
         self.image_folder = Path(image_folder).resolve() if image_folder is not None else None
+        self.max_image_pixels = max_image_pixels
         self.num_dropped = 0
+        self._max_token_chars: int | None = None
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         samples, dropped = [], []
         for row in rows:
-            sample = self.encode(row)
-            length = sample["input_ids"].numel()
+            try:
+                sample = self.encode(row)
+                length, at_least = sample["input_ids"].numel(), ""
+            except OverLengthError as exc:  # bounded before encoding: it has at least exc.length tokens
+                sample, length, at_least = None, exc.length, "at least "
             if length <= self.max_length:
                 samples.append(sample)
             elif not self.drop_overlong:
-                raise DataError(f"sample {row['id']!r}: {length} tokens (image tokens included) > data.max_length "
+                counted = "its text alone" if at_least else "image tokens included"
+                raise DataError(f"sample {quote(row['id'])}: {at_least}{length} tokens ({counted}) > data.max_length "
                                 f"{self.max_length}; raise max_length (--max-length) or set data.drop_overlong")
             else:
                 self.num_dropped += 1
                 dropped.append(row["id"])
-                logger.warning("dropping over-long sample %r: %d tokens > data.max_length %d (%d dropped so far)",
-                               row["id"], length, self.max_length, self.num_dropped)
+                logger.warning("dropping over-long sample %s: %s%d tokens > data.max_length %d (%d dropped so far)",
+                               quote(row["id"]), at_least, length, self.max_length, self.num_dropped)
         if not samples:
             raise DataError(f"every sample of the batch is over-long (> data.max_length {self.max_length}) "
-                            f"and was dropped: {dropped}")
+                            f"and was dropped: {shorten(', '.join(map(quote, dropped)))}")
         return self.pad(samples)
 
     def encode(self, row: dict, images: list[Image.Image] | None = None) -> dict[str, torch.Tensor]:
@@ -82,7 +152,10 @@ class LlavaCollator:
         sample_id = row["id"]
         reasons = validate_row(row)
         if reasons:
-            raise DataError(f"sample {sample_id!r}: {'; '.join(reasons)}")
+            raise DataError(f"sample {quote(sample_id)}: {shorten('; '.join(reasons))}")
+        floor = self.length_floors([row])[0]
+        if floor is not None and floor > self.max_length:
+            raise OverLengthError(sample_id, floor, self.max_length)
         if images is None:
             images = [self.load_image(sample_id, image) for image in row["images"]]
         text, spans = self.render(sample_id, self.messages(row))
@@ -100,12 +173,20 @@ class LlavaCollator:
         row by row, tested). A row that cannot be encoded gets its DataError in its place; when the
         processor rejects the batch, every row is encoded alone so the error lands on its own row."""
         results: list[Any] = [None] * len(rows)
-        todo = []  # (position, row, images)
+        valid = []
         for pos, row in enumerate(rows):
+            reasons = validate_row(row)
+            if reasons:
+                results[pos] = DataError(f"sample {quote(row['id'])}: {shorten('; '.join(reasons))}")
+            else:
+                valid.append(pos)
+        todo = []  # (position, row, images)
+        for pos, floor in zip(valid, self.length_floors([rows[pos] for pos in valid])):
+            row = rows[pos]
+            if floor is not None and floor > self.max_length:
+                results[pos] = OverLengthError(row["id"], floor, self.max_length)
+                continue
             try:
-                reasons = validate_row(row)
-                if reasons:
-                    raise DataError(f"sample {row['id']!r}: {'; '.join(reasons)}")
                 opened = images[pos] if images is not None and images[pos] is not None else \
                     [self.load_image(row["id"], image) for image in row["images"]]
                 todo.append((pos, row, opened))
@@ -137,6 +218,51 @@ class LlavaCollator:
                 results[pos] = self._token_sample(out, index, spans)
         return results
 
+    def length_floors(self, rows: list[dict]) -> list[int | None]:
+        """A lower bound on the tokens of each raw row big enough to need one (more than `_FLOOR_ITEMS` turns
+        and images, or `_FLOOR_CHARS` characters), None for the others and where the template rejects the
+        conversation.
+
+        The bound is the whole conversation rendered once and tokenized without the processor's image
+        expansion (which only adds tokens), so a sample of 100,000 turns or a 10 MB answer is found over-long
+        in time linear in its size, before its images are decoded and before the answer prefixes are
+        rendered (`render_many`, quadratic in the turns). A text longer than the longest vocabulary entry
+        times `max_length` characters is over-long without being tokenized."""
+        floors: list[int | None] = [None] * len(rows)
+        todo = [pos for pos, row in enumerate(rows) if self._needs_floor(row)]
+        if not todo:
+            return floors
+        from jinja2 import TemplateError
+
+        conversations = [self.messages(rows[pos]) for pos in todo]
+        try:
+            texts = render(self.processor, conversations, self.template.source)
+        except (TemplateError, TypeError):  # rendered alone, so one bad conversation does not hide the rest
+            texts = []
+            for conversation in conversations:
+                try:
+                    texts += render(self.processor, [conversation], self.template.source)
+                except (TemplateError, TypeError):
+                    texts.append(None)
+        if self._max_token_chars is None:
+            self._max_token_chars = max(map(len, self.processor.tokenizer.get_vocab()), default=1) or 1
+        for pos, text in zip(todo, texts):
+            if text is None:
+                continue
+            if len(text) > self._max_token_chars * (self.max_length + 1):
+                floors[pos] = -(-len(text) // self._max_token_chars)
+            else:
+                floors[pos] = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return floors
+
+    def _needs_floor(self, row: dict) -> bool:
+        if row.get("input_ids") is not None:
+            return False
+        turns = row["conversations"]
+        if len(turns) + len(row["images"]) > _FLOOR_ITEMS:
+            return True
+        return sum(len(turn["value"]) for turn in turns) > _FLOOR_CHARS
+
     def messages(self, row: dict) -> list[dict]:
         """A row's turns as the template's messages (content blocks, or strings with the image text)."""
         return to_messages(row["conversations"], self.template)
@@ -152,8 +278,8 @@ class LlavaCollator:
             out = self.processor(text=texts, return_offsets_mapping=True, return_text_replacement_offsets=True,
                                  add_special_tokens=self._add_special_tokens(texts[0]), **kwargs)
         except ValueError as exc:
-            name = repr(sample_ids[0]) if len(sample_ids) == 1 else f"{sample_ids[0]!r} (of {len(sample_ids)})"
-            raise DataError(f"sample {name}: the processor rejected it: {exc}") from exc
+            name = quote(sample_ids[0]) if len(sample_ids) == 1 else f"{quote(sample_ids[0])} (of {len(sample_ids)})"
+            raise DataError(f"sample {name}: the processor rejected it: {shorten(str(exc))}") from exc
         if "offset_mapping" not in out:
             raise ValueError("LlavaCollator needs a fast (tokenizers) tokenizer that returns offset mappings")
         if images and "text_replacement_offsets" not in out:  # without them the spans would silently shift
@@ -201,7 +327,7 @@ class LlavaCollator:
         input_ids = torch.tensor(row["input_ids"], dtype=torch.long)
         labels = torch.tensor(row["labels"], dtype=torch.long)
         if labels.shape != input_ids.shape:
-            raise DataError(f"sample {sample_id!r}: prepared labels and input_ids differ in length")
+            raise DataError(f"sample {quote(sample_id)}: prepared labels and input_ids differ in length")
         sample = {"input_ids": input_ids, "labels": labels}
         sample.update({key: torch.tensor(row[key], dtype=torch.long) for key in _TOKEN_KEYS if row.get(key) is not None})
         if images is None:
@@ -212,12 +338,12 @@ class LlavaCollator:
         try:
             out = self.processor(text=[image_token * len(images)], images=images, return_tensors="pt")
         except ValueError as exc:
-            raise DataError(f"sample {sample_id!r}: the processor rejected its images: {exc}") from exc
+            raise DataError(f"sample {quote(sample_id)}: the processor rejected its images: {shorten(str(exc))}") from exc
         if self.image_token_id is not None:
             expected = int((out["input_ids"] == self.image_token_id).sum())
             stored = int((input_ids == self.image_token_id).sum())
             if expected != stored:
-                raise DataError(f"sample {sample_id!r}: its images now take {expected} image tokens but the prepared "
+                raise DataError(f"sample {quote(sample_id)}: its images now take {expected} image tokens but the prepared "
                                 f"dataset has {stored}; the images or the processor changed since "
                                 "`visprune data prepare`: prepare the data again")
         sample.update(self._image_tensors(out))
@@ -262,7 +388,7 @@ class LlavaCollator:
             if len(conversations) > 1:
                 return [self.render_many([sample_id], [messages])[0]
                         for sample_id, messages in zip(sample_ids, conversations)]
-            return [DataError(f"sample {sample_ids[0]!r}: the chat template rejected it: {exc}")]
+            return [DataError(f"sample {quote(sample_ids[0])}: the chat template rejected it: {shorten(str(exc))}")]
         results: list[Any] = []
         for sample_id, (at, before_at, num_answers, ends_with_answer) in zip(sample_ids, plan):
             answer_texts = throughs[at:at + num_answers]
@@ -270,7 +396,7 @@ class LlavaCollator:
             spans = []
             for before, through in zip(befores[before_at:before_at + num_answers], answer_texts):
                 if not (through.startswith(before) and text.startswith(through)):
-                    spans = DataError(f"sample {sample_id!r}: the chat template does not render conversation "
+                    spans = DataError(f"sample {quote(sample_id)}: the chat template does not render conversation "
                                       "prefixes as text prefixes, so the assistant spans cannot be found")
                     break
                 spans.append((len(before), self._answer_end(through, len(before))))
@@ -284,26 +410,33 @@ class LlavaCollator:
         return max(ends) if ends else len(through)
 
     def load_image(self, sample_id: str, image: str) -> Image.Image:
-        """Open `image` (relative to the image folder, which it may not leave) as RGB."""
+        """Open `image` (relative to the image folder, which it may not leave) as RGB; its size is checked
+        against `max_image_pixels` before any pixel is decoded (`decode_image`)."""
         path = self.resolve_image_path(sample_id, image)
-        if not path.is_file():
-            raise DataError(f"sample {sample_id!r}: image {image!r} not found in {self.image_folder}")
         try:
-            with Image.open(path) as opened:
-                return opened.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DataError(f"sample {sample_id!r}: cannot decode image {image!r}: {exc}") from exc
+            mode = os.stat(path).st_mode
+        except OSError:
+            raise DataError(f"sample {quote(sample_id)}: image {quote(image)} not found in {self.image_folder}") from None
+        if not stat.S_ISREG(mode):  # a FIFO would block the reader
+            raise DataError(f"sample {quote(sample_id)}: image {quote(image)} is not a regular file")
+        try:
+            return decode_image(path, self.max_image_pixels)[0]
+        except ImageTooLargeError as exc:
+            raise DataError(f"sample {quote(sample_id)}: image {quote(image)} is too large: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise DataError(f"sample {quote(sample_id)}: cannot decode image {quote(image)}: "
+                            f"{shorten(str(exc))}") from exc
 
     def resolve_image_path(self, sample_id: str, image: str) -> Path:
         """The real path of `image`; symlinks are followed and the target must stay inside the folder."""
         if self.image_folder is None:
-            raise DataError(f"sample {sample_id!r} has image {image!r} but data.image_folder is not set")
+            raise DataError(f"sample {quote(sample_id)} has image {quote(image)} but data.image_folder is not set")
         problem = image_path_problem(image)
         if problem:
-            raise DataError(f"sample {sample_id!r}: image {image!r}: {problem}")
+            raise DataError(f"sample {quote(sample_id)}: image {quote(image)}: {problem}")
         path = (self.image_folder / image).resolve()
         if not path.is_relative_to(self.image_folder):
-            raise DataError(f"sample {sample_id!r}: image {image!r} resolves outside data.image_folder "
+            raise DataError(f"sample {quote(sample_id)}: image {quote(image)} resolves outside data.image_folder "
                             f"({self.image_folder}); symlinks must point inside it")
         return path
 

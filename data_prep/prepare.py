@@ -17,7 +17,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,18 +33,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Features, List, Value
 
-from .check import CheckReport, Judge, write_rejected
-from .collator import _TOKEN_KEYS, LlavaCollator
+from .check import REJECTED_FILE, CheckReport, Judge, write_rejected
+from .collator import _TOKEN_KEYS, MAX_IMAGE_PIXELS, LlavaCollator, check_positive
 from .files import fsync_dir, fsync_tree, write_atomic
 from .prepared import MANIFEST_FILE, PREPARED_FORMAT, processor_fingerprint
 from .processing import load_processor
-from .records import DataError, features, iter_records
+from .records import DataError, check_regular_file, features, iter_records, quote, read_json
 from .templates import ChatTemplate, resolve_for_folder
 
 logger = logging.getLogger(__name__)
 
 SHARD_SIZE = 50_000  # rows per output shard (at least num_proc shards)
 CHUNK_SIZE = 64  # records per task sent to a worker (and per processor call)
+# what a prepared folder holds: the manifest, `save_to_disk`'s shards, dataset_info.json and state.json, and
+# rejected.jsonl; `--overwrite` replaces a folder of these files only
+PREPARED_FILES = {MANIFEST_FILE, "dataset_info.json", "state.json", REJECTED_FILE}
+SHARD_NAME = re.compile(r"data-\d{5}-of-\d{5}\.arrow")
 
 
 @dataclass
@@ -88,10 +94,10 @@ def _init_pool_worker(*args: Any) -> None:
 
 
 def _init_worker(processor: Any, image_folder: str | None, max_length: int, template: ChatTemplate,
-                 token_keys: tuple[str, ...], trust_remote_code: bool) -> None:
+                 token_keys: tuple[str, ...], trust_remote_code: bool, max_image_pixels: int) -> None:
     """Once per worker process: its own processor (loaded from the folder, or unpickled) and judge."""
     _WORKER["judge"] = Judge(image_folder, _load_processor(processor, trust_remote_code), template,
-                             max_length=max_length)
+                             max_length=max_length, max_image_pixels=max_image_pixels)
     _WORKER["token_keys"] = token_keys
     _WORKER["features"] = prepared_features(token_keys)
 
@@ -198,27 +204,64 @@ def _results(chunks: Iterator, num_proc: int, init_args: tuple) -> Iterator[tupl
                 future.cancel()
 
 
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty DIR unless `overwrite` and it is a prepared folder (one with a manifest); a
-    folder of anything else is never replaced."""
-    if not out_dir.exists():
+def check_output_dir(out_dir: Path, overwrite: bool, json_path: Path | None = None,
+                     image_root: Path | None = None) -> None:
+    """Refuse an output folder that could lose a file that `visprune data prepare` did not write.
+
+    `out_dir` may not be or contain the data file's folder, nor be, contain or lie inside the image folder.
+    A non-empty `out_dir` is refused unless `overwrite`, and even then unless it is a prepared folder: a
+    visprune manifest and only the files a conversion writes (`PREPARED_FILES`, `data-NNNNN-of-NNNNN.arrow`).
+
+    Raises:
+        DataError: naming the folder and, for a foreign folder, one entry that is not ours.
+    """
+    out = os.path.realpath(out_dir)
+    if json_path is not None:
+        for data_dir in {os.path.realpath(json_path.parent), os.path.dirname(os.path.realpath(json_path))}:
+            if _is_within(data_dir, out):
+                raise DataError(f"output folder {out_dir} is or contains the folder of the data file {json_path}; "
+                                "choose an output folder outside it")
+    if image_root is not None:
+        images = os.path.realpath(image_root)
+        if _is_within(images, out) or _is_within(out, images):
+            raise DataError(f"output folder {out_dir} is, contains or is inside the image folder {image_root}; "
+                            "choose an output folder outside it")
+    existing = next(path for path in (out_dir, *out_dir.parents) if os.path.lexists(path) or path == path.parent)
+    if existing != out_dir:
+        if existing.exists() and not existing.is_dir():
+            raise DataError(f"output folder {out_dir} cannot be made: {existing} is not a folder")
         return
     if not out_dir.is_dir():
         raise DataError(f"output {out_dir} exists and is not a folder")
-    if not any(out_dir.iterdir()):
+    entries = sorted(out_dir.iterdir())
+    if not entries:
         return
     if not overwrite:
         raise DataError(f"output folder {out_dir} exists and is not empty (--overwrite replaces a prepared folder)")
-    if not (out_dir / MANIFEST_FILE).is_file():
-        raise DataError(f"output folder {out_dir} is not a prepared dataset (no {MANIFEST_FILE}): "
+    try:
+        manifest = read_json(out_dir / MANIFEST_FILE, "manifest")
+    except DataError:
+        manifest = None
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("visprune-data/"):
+        raise DataError(f"output folder {out_dir} is not a prepared dataset (no {MANIFEST_FILE} written by visprune): "
                         "refusing to replace it, even with --overwrite")
+    for entry in entries:
+        ours = entry.name in PREPARED_FILES or SHARD_NAME.fullmatch(entry.name)
+        if not ours or not stat.S_ISREG(entry.lstat().st_mode):
+            raise DataError(f"output folder {out_dir} holds {quote(entry.name, 100)}, which `visprune data prepare` "
+                            "does not write: refusing to replace the folder, even with --overwrite")
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """Whether the real path `path` is `folder` or inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def prepare_dataset(json_path: str | os.PathLike, image_root: str | os.PathLike | None, out_dir: str | os.PathLike,
                     processor: Any, max_length: int = 2048, num_proc: int | None = None, skip_bad: bool = False,
                     progress: bool = True, overwrite: bool = False, template: str | ChatTemplate = "auto",
                     family: str | None = None, trust_remote_code: bool = False, shard_size: int = SHARD_SIZE,
-                    chunk_size: int = CHUNK_SIZE) -> PrepareReport:
+                    chunk_size: int = CHUNK_SIZE, max_image_pixels: int = MAX_IMAGE_PIXELS) -> PrepareReport:
     """Convert `json_path` (a LLaVA `.json` list or `.jsonl`) with images under `image_root` into the
     prepared folder `out_dir` (see the module docstring and `prepared_features` for the columns).
 
@@ -228,21 +271,24 @@ def prepare_dataset(json_path: str | os.PathLike, image_root: str | os.PathLike 
     the trainer resolves it); it is part of the manifest's fingerprint. Bad samples
     (the `visprune data check` reasons) stop the conversion: the report lists them and nothing is written;
     with `skip_bad` they go to `out_dir/rejected.jsonl` and the rest is converted. `num_proc` defaults to
-    min(2, CPUs); the output does not depend on it.
+    min(2, CPUs); the output does not depend on it. Images over `max_image_pixels` pixels are rejected
+    (`image_too_large`) from their header; the manifest records the limit.
 
     Raises:
-        DataError: unreadable JSON, a missing image folder, a non-empty `out_dir`, no good sample.
+        ValueError: `max_length`, `max_image_pixels`, `num_proc`, `shard_size` or `chunk_size` < 1.
+        DataError: unreadable JSON, a missing image folder, an output folder that is refused
+            (`check_output_dir`), no good sample.
     """
     began = time.perf_counter()
     json_path, out_dir = Path(json_path), Path(out_dir)
-    if not json_path.is_file():
-        raise FileNotFoundError(f"data file {json_path} not found")
+    num_proc = num_proc or min(2, os.cpu_count() or 1)
+    for name, value in (("max_length", max_length), ("max_image_pixels", max_image_pixels), ("num_proc", num_proc),
+                        ("shard_size", shard_size), ("chunk_size", chunk_size)):
+        check_positive(name, value)
+    check_regular_file(json_path)
     if image_root is not None and not Path(image_root).is_dir():
         raise DataError(f"image folder {image_root} is not a folder")
-    num_proc = num_proc or min(2, os.cpu_count() or 1)
-    if num_proc < 1 or shard_size < 1 or chunk_size < 1:
-        raise ValueError("num_proc, shard_size and chunk_size must be >= 1")
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, json_path, None if image_root is None else Path(image_root))
 
     loaded = _load_processor(processor, trust_remote_code)
     processor_dir = processor if isinstance(processor, (str, os.PathLike)) else None
@@ -253,7 +299,7 @@ def prepare_dataset(json_path: str | os.PathLike, image_root: str | os.PathLike 
     folder = None if image_root is None else os.path.realpath(image_root)
     # a folder is sent to the workers as its path (they load it), an object pickled
     init_args = (str(processor) if processor_dir is not None else loaded, folder, max_length, template,
-                 token_keys, trust_remote_code)
+                 token_keys, trust_remote_code, max_image_pixels)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -272,8 +318,8 @@ def prepare_dataset(json_path: str | os.PathLike, image_root: str | os.PathLike 
         num_shards = _save_shards(tmp_dir, num_proc, shard_size, report.check.num_ok, progress)
         if report.check.rejected:
             write_rejected(report.check, tmp_dir)
-        manifest = _manifest(json_path, folder, max_length, family, fingerprint, template, processor_dir,
-                             token_keys, num_shards, report, time.perf_counter() - began)
+        manifest = _manifest(json_path, folder, max_length, max_image_pixels, family, fingerprint, template,
+                             processor_dir, token_keys, num_shards, report, time.perf_counter() - began)
         fsync_tree(tmp_dir)
         write_atomic(tmp_dir / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
         _move_into_place(tmp_dir, out_dir)
@@ -281,7 +327,7 @@ def prepare_dataset(json_path: str | os.PathLike, image_root: str | os.PathLike 
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     report.out_dir, report.manifest = out_dir, manifest
-    report.rejected_path = out_dir / "rejected.jsonl" if report.check.rejected else None
+    report.rejected_path = out_dir / REJECTED_FILE if report.check.rejected else None
     report.seconds = time.perf_counter() - began
     logger.info("%s: %d of %d samples prepared in %.1f s (%.0f samples/s), %d rejected", out_dir,
                 report.check.num_ok, report.check.num_samples, report.seconds,
@@ -357,9 +403,9 @@ def _save_shards(tmp_dir: Path, num_proc: int, shard_size: int, num_rows: int, p
     return num_shards
 
 
-def _manifest(json_path: Path, folder: str | None, max_length: int, family: str | None, fingerprint: dict,
-              template: ChatTemplate, processor_dir: Any, token_keys: tuple[str, ...], num_shards: int,
-              report: PrepareReport, seconds: float) -> dict[str, Any]:
+def _manifest(json_path: Path, folder: str | None, max_length: int, max_image_pixels: int, family: str | None,
+              fingerprint: dict, template: ChatTemplate, processor_dir: Any, token_keys: tuple[str, ...],
+              num_shards: int, report: PrepareReport, seconds: float) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     def package(name: str) -> str | None:
@@ -376,6 +422,7 @@ def _manifest(json_path: Path, folder: str | None, max_length: int, family: str 
         "source": {"path": str(json_path.resolve()), "size": stats["source_size"], "sha256": stats["source_sha256"]},
         "image_folder": folder,
         "max_length": max_length,
+        "max_image_pixels": max_image_pixels,
         "family": family,
         "processor": {**fingerprint, "path": None if processor_dir is None else os.path.realpath(processor_dir)},
         "template": {"name": template.name, "requested": template.requested, "reason": template.reason,

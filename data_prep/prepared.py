@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from datasets import Dataset
 
-from .records import COLUMNS, DataError
+from .records import COLUMNS, DataError, read_json
 from .templates import ChatTemplate
 
 logger = logging.getLogger(__name__)
@@ -26,42 +26,102 @@ PREPARED_COLUMNS = ("input_ids", "labels", "length")  # beside the records' COLU
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a prepared folder (or the manifest file itself), its format checked.
+    """The manifest of a prepared folder (or the manifest file itself), its format and the fields visprune
+    relies on checked (`check_manifest`).
 
     Raises:
-        DataError: no manifest (an incomplete conversion, or not a prepared folder) or another format.
+        DataError: no manifest (an incomplete conversion, or not a prepared folder), another format, or a
+            manifest that is not one `visprune data prepare` writes (edited or damaged).
     """
     path = Path(path)
     manifest_path = path / MANIFEST_FILE if path.is_dir() else path
     if not manifest_path.is_file():
         raise DataError(f"{path} has no {MANIFEST_FILE}: not a folder written by `visprune data prepare`, or an "
                         "incomplete one (the manifest is written last); prepare the data again")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {manifest_path}: {exc}") from exc
+    manifest = read_json(manifest_path, "manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != PREPARED_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise DataError(f"{manifest_path}: format {found!r}, this visprune reads {PREPARED_FORMAT!r}; "
                         "prepare the data again")
+    check_manifest(manifest, manifest_path)
     return manifest
 
 
+def check_manifest(manifest: dict[str, Any], where: str | os.PathLike) -> None:
+    """Refuse a manifest whose counts, lengths, columns or settings are not what a conversion writes: the
+    types, and counts that add up (ok + rejected = samples, with_images <= ok, lengths within max_length).
+
+    Raises:
+        DataError: naming the first field that is wrong.
+    """
+    def natural(value: Any, low: int = 0) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    counts, lengths, columns = manifest.get("counts"), manifest.get("lengths"), manifest.get("columns")
+    problem = None
+    if not natural(manifest.get("max_length"), 1):
+        problem = "max_length is not a whole number >= 1"
+    elif "max_image_pixels" in manifest and not natural(manifest["max_image_pixels"], 1):
+        problem = "max_image_pixels is not a whole number >= 1"
+    elif not natural(manifest.get("num_shards"), 1):
+        problem = "num_shards is not a whole number >= 1"
+    elif not isinstance(counts, dict) or not all(natural(counts.get(key)) for key in
+                                                 ("samples", "ok", "rejected", "with_images")):
+        problem = "counts must hold whole numbers samples, ok, rejected and with_images"
+    elif counts["ok"] + counts["rejected"] != counts["samples"] or counts["with_images"] > counts["ok"] \
+            or counts["ok"] < 1:
+        problem = f"counts do not add up (ok {counts['ok']} + rejected {counts['rejected']} vs samples " \
+                  f"{counts['samples']}, with_images {counts['with_images']})"
+    elif not isinstance(lengths, dict) or not all(natural(lengths.get(key), 1) for key in ("min", "max")) \
+            or not lengths["min"] <= lengths["max"] <= manifest["max_length"]:
+        problem = "lengths must hold whole numbers 1 <= min <= max <= max_length"
+    elif not isinstance(columns, list) or not all(isinstance(column, str) for column in columns):
+        problem = "columns must be a list of column names"
+    elif not (manifest.get("image_folder") is None or isinstance(manifest.get("image_folder"), str)):
+        problem = "image_folder must be a path or null"
+    elif not isinstance(manifest.get("processor"), dict) or not isinstance(manifest.get("template"), dict):
+        problem = "processor and template must be objects"
+    if problem:
+        raise DataError(f"{where}: {problem}; the manifest was edited or damaged: prepare the data again")
+
+
 def load_prepared(path: str | os.PathLike) -> Dataset:
-    """A prepared folder as a memory-mapped Dataset (`datasets.load_from_disk`), manifest and columns checked."""
+    """A prepared folder as a memory-mapped Dataset (`datasets.load_from_disk`), checked against its
+    manifest: the columns, the number of shards and rows, the longest and shortest sample.
+
+    Raises:
+        DataError: the folder is not a complete prepared dataset, or its files and manifest disagree.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
     from datasets import load_from_disk
 
     path = Path(path)
     manifest = read_manifest(path)
     try:
         dataset = load_from_disk(str(path))
-    except (OSError, ValueError) as exc:  # FileNotFoundError is an OSError
-        raise DataError(f"{path}: cannot load the prepared dataset: {exc}") from exc
+    except (OSError, ValueError, pa.ArrowException) as exc:  # FileNotFoundError is an OSError
+        raise DataError(f"{path}: cannot load the prepared dataset: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
+                        "prepare the data again") from exc
     missing = [column for column in (*COLUMNS, *PREPARED_COLUMNS) if column not in dataset.column_names]
     if missing:
         raise DataError(f"{path}: the prepared dataset lacks the columns {missing}")
-    if len(dataset) != manifest.get("counts", {}).get("ok"):
-        raise DataError(f"{path}: {len(dataset)} rows but the manifest says {manifest.get('counts', {}).get('ok')}")
+    problems = []
+    if list(dataset.column_names) != manifest["columns"]:
+        problems.append(f"columns {dataset.column_names} but the manifest says {manifest['columns']}")
+    if len(dataset.cache_files) != manifest["num_shards"]:
+        problems.append(f"{len(dataset.cache_files)} shards but the manifest says {manifest['num_shards']}")
+    if len(dataset) != manifest["counts"]["ok"]:
+        problems.append(f"{len(dataset)} rows but the manifest says {manifest['counts']['ok']}")
+    elif len(dataset):
+        span = pc.min_max(dataset.data.column("length"))
+        stored = {"min": span["min"].as_py(), "max": span["max"].as_py()}
+        if stored != {key: manifest["lengths"][key] for key in ("min", "max")}:
+            problems.append(f"lengths {stored['min']}-{stored['max']} but the manifest says "
+                            f"{manifest['lengths']['min']}-{manifest['lengths']['max']}")
+    if problems:
+        raise DataError(f"{path}: " + "; ".join(problems) + "; the folder was changed since `visprune data prepare`: "
+                        "prepare the data again")
     logger.info("%s: %d prepared samples (%s)", path, len(dataset), manifest.get("source", {}).get("path"))
     return dataset
 
@@ -110,12 +170,13 @@ _FINGERPRINT_NAMES = {"class": "processor class", "template": "chat template nam
 
 def check_prepared_matches(prepared: str | os.PathLike | dict, processor: Any, template: ChatTemplate,
                            max_length: int, image_folder: str | os.PathLike | None,
-                           drop_overlong: bool = False) -> dict[str, Any]:
+                           drop_overlong: bool = False, max_image_pixels: int | None = None) -> dict[str, Any]:
     """Refuse a prepared dataset (folder, manifest file or manifest dict) that the training run would not
     have produced itself: another processor or chat template (class, the template actually used,
     vocabulary, image token, text of an `<image>`, image processor settings), samples longer than the
-    run's `max_length` (unless `drop_overlong`: they are dropped by the collator and counted), or another
-    image folder. Returns the manifest.
+    run's `max_length` (unless `drop_overlong`: they are dropped by the collator and counted), another
+    image folder, or images allowed up to more pixels than the run's `max_image_pixels` (when given; the
+    collator would refuse them mid-run). Returns the manifest.
 
     Raises:
         DataError: naming every mismatch and what to do.
@@ -138,6 +199,12 @@ def check_prepared_matches(prepared: str | os.PathLike | dict, processor: Any, t
     run_folder = None if image_folder is None else os.path.realpath(image_folder)
     if manifest.get("counts", {}).get("with_images", 0) and prepared_folder != run_folder:
         problems.append(f"its images were checked in {prepared_folder} but data.image_folder is {run_folder}")
+    prepared_pixels = manifest.get("max_image_pixels")
+    if max_image_pixels is not None and manifest.get("counts", {}).get("with_images", 0) \
+            and prepared_pixels is not None and prepared_pixels > max_image_pixels:
+        problems.append(f"its images were checked up to {prepared_pixels} pixels but "
+                        f"data.max_image_pixels is {max_image_pixels}; prepare again with --max-image-pixels "
+                        f"{max_image_pixels}")
     if problems:
         raise DataError(f"{name}: " + "; ".join(problems) + " (run `visprune data prepare` with this model's "
                         "processor, the recipe's data.template, max_length and image folder)")

@@ -6,11 +6,12 @@ completed from the model's own config.json where the published folder leaves the
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
+
+from .records import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def complete_llava_processor(processor: Any, path: str | os.PathLike) -> None:
         return
     config_path = Path(path) / "config.json"
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = read_json(config_path, "model config")  # duplicate keys and NaN are refused
         vision = config["vision_config"]
         patch_size = int(vision["patch_size"])
     except (OSError, ValueError, KeyError, TypeError) as exc:

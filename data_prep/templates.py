@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .records import IMAGE_PLACEHOLDER, ROLES, DataError
+from .records import IMAGE_PLACEHOLDER, ROLES, DataError, read_json, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +100,16 @@ class ChatTemplate:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ChatTemplate:
         if not isinstance(data, dict) or data.get("format") != TEMPLATE_FORMAT:
-            raise DataError(f"not a visprune chat template (format {data.get('format') if isinstance(data, dict) else data!r})")
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise DataError(f"not a visprune chat template (format {shorten(repr(found), 100)})")
         try:
             return cls(name=str(data["name"]), source=str(data["source"]), blocks=bool(data["blocks"]),
                        image_text=str(data["image_text"]), end_of_turn=tuple(str(t) for t in data["end_of_turn"]),
                        requested=str(data.get("requested", "auto")), reason=str(data.get("reason", "")))
         except KeyError as exc:
             raise DataError(f"the saved chat template lacks {exc}") from exc
+        except TypeError as exc:  # end_of_turn not a list
+            raise DataError(f"the saved chat template is malformed: {exc}") from exc
 
     def save(self, folder: str | os.PathLike) -> Path:
         """`folder/visprune_template.json` (written atomically)."""
@@ -118,11 +121,12 @@ class ChatTemplate:
     def load(cls, folder: str | os.PathLike) -> ChatTemplate | None:
         """The template saved in `folder` (None when the folder has none)."""
         path = Path(folder) / TEMPLATE_FILE
-        if not path.is_file():
+        if not os.path.lexists(path):
             return None
+        data = read_json(path, "chat template")  # duplicate keys, NaN and a FIFO are refused, naming the file
         try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as exc:
+            return cls.from_dict(data)
+        except DataError as exc:
             raise DataError(f"cannot read {path}: {exc}") from exc
 
 
@@ -424,12 +428,10 @@ def folder_family(model_dir: str | os.PathLike | None, family: str | None = None
             raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILIES)}")
         return family
     config = None if model_dir is None else Path(model_dir) / "config.json"
-    if config is None or not config.is_file():
+    if config is None or not os.path.lexists(config):
         return None
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+    data = read_json(config, "model config")  # not JSON, duplicate keys or NaN: refused, naming the file
+    model_type = data.get("model_type") if isinstance(data, dict) else None
     return model_type if model_type in FAMILIES else None
 
 

@@ -53,7 +53,7 @@ def test_a_processor_that_needs_torchvision_names_the_wheel(assets, records, cap
     assert main(["data", "check", "--json", str(records), "--processor", str(assets["qwen2-vl"]),
                  "--family", "qwen2_vl"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("visprune data: error: the processor of")
+    assert len(err.splitlines()) == 1 and err.startswith("visprune data check: error: the processor of")
     assert matching_torchvision() in err
 
 

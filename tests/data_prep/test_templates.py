@@ -288,5 +288,5 @@ def test_data_check_passes_on_the_published_llava_processor(built, red, tmp_path
     assert main(base + ["--template", "processor"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert err.startswith("visprune data: error: the processor's chat template renders no end-of-turn token")
+    assert err.startswith("visprune data check: error: the processor's chat template renders no end-of-turn token")
     assert err.endswith("use data.template: llava_v1 (this family's training format)")
