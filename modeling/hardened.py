@@ -684,21 +684,31 @@ def hardened_forward_context(model: nn.Module, input_ids: torch.Tensor, grids, a
 
 
 def load_pruned(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-                **from_pretrained_kwargs: Any) -> nn.Module:
+                trust_remote_code: bool = False, **from_pretrained_kwargs: Any) -> nn.Module:
     """Load an exported visprune folder (`visprune harden --out DIR`) as a hardened model in eval mode.
 
     The folder is a standard HF checkpoint (LoRA merged) plus `pruning_plan.json`; this loads it with
     `AutoModelForImageTextToText.from_pretrained` and applies the plan with `mode="hardened"`.
-    Extra keyword arguments go to `from_pretrained` (`trust_remote_code` stays off unless given).
+
+    Args:
+        path: the exported folder.
+        dtype: weights dtype (default: the folder's).
+        device: where to move the model.
+        trust_remote_code: let the folder's own model code run; must be given as True or False (a string such
+            as "false" is refused: it would be truthy).
+        **from_pretrained_kwargs: other `from_pretrained` arguments.
     """
     from transformers import AutoModelForImageTextToText
 
+    if not isinstance(trust_remote_code, bool):
+        raise TypeError(f"load_pruned: trust_remote_code must be True or False, got {trust_remote_code!r}")
     path = Path(path)
     plan_file = path / PLAN_FILE
     if not plan_file.is_file():
         raise FileNotFoundError(f"{path} has no {PLAN_FILE}; is it a folder written by `visprune harden`?")
     plan = Plan.from_json(plan_file)
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype or "auto", **from_pretrained_kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype or "auto",
+                                                        trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
     if device is not None:
         model = model.to(device)
     harden_model(model, plan)

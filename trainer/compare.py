@@ -124,11 +124,12 @@ def kv_bytes_per_sample(model: torch.nn.Module, encoder: PromptEncoder, rows: li
 def compare_dirs(dir_a: str | Path, dir_b: str | Path, data: str | Path, images: str | Path | None,
                  metric: str = "vqa", batch_size: int = 8, max_new_tokens: int = 64, limit: int | None = None,
                  repeats: int = 5, time_samples: int | None = 64, kv_samples: int = 16,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, trust_remote_code: bool = False) -> dict[str, Any]:
     """Compare two model folders on `data` (see the module docstring); returns one JSON-able dict.
 
     `time_samples`: prefill latency is timed on the first N samples (None: all of them); `kv_samples`:
-    KV bytes are measured on the first N.
+    KV bytes are measured on the first N. `trust_remote_code`: let both folders' own code run (off unless
+    the caller says so).
     """
     from tqdm.auto import tqdm
 
@@ -141,7 +142,7 @@ def compare_dirs(dir_a: str | Path, dir_b: str | Path, data: str | Path, images:
     sides: dict[str, dict[str, Any]] = {}
     models, encoders, processors = {}, {}, {}
     for key, folder in dirs.items():
-        model, processor = load_for_eval(folder)
+        model, processor = load_for_eval(folder, trust_remote_code=trust_remote_code)
         models[key], processors[key] = model, processor
         encoders[key] = PromptEncoder(processor, images, resolve_for_model(model, processor, folder))
         sides[key] = {"model": str(folder), "hardened": getattr(model, "visprune_plan", None) is not None}

@@ -15,7 +15,6 @@ way VQA benchmarks do (`vqa_eval`, `scoring`).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from visprune.data_prep.collator import LlavaCollator
 from visprune.data_prep.processing import load_processor
-from visprune.data_prep.records import IGNORE_INDEX, build_dataset
+from visprune.data_prep.records import IGNORE_INDEX, build_dataset, read_records
 from visprune.data_prep.templates import ChatTemplate, resolve_for_model
 from visprune.modeling import (
     PLAN_FILE,
@@ -40,18 +39,36 @@ from .vqa_eval import METRIC_NAMES, METRICS, evaluate_generation, write_predicti
 logger = logging.getLogger(__name__)
 
 
-def load_for_eval(model_dir: str | Path):
-    """(model, processor): hardened when the folder has a plan, else the plain model; eval mode."""
+def load_for_eval(model_dir: str | Path, trust_remote_code: bool = False):
+    """(model, processor): hardened when the folder has a plan, else the plain model; eval mode.
+
+    Args:
+        model_dir: a model folder (e.g. one `visprune harden` wrote).
+        trust_remote_code: let the folder's own model and processor code run; only ever from the caller.
+
+    Raises:
+        FileNotFoundError: `model_dir` is not a model folder.
+        ValueError: the folder's model needs its own code and `trust_remote_code` is off.
+    """
     from transformers import AutoModelForImageTextToText
 
+    if not isinstance(trust_remote_code, bool):  # a string "false" is truthy
+        raise TypeError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json)")
-    if (model_dir / PLAN_FILE).is_file():
-        model = load_pruned(model_dir)
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
-    return model, load_processor(model_dir)
+    try:
+        if (model_dir / PLAN_FILE).is_file():
+            model = load_pruned(model_dir, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(str(model_dir),
+                                                                trust_remote_code=trust_remote_code).eval()
+    except ValueError as exc:
+        if trust_remote_code or "trust_remote_code" not in str(exc):
+            raise
+        raise ValueError(f"{model_dir} can only be loaded by running its own code (auto_map in its config): pass "
+                         "--trust-remote-code if you trust it") from exc
+    return model, load_processor(model_dir, trust_remote_code=trust_remote_code)
 
 
 def plan_flops(model: torch.nn.Module) -> dict[str, float]:
@@ -85,7 +102,8 @@ def evaluate(model: torch.nn.Module, processor: Any, data_path: str | Path, imag
     from tqdm.auto import tqdm
 
     dataset = build_dataset(data_path)
-    records = {str(r["id"]): r for r in json.loads(Path(data_path).read_text(encoding="utf-8"))}
+    path = Path(data_path)  # the records' extra fields (qtype); a prepared folder keeps none
+    records = {} if path.is_dir() else {str(r.get("id")): r for r in read_records(path) if isinstance(r, dict)}
     collator = LlavaCollator(processor, template or resolve_for_model(model, processor), image_folder=image_folder,
                              max_length=max_length)
     total = len(dataset) if limit is None else min(limit, len(dataset))
@@ -130,17 +148,18 @@ def evaluate(model: torch.nn.Module, processor: Any, data_path: str | Path, imag
 def evaluate_dir(model_dir: str | Path, data_path: str | Path, image_folder: str | Path | None,
                  batch_size: int = 32, limit: int | None = None, progress: bool = True,
                  metric: str = "teacher_forced", max_new_tokens: int = 64,
-                 predictions: str | Path | None = None, template: str = "auto", max_length: int = 4096
-                 ) -> dict[str, Any]:
+                 predictions: str | Path | None = None, template: str = "auto", max_length: int = 4096,
+                 trust_remote_code: bool = False) -> dict[str, Any]:
     """`evaluate` (metric "teacher_forced") or `evaluate_generation` (vqa / pope / mc) of a model folder,
     plus the model's name, whether it is hardened, its plan's visual FLOPs and the chat template used
     (`template`: a `data.template` choice; `auto` takes the template an exported folder was trained with).
-    `predictions`: write the per-sample answers there as JSON lines (generation metrics only)."""
+    `predictions`: write the per-sample answers there as JSON lines (generation metrics only).
+    `trust_remote_code`: let the folder's own code run (`load_for_eval`); off unless the caller says so."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if predictions is not None and metric == "teacher_forced":
         raise ValueError("--predictions needs a generation metric (--metric vqa, pope or mc)")
-    model, processor = load_for_eval(model_dir)
+    model, processor = load_for_eval(model_dir, trust_remote_code=trust_remote_code)
     chat_template = resolve_for_model(model, processor, model_dir, template)
     if metric == "teacher_forced":
         result = evaluate(model, processor, data_path, image_folder, batch_size=batch_size, limit=limit,

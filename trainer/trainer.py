@@ -1,11 +1,15 @@
 """The Trainer subclass and the typed builders around it: model + gates + LoRA, DeepSpeed config,
-TrainingArguments, and the loss (LM + optional self-distillation + Lagrangian FLOPs constraint)."""
+TrainingArguments, and the loss (LM + optional self-distillation + Lagrangian FLOPs constraint); `train` runs
+one recipe in its run folder, which holds one run (never two runs or two recipes mixed)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import TrainerCallback
 from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.files import fsync_dir
 from visprune.data_prep.prepared import check_prepared_matches
 from visprune.data_prep.processing import load_processor
 from visprune.data_prep.records import DataError, build_dataset
@@ -25,7 +30,7 @@ from visprune.modeling import GateConfig, GateSet, Plan, apply_plan, attach_gate
 from visprune.modeling.families import family_for
 
 from . import checkpoints as ckpt
-from .config import Recipe, save_recipe
+from .config import Recipe, RecipeError, load_recipe, read_recipe_mapping, recipe_to_dict, save_recipe
 from .sparsity import ExpectedFlops, SparsityController
 
 logger = logging.getLogger(__name__)
@@ -35,6 +40,7 @@ RECIPE_FILE = "recipe.yaml"
 FINAL_DIR = "final"  # RUN_DIR/final: the adapter (or model), gates and recipe after the last step
 STATE_FILE = "visprune_state.json"  # skipped-step counters, beside trainer_state.json
 SPARSITY_ATTR = "visprune_sparsity"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # `name` or `org/name`
 
 
 # ---- builders ------------------------------------------------------------------------------------
@@ -44,19 +50,68 @@ def pick_dtype(recipe: Recipe) -> torch.dtype:
     return torch.float32
 
 
-def build_model(recipe: Recipe) -> tuple[nn.Module, Any]:
+def build_model(recipe: Recipe, trust_remote_code: bool | None = None) -> tuple[nn.Module, Any]:
     """Load the base model and its processor with the stock `from_pretrained` (local or hub).
 
     Seeds every RNG first: LoRA and gate initialisation are then the same in every run of a recipe.
+
+    Args:
+        recipe: the run's recipe (`model.path`, `model.family`, `model.dtype`).
+        trust_remote_code: let the model folder's own code run. None takes `model.trust_remote_code` of
+            `recipe`, which `train` does with the recipe the user gave; `harden` passes its own flag, so a
+            checkpoint's recipe never turns it on.
+
+    Raises:
+        FileNotFoundError: `model.path` names no model folder (the message names `model.path`).
+        RecipeError: the model needs its own code and `trust_remote_code` is off.
+        ValueError: the folder's model is not a `model.family` model.
     """
-    set_seed(recipe.train.seed)
     cfg = recipe.model
-    model = AutoModelForImageTextToText.from_pretrained(
-        cfg.path, dtype=pick_dtype(recipe), attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code)
-    processor = load_processor(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    trust = cfg.trust_remote_code if trust_remote_code is None else trust_remote_code
+    if not isinstance(trust, bool):  # a string "false" is truthy
+        raise TypeError(f"trust_remote_code must be True or False, got {trust!r}")
+    check_model_path(cfg.path)
+    set_seed(recipe.train.seed)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            cfg.path, dtype=pick_dtype(recipe), attn_implementation="sdpa", trust_remote_code=trust)
+    except OSError as exc:  # a hub id that does not resolve (offline, or no such repository)
+        if os.path.isdir(cfg.path):
+            raise
+        raise FileNotFoundError(f"model.path {cfg.path}: not a local model folder, and no model of that name "
+                                f"could be loaded from the hub ({_first_line(exc)})") from exc
+    except ValueError as exc:
+        if trust or "trust_remote_code" not in str(exc):
+            raise
+        raise RecipeError(f"model.path {cfg.path} can only be loaded by running its own code (auto_map in its "
+                          "config): if you trust it, set model.trust_remote_code: true (train) or pass "
+                          "--trust-remote-code (harden)") from exc
+    processor = load_processor(cfg.path, trust_remote_code=trust)
     if model.config.model_type != cfg.family:
         raise ValueError(f"model.family is {cfg.family!r} but {cfg.path} is a {model.config.model_type!r} model")
     return model, processor
+
+
+def check_model_path(path: str) -> None:
+    """Refuse a `model.path` that is not a model folder, unless it may be a hub id (`name` or `org/name`),
+    which is left to `from_pretrained`.
+
+    Raises:
+        FileNotFoundError: naming `model.path`.
+    """
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"model.path {path}: not a model folder (no config.json)")
+        return
+    if os.path.exists(path):
+        raise FileNotFoundError(f"model.path {path}: a file, not a model folder")
+    if not _HUB_ID.fullmatch(path):
+        raise FileNotFoundError(f"model.path {path}: no such folder")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def prepare_model(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, GateSet, SparsityController]:
@@ -82,10 +137,15 @@ def prepare_model(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, GateSet,
     if recipe.lora is not None:
         from peft import LoraConfig, get_peft_model
 
+        check_lora_targets(model, family, recipe.lora.targets)
         peft_config = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                                  target_modules=family.lora_target_regex(recipe.lora.targets),
                                  modules_to_save=projector or None)  # peft trains and saves a copy
-        model = get_peft_model(model, peft_config)
+        try:
+            model = get_peft_model(model, peft_config)
+        except ValueError as exc:  # peft's own refusal of the targets or the projector
+            raise RecipeError(f"lora: peft cannot add adapters with lora.targets {recipe.lora.targets}: "
+                              f"{_first_line(exc)}") from exc
     else:
         trained = [family.language_model(model)] + [model.get_submodule(path) for path in projector]
         for module in trained:
@@ -95,6 +155,25 @@ def prepare_model(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, GateSet,
     for param in list(gates.parameters()) + list(controller.parameters()):
         param.requires_grad = True
     return model, gates, controller
+
+
+def check_lora_targets(model: nn.Module, family: Any, targets: list[str]) -> None:
+    """Every name in `lora.targets` must select at least one layer (as peft matches the family's regex: in
+    full, against module names); a typo would otherwise train fewer adapters than the recipe says.
+
+    Raises:
+        RecipeError: naming `lora.targets`, the names that match nothing and the language model's linear
+            layers.
+    """
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [target for target in targets
+                 if not any(re.fullmatch(family.lora_target_regex([target]), name) for name in names)]
+    if unmatched:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in family.language_model(model).named_modules()
+                         if isinstance(module, nn.Linear)})
+        raise RecipeError(f"lora.targets: {', '.join(map(repr, unmatched))} "
+                          f"{'matches' if len(unmatched) == 1 else 'match'} no layer of the language model "
+                          f"(its linear layers: {', '.join(linear) or 'none'})")
 
 
 def render_deepspeed_config(recipe: Recipe) -> dict[str, Any] | None:
@@ -166,6 +245,7 @@ class VispruneTrainer(Trainer):
         self._staging_root: str | None = None
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
         self.nonfinite_in_a_row = 0
+        self.last_grad_norm: torch.Tensor | float | None = None  # this step's, before clipping (NonFiniteGuard)
         self.add_callback(GateHeatmapCallback(self))
         self.add_callback(NonFiniteGuard(self))
 
@@ -315,6 +395,10 @@ class VispruneTrainer(Trainer):
         return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths,
                                     generator=torch.Generator().manual_seed(self.args.data_seed or self.args.seed))
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        self.last_grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)  # the norm before clipping
+        return self.last_grad_norm
+
     def train(self, *args, **kwargs):
         with ckpt.deepspeed_weights_only():  # resuming a ZeRO checkpoint unpickles no code
             return super().train(*args, **kwargs)
@@ -376,11 +460,12 @@ class NonFiniteGuard(TrainerCallback):
     """Skips optimizer steps whose gradient is not finite, counts them, and stops the run after
     `train.stop_after_nonfinite` in a row.
 
-    Without DeepSpeed the gradients are checked before the step (DDP has already averaged them, so every
-    rank decides alike); a bad step's gradients are dropped, so AdamW leaves parameters and moments as
-    they were, and the learning-rate schedule does not advance. Under DeepSpeed the engine's own overflow
-    check skips the step, and `was_step_applied()` tells. A non-finite loss reaches here as non-finite
-    gradients (see `compute_loss`).
+    Without DeepSpeed the gradients and their pre-clipping norm are checked before the step (DDP has already
+    averaged them, so every rank decides alike; a norm that overflows is non-finite too: clipping by it
+    would zero every gradient); a bad step's gradients are dropped, so AdamW leaves parameters and moments
+    as they were, and the learning-rate schedule does not advance. Under DeepSpeed the engine's own
+    overflow check skips the step, and `was_step_applied()` tells. A non-finite loss reaches here as
+    non-finite gradients (see `compute_loss`).
     """
 
     def __init__(self, trainer: VispruneTrainer) -> None:
@@ -391,8 +476,16 @@ class NonFiniteGuard(TrainerCallback):
         if self.trainer.is_deepspeed_enabled:
             return
         params = [p for p in self.trainer.model.parameters() if p.grad is not None]
-        # one host sync per step, not one per parameter
-        self.skipped = bool(params) and not bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all())
+        norm, self.trainer.last_grad_norm = self.trainer.last_grad_norm, None
+        if not params:
+            self.skipped = False
+            return
+        finite = [torch.isfinite(p.grad).all() for p in params]
+        if isinstance(norm, torch.Tensor):
+            finite.append(torch.isfinite(norm).all().to(finite[0].device))
+        elif norm is not None:
+            finite.append(torch.tensor(math.isfinite(norm), device=finite[0].device))
+        self.skipped = not bool(torch.stack(finite).all())  # one host sync per step, not one per parameter
         if self.skipped:
             for p in params:
                 p.grad = None  # AdamW leaves a parameter without a gradient untouched
@@ -495,7 +588,12 @@ def gate_metadata(gates: GateSet) -> dict[str, str]:
 
 
 def load_gate_state(gates: GateSet, controller: SparsityController | None, path: str | os.PathLike) -> None:
-    """Restore gates (and λ, when a controller is given) from a checkpoint's gates.safetensors."""
+    """Restore gates (and λ, when a controller is given) from a checkpoint's gates.safetensors.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        CheckpointError: a tensor is missing or has another shape (naming the file and tensor).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: this checkpoint has no gates")
     tensors = load_file(str(path))
@@ -504,11 +602,12 @@ def load_gate_state(gates: GateSet, controller: SparsityController | None, path:
         named.update({f"sparsity.{n}": p for n, p in controller.named_parameters()})
     missing = sorted(set(named) - set(tensors))
     if missing:
-        raise ValueError(f"{path} lacks {missing}")
+        raise ckpt.CheckpointError(f"{path} lacks {missing}")
     with _gathered(list(named.values())), torch.no_grad():
         for name, param in named.items():
             if tuple(tensors[name].shape) != tuple(param.shape):
-                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(param.shape)}")
+                raise ckpt.CheckpointError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected "
+                                           f"{tuple(param.shape)} (gates of another model?)")
             param.copy_(tensors[name].to(param.device, param.dtype))
 
 
@@ -537,38 +636,254 @@ def expected_tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in revert_weight_conversion(model, meta).items()}
 
 
+def tensor_problems(folder: str | os.PathLike, expected: dict[str, tuple[int, ...]], gates: GateSet,
+                    controller: SparsityController | None = None) -> list[str]:
+    """What is wrong with the tensors a save wrote in `folder`, each problem naming its file and tensor: an
+    expected adapter (or model) or gate tensor that is missing, has another shape, or is empty. Reads only
+    the safetensors headers."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}  # key -> (file, shape)
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name != GATES_FILE:
+            with safe_open(str(path), framework="pt") as handle:
+                found.update({key: (path.name, tuple(handle.get_slice(key).get_shape()))
+                              for key in handle.keys()})  # noqa: SIM118 (not a dict)
+    gate_shapes = {f"gates.{n}": _full_shape(p) for n, p in gates.named_parameters()}
+    if controller is not None:
+        gate_shapes.update({f"sparsity.{n}": _full_shape(p) for n, p in controller.named_parameters()})
+    saved_gates: dict[str, tuple[str, tuple[int, ...]]] = {}
+    if (folder / GATES_FILE).is_file():
+        with safe_open(str(folder / GATES_FILE), framework="pt") as handle:
+            saved_gates = {key: (GATES_FILE, tuple(handle.get_slice(key).get_shape()))
+                           for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    adapter = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").is_file() else "model*.safetensors"
+    problems = [f"{adapter}: {key} is missing" for key in sorted(set(expected) - set(found))]
+    if (folder / GATES_FILE).is_file():
+        problems += [f"{GATES_FILE}: {key} is missing" for key in sorted(set(gate_shapes) - set(saved_gates))]
+    else:
+        problems.append(f"{GATES_FILE} is missing")
+    for want, have in ((expected, found), (gate_shapes, saved_gates)):
+        problems += [f"{have[key][0]}: {key} has shape {have[key][1]}, expected {shape}" for key, shape in want.items()
+                     if key in have and have[key][1] != shape]
+        problems += [f"{file}: {key} is empty" for key, (file, shape) in have.items() if 0 in shape]
+    return problems
+
+
 def check_saved_tensors(folder: str | os.PathLike, expected: dict[str, tuple[int, ...]], gates: GateSet,
                         controller: SparsityController | None = None) -> None:
     """Re-open what a save wrote and check it: every expected adapter (or model) tensor and every gate
     tensor is present, non-empty and has its shape. The classic failure is an adapter saved empty
     under ZeRO-3."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    found: dict[str, tuple[int, ...]] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        if path.name != GATES_FILE:
-            with safe_open(str(path), framework="pt") as handle:
-                found.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})  # noqa: SIM118 (not a dict)
-    gate_shapes = {f"gates.{n}": _full_shape(p) for n, p in gates.named_parameters()}
-    if controller is not None:
-        gate_shapes.update({f"sparsity.{n}": _full_shape(p) for n, p in controller.named_parameters()})
-    with safe_open(str(folder / GATES_FILE), framework="pt") as handle:
-        saved_gates = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-    problems = []
-    for where, want, have in (("adapter/model", expected, found), (GATES_FILE, gate_shapes, saved_gates)):
-        problems += [f"{where}: {key} is missing" for key in sorted(set(want) - set(have))]
-        problems += [f"{where}: {key} has shape {have[key]}, expected {shape}" for key, shape in want.items()
-                     if key in have and have[key] != shape]
-        problems += [f"{where}: {key} is empty" for key, shape in have.items() if 0 in shape]
+    problems = tensor_problems(folder, expected, gates, controller)
     if problems:
         raise RuntimeError(f"the checkpoint in {folder} is wrong ({len(problems)} problems): " + "; ".join(problems[:8]))
 
 
+def check_resume_fits(checkpoint: str | os.PathLike, model: nn.Module, gates: GateSet,
+                      controller: SparsityController) -> None:
+    """Refuse to resume from a checkpoint whose adapter (or model) or gate tensors do not fit this run's model
+    (another model, another `lora.rank` or `lora.targets`), before transformers or DeepSpeed load it.
+
+    Raises:
+        CheckpointError: naming the checkpoint, then each file and tensor that does not fit.
+    """
+    problems = tensor_problems(checkpoint, expected_tensor_shapes(model), gates, controller)
+    if problems:
+        raise ckpt.CheckpointError(f"--resume {checkpoint}: it does not fit this recipe's model ({len(problems)} "
+                                   f"problem{'s' if len(problems) > 1 else ''}): " + "; ".join(problems[:3]))
+
+
+# ---- the run folder -----------------------------------------------------------------------------------
+TENSORBOARD_DIR = "tensorboard"
+DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
+# Recipe keys a run folder's runs may differ in: where the folder is, how often it saves, keeps and logs,
+# data-loading processes, activation checkpointing (recomputed, same numbers), how many non-finite steps in a
+# row stop it, and train.max_steps (to train longer; the learning-rate schedule follows the new value). Every
+# other key changes what the run computes.
+NON_RESULT_KEYS = frozenset({"output.dir", "output.save_steps", "output.save_total_limit", "output.heatmap_steps",
+                             "train.logging_steps", "train.max_steps", "train.stop_after_nonfinite",
+                             "train.gradient_checkpointing", "data.num_workers"})
+PATH_KEYS = frozenset({"model.path", "data.path", "data.image_folder", "plan"})  # equal when they name one file
+
+
+class RunFolderError(RecipeError):
+    """A run folder this run must not write into (a run of another recipe, two runs mixed, files visprune did
+    not write); the message names the folder and what to do instead."""
+
+
+def recipe_differences(recorded: Any, current: Any, key: str = "") -> list[str]:
+    """The dotted keys (with both values) in which two recipes (`recipe_to_dict`) differ, `NON_RESULT_KEYS`
+    left out; two paths are equal when they name the same file."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        names = list(recorded) + [name for name in current if name not in recorded]
+        return [diff for name in names
+                for diff in recipe_differences(recorded.get(name), current.get(name), f"{key}.{name}" if key else name)]
+    if key in NON_RESULT_KEYS or recorded == current:
+        return []
+    if key in PATH_KEYS and isinstance(recorded, str) and isinstance(current, str) and os.path.exists(current) \
+            and os.path.realpath(recorded) == os.path.realpath(current):
+        return []
+    return [f"{key} ({_short(recorded)} -> {_short(current)})"]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_recipe_file(path: Path) -> bool:
+    """A YAML mapping with `model` and `output` sections: a recipe some visprune recorded (maybe an older one)."""
+    try:
+        raw = read_recipe_mapping(path)  # bounded: a hostile file in a run folder costs nothing
+    except RecipeError:
+        return False
+    return {"model", "output"} <= set(raw)
+
+
+def recorded_recipe(run_dir: Path) -> dict[str, Any] | None:
+    """The recipe recorded in the run folder (`recipe.yaml`, as `recipe_to_dict` gives it); None without one.
+
+    Raises:
+        RunFolderError: `recipe.yaml` is not a recipe this visprune reads.
+    """
+    path = run_dir / RECIPE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return recipe_to_dict(load_recipe(path))
+    except RecipeError as exc:
+        if not _is_recipe_file(path):
+            raise RunFolderError(f"output.dir {run_dir}: its {RECIPE_FILE} is not a visprune recipe, and a run would "
+                                 "write over it; use another output.dir") from exc
+        raise RunFolderError(f"output.dir {run_dir}: its {RECIPE_FILE} is a recipe this visprune cannot read "
+                             f"({_first_line(exc)}); use another output.dir, or start it again with --resume never "
+                             "--overwrite") from exc
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """The entries of a run folder that visprune did not write, which `--overwrite` never deletes: anything but
+    checkpoint-N/ and final/ folders holding a checkpoint marker, .staging/, tensorboard/ (event files only),
+    recipe.yaml (a recipe), visprune_template.json and deepspeed_config.json."""
+    from visprune.data_prep.templates import TEMPLATE_FILE
+
+    ours = {TEMPLATE_FILE, DEEPSPEED_CONFIG_FILE, f"{TEMPLATE_FILE}.tmp"}
+    foreign = []
+    for entry in sorted(run_dir.iterdir()):
+        name = entry.name
+        if entry.is_symlink():
+            foreign.append(name)
+        elif entry.is_dir():
+            is_checkpoint = ckpt.checkpoint_step(entry) is not None or name == FINAL_DIR
+            if name == ckpt.STAGING_DIR or is_checkpoint and (entry / ckpt.MARKER_FILE).is_file():
+                continue
+            if name == TENSORBOARD_DIR and all(path.is_dir() or path.name.startswith("events.out.tfevents.")
+                                               for path in entry.rglob("*")):
+                continue
+            foreign.append(f"{name}/" + (f" (no {ckpt.MARKER_FILE})" if is_checkpoint else ""))
+        elif name not in ours and not (name == RECIPE_FILE and _is_recipe_file(entry)):
+            foreign.append(name)
+    return foreign
+
+
+def _refuse_foreign_entries(run_dir: Path) -> None:
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        raise RunFolderError(f"output.dir {run_dir} holds files visprune did not write ({', '.join(foreign[:5])}"
+                             f"{' ...' if len(foreign) > 5 else ''}): refusing to clear it, even with --overwrite; "
+                             "use another output.dir")
+
+
+def clear_run_folder(run_dir: Path) -> None:
+    """Remove what visprune wrote in a run folder (`--resume never --overwrite`); refuses a folder holding
+    anything else (`foreign_entries`)."""
+    _refuse_foreign_entries(run_dir)
+    entries = sorted(run_dir.iterdir())
+    logger.warning("--resume never --overwrite: removing the previous run in %s (%s)", run_dir,
+                   ", ".join(entry.name for entry in entries))
+    for entry in entries:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    fsync_dir(run_dir)
+
+
+def _inside_or_equal(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_run_folder(run_dir: Path, recipe: Recipe, resume: str, overwrite: bool) -> None:
+    """Refuse a run folder (`output.dir`) this run would mix with another run or with user files (see `train`);
+    reads only."""
+    if overwrite and resume != "never":
+        raise RunFolderError(f"--overwrite starts output.dir {run_dir} again: it needs --resume never (with "
+                             f"--resume {resume} the run there would be continued)")
+    out = run_dir.resolve()
+    for key, value in (("model.path", recipe.model.path), ("data.path", recipe.data.path),
+                       ("data.image_folder", recipe.data.image_folder)):
+        if value is not None and os.path.isdir(value) and _inside_or_equal(out, Path(value).resolve()):
+            raise RunFolderError(f"output.dir {run_dir} is inside {key} {value}: a run folder never goes in its "
+                                 "inputs; use another output.dir")
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise RunFolderError(f"output.dir {run_dir} is a file, not a folder")
+    if overwrite:
+        _refuse_foreign_entries(run_dir)
+        return
+    recorded = recorded_recipe(run_dir)
+    results = [path.name for _, path in ckpt.checkpoints(run_dir)] + \
+        ([FINAL_DIR] if (run_dir / FINAL_DIR).exists() else [])
+    if not results:  # a run that never saved: nothing to mix with
+        return
+    if resume == "never":
+        raise RunFolderError(f"output.dir {run_dir} already holds a run ({', '.join(results[:3])}): --resume never "
+                             "would mix two runs in it; continue it (--resume auto), use another output.dir, or "
+                             "start it again with --resume never --overwrite")
+    differences = recipe_differences(recorded, recipe_to_dict(recipe)) if recorded is not None else []
+    if differences:
+        raise RunFolderError(f"output.dir {run_dir} holds a run of another recipe: {'; '.join(differences[:6])}"
+                             f"{' ...' if len(differences) > 6 else ''}; use another output.dir, or start it again "
+                             "with --resume never --overwrite")
+
+
+def _wait_for_every_rank() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _decided_by_main_process(decide: Any) -> Any:
+    """`decide()` run on the main process only and its result (or its error, as a CheckpointError) given to
+    every rank: verifying a checkpoint reads every file, once per command rather than once per rank."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decide()
+    outcome: list[Any] = [None]
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = [("ok", decide())]
+        except Exception as exc:  # noqa: BLE001 (re-raised below, after every rank has been told)
+            error, outcome = exc, [("error", str(exc))]
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    kind, value = outcome[0]
+    if kind == "error":
+        raise ckpt.CheckpointError(value)
+    return value
+
+
 # ---- one run ----------------------------------------------------------------------------------------
 def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str) -> str | None:
-    """`resume`: "auto" (the newest *complete* checkpoint-N of the run folder, if any), "never", or a
-    checkpoint path (which must be complete)."""
+    """`resume`: "auto" (the newest checkpoint-N of the run folder that verifies, if any; newer ones that do not
+    are logged and skipped), "never", or a checkpoint path (which must verify).
+
+    Raises:
+        CheckpointError: a given checkpoint is missing, incomplete, corrupted or not a training checkpoint.
+    """
     if resume == "never":
         return None
     if resume != "auto":
@@ -577,9 +892,33 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str) -> str | Non
         reason = ckpt.incomplete_reason(resume)
         if reason:
             raise ckpt.CheckpointError(f"--resume {resume}: not a complete checkpoint: {reason}")
+        if not os.path.isfile(os.path.join(resume, "trainer_state.json")):
+            raise ckpt.CheckpointError(f"--resume {resume}: not a training checkpoint (no trainer_state.json; final/ "
+                                       "and exported folders hold weights only)")
         return resume
     latest = ckpt.latest_complete(run_dir)
+    if latest is None and ckpt.checkpoints(run_dir):
+        logger.warning("no checkpoint of %s verifies: training starts from step 0", run_dir)
     return str(latest) if latest is not None else None
+
+
+def check_steps_applied(skipped_steps: int, global_step: int) -> None:
+    """Refuse to publish a run in which every optimizer step was skipped as non-finite: its weights are the
+    initial ones, whatever `train.stop_after_nonfinite` allowed in a row.
+
+    Raises:
+        NonFiniteError: with the reason.
+    """
+    if global_step > 0 and skipped_steps >= global_step:
+        raise NonFiniteError(f"every optimizer step ({global_step} of {global_step}) had a non-finite loss, gradient "
+                             "or gradient norm and was skipped: nothing was trained, so no final/ was written. Check "
+                             "the recipe (lora.alpha, optim.lr, optim.gate_lr, distill) and the data, or train in "
+                             "fp32.")
+
+
+def _skipped_steps(checkpoint: str | os.PathLike) -> int:
+    state = Path(checkpoint) / STATE_FILE
+    return int(json.loads(state.read_text())["skipped_steps"]) if state.is_file() else 0
 
 
 def build_collator(recipe: Recipe, model: nn.Module, processor: Any) -> LlavaCollator:
@@ -589,26 +928,51 @@ def build_collator(recipe: Recipe, model: nn.Module, processor: Any) -> LlavaCol
     logger.info("chat template: %s (data.template %s%s)", template.name, recipe.data.template,
                 f": {template.reason}" if recipe.data.template == "auto" else "")
     return LlavaCollator(processor, template, image_folder=recipe.data.image_folder,
-                         max_length=recipe.data.max_length, drop_overlong=recipe.data.drop_overlong)
+                         max_length=recipe.data.max_length, drop_overlong=recipe.data.drop_overlong,
+                         max_image_pixels=recipe.data.max_image_pixels)
 
 
-def train(recipe: Recipe, resume: str = "auto") -> Path:
-    """Run a recipe: build, train, checkpoint; returns the run folder."""
+def train(recipe: Recipe, resume: str = "auto", overwrite: bool = False) -> Path:
+    """Run a recipe: build, train, checkpoint; returns the run folder (`output.dir`).
 
+    A run folder holds one run: its recipe is recorded in `recipe.yaml`, and a folder that already holds
+    checkpoints or final/ is continued only by the same recipe (up to `NON_RESULT_KEYS`).
+
+    Args:
+        recipe: what to run; `model.trust_remote_code` is honoured from it.
+        resume: "auto" (continue from the newest checkpoint of the run folder that verifies), "never" (start
+            at step 0; refused in a folder holding checkpoints or final/ unless `overwrite`), or a checkpoint
+            folder.
+        overwrite: with resume="never", first remove what visprune wrote in the run folder (checkpoints,
+            final/, .staging/, tensorboard/, recipe.yaml, visprune_template.json, deepspeed_config.json);
+            refused when the folder holds anything else.
+
+    Raises:
+        RunFolderError: the run folder holds another recipe's run, or would mix two runs, or holds files
+            visprune did not write (with `overwrite`), or is inside an input.
+        CheckpointError: the checkpoint to resume from is incomplete, corrupted or does not fit the model.
+        NonFiniteError: too many non-finite steps in a row, or every step was non-finite (no final/ then).
+    """
     run_dir = Path(recipe.output.dir)
     args = build_training_args(recipe, render_deepspeed_config(recipe))
+    check_run_folder(run_dir, recipe, resume, overwrite)
+    checkpoint = _decided_by_main_process(lambda: find_resume_checkpoint(run_dir, resume))  # verified first
+    _wait_for_every_rank()  # every rank has read the run folder before the main one clears or writes it
     if args.should_save:
+        if overwrite and run_dir.is_dir():
+            clear_run_folder(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clear_staging(run_dir)  # a save that a crash interrupted
         save_recipe(recipe, run_dir / RECIPE_FILE)
         if args.deepspeed:
-            (run_dir / "deepspeed_config.json").write_text(json.dumps(render_deepspeed_config(recipe), indent=1))
+            (run_dir / DEEPSPEED_CONFIG_FILE).write_text(json.dumps(render_deepspeed_config(recipe), indent=1))
     dataset = build_dataset(recipe.data.path)
     model, processor = build_model(recipe)
     collator = build_collator(recipe, model, processor)
     if "input_ids" in dataset.column_names:  # a `visprune data prepare` folder: made with this processor?
         check_prepared_matches(recipe.data.path, processor, collator.template, recipe.data.max_length,
-                               recipe.data.image_folder, drop_overlong=recipe.data.drop_overlong)
+                               recipe.data.image_folder, drop_overlong=recipe.data.drop_overlong,
+                               max_image_pixels=recipe.data.max_image_pixels)
     elif recipe.train.group_by_length:
         raise DataError(f"train.group_by_length needs a prepared dataset: data.path {recipe.data.path} is a JSON "
                         "file; run `visprune data prepare` and point data.path at its folder")
@@ -619,19 +983,21 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
     trainer = VispruneTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                               processing_class=processor, recipe=recipe, gates=gates, controller=controller,
                               template=collator.template)
-    checkpoint = find_resume_checkpoint(run_dir, resume)
     final, staging = run_dir / FINAL_DIR, run_dir / ckpt.STAGING_DIR / FINAL_DIR
     if checkpoint:
         done = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0)
         if done >= recipe.train.max_steps:  # transformers would still run one more step
             logger.info("%s is at step %d of %d: nothing left to train", checkpoint, done, recipe.train.max_steps)
+            check_steps_applied(_skipped_steps(checkpoint), done)
             if args.should_save and ckpt.incomplete_reason(final) is not None:  # a crash while final/ was written
                 logger.info("writing %s from %s", final, checkpoint)
                 ckpt.copy_model_files(checkpoint, staging)
                 ckpt.publish(staging, final, done)
             return run_dir
+        check_resume_fits(checkpoint, model, gates, controller)
         logger.info("resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
+    check_steps_applied(trainer.skipped_steps, trainer.state.global_step)
     trainer.save_model(str(staging))  # final/ is complete or invisible too
     if args.should_save:
         ckpt.publish(staging, final, trainer.state.global_step)
@@ -640,8 +1006,9 @@ def train(recipe: Recipe, resume: str = "auto") -> Path:
     return run_dir
 
 
-__all__ = ["GATES_FILE", "RECIPE_FILE", "STATE_FILE", "NonFiniteError", "VispruneTrainer", "build_collator",
-           "build_model",
-           "build_training_args", "check_saved_tensors", "expected_tensor_shapes", "find_resume_checkpoint",
-           "gate_state_dict", "load_gate_state", "prepare_model",
-           "render_deepspeed_config", "train"]
+__all__ = ["GATES_FILE", "NON_RESULT_KEYS", "RECIPE_FILE", "STATE_FILE", "NonFiniteError", "RunFolderError",
+           "VispruneTrainer", "build_collator", "build_model", "build_training_args", "check_lora_targets",
+           "check_model_path", "check_resume_fits", "check_run_folder", "check_saved_tensors", "check_steps_applied",
+           "clear_run_folder", "expected_tensor_shapes", "find_resume_checkpoint", "foreign_entries",
+           "gate_state_dict", "load_gate_state", "prepare_model", "recipe_differences", "recorded_recipe",
+           "render_deepspeed_config", "tensor_problems", "train"]

@@ -65,7 +65,9 @@ def test_checkpoints_carry_a_marker_and_keep_last_n_counts_only_complete_ones(to
     for _, path in ckpt.checkpoints(run):
         assert ckpt.incomplete_reason(path) is None
         marker = json.loads((path / ckpt.MARKER_FILE).read_text())
-        assert marker["files"]["adapter_model.safetensors"] > 0 and GATES_FILE in marker["files"]
+        assert marker["format"] == "visprune-checkpoint/2" and GATES_FILE in marker["files"]
+        adapter = marker["files"]["adapter_model.safetensors"]
+        assert adapter["size"] > 0 and adapter["sha256"] == ckpt.file_sha256(path / "adapter_model.safetensors")
     assert not (run / ckpt.STAGING_DIR).exists()
     assert ckpt.incomplete_reason(run / "final") is None  # final/ is published the same way
 
