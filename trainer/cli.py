@@ -66,7 +66,7 @@ def run_flops(args: argparse.Namespace) -> int:
     plan_report, ratio, plan = None, None, None
     if args.plan:
         plan = Plan.from_json(args.plan)
-        plan.validate_for(dims.num_layers, dims.num_heads, dims.intermediate_size)
+        plan.validate_for(dims.num_layers, dims.num_heads, dims.intermediate_size, family=dims.family)
         probs = GateProbs.from_plan(plan, dims.intermediate_size)
         plan_report = flops_report(dims, layout, probs, window=plan.window)
         ratio = plan_report["visual_flops"] / dense["visual_flops"] if dense["visual_flops"] else None
@@ -107,7 +107,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     try:
-        run_dir = train(recipe, resume=args.resume)
+        run_dir = train(recipe, resume=args.resume, overwrite=args.overwrite)
     finally:
         _close_process_group()
     logger.info("run folder: %s", run_dir)
@@ -125,7 +125,8 @@ def _close_process_group() -> None:
 def run_harden(args: argparse.Namespace) -> int:
     from visprune.trainer.export import harden
 
-    report = harden(args.checkpoint, args.out, budget=args.budget, plan_path=args.plan)
+    report = harden(args.checkpoint, args.out, budget=args.budget, plan_path=args.plan,
+                    trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
     vf = report["visual_flops"]
     print(f"{args.out}: visual FLOPs {_format_flops(vf['pruned'])}FLOPs of {_format_flops(vf['dense'])}FLOPs dense "
           f"({vf['ratio']:.2%}, budget {report['budget']:.2%}); visual layers kept "
@@ -162,21 +163,29 @@ def run_data_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pixel_limit(args: argparse.Namespace) -> dict[str, int]:
+    """`max_image_pixels` when --max-image-pixels was given (else the data layer's default applies)."""
+    return {} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels}
+
+
 def run_data_check(args: argparse.Namespace) -> int:
-    from visprune.data_prep.check import check_file, write_rejected
+    from visprune.data_prep.check import check_file, check_rejected_target, write_rejected
     from visprune.data_prep.processing import load_processor
     from visprune.data_prep.templates import resolve_for_folder
 
+    if args.skip_bad:
+        check_rejected_target(args.out)  # refused before the scan, not after it
     processor = load_processor(args.processor, trust_remote_code=args.trust_remote_code)
     _, template = resolve_for_folder(processor, args.processor, args.template, args.family)
-    report = check_file(args.json, args.images, processor, template, max_length=args.max_length)
+    report = check_file(args.json, args.images, processor, template, max_length=args.max_length,
+                        **_pixel_limit(args))
     if report.rejected and not args.skip_bad:
         print(report.summary(), file=sys.stderr)
         print(f"visprune data check: {len(report.rejected)} bad samples (--skip-bad writes them to "
               f"rejected.jsonl and passes)", file=sys.stderr)
         return 1
     print(report.summary(limit=20))
-    if report.rejected:
+    if args.skip_bad:  # also when nothing was rejected: an earlier scan's file never survives as if current
         logger.info("rejected samples: %s", write_rejected(report, args.out))
     return 0
 
@@ -187,7 +196,7 @@ def run_data_prepare(args: argparse.Namespace) -> int:
     report = prepare_dataset(args.json, args.images, args.out, args.processor, max_length=args.max_length,
                              num_proc=args.num_proc, skip_bad=args.skip_bad, overwrite=args.overwrite,
                              family=args.family, trust_remote_code=args.trust_remote_code,
-                             shard_size=args.shard_size, template=args.template)
+                             shard_size=args.shard_size, template=args.template, **_pixel_limit(args))
     check = report.check
     if report.out_dir is None:
         print(check.summary(), file=sys.stderr)
@@ -217,9 +226,52 @@ def run_data_seetask(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (`visprune VERB: error: ... (see visprune VERB --help)`, exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_shorten(message)} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {_shorten(text)!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+def _float_in(low: float, high: float, low_open: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {_shorten(text)!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {text}")
+        return value
+    return parse
+
+
+fraction = _float_in(0.0, 1.0, low_open=True)  # a visual-FLOPs budget: (0, 1]
+unit_interval = _float_in(0.0, 1.0, low_open=False)
+
+
 TEMPLATE_HELP = ("chat template, as the recipe's data.template: auto (default: the processor's own when it closes "
                  "every answer with an end-of-turn token the model generates, else the family's training format), "
                  "llava_v1, chatml or processor")
+
+
+PIXELS_HELP = ("refuse images of more than N pixels (width x height), judged from the file header before any pixel "
+               "is decoded; rejected as image_too_large (default 64000000)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,16 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     from visprune.data_prep.templates import TEMPLATE_CHOICES
 
-    parser = argparse.ArgumentParser(prog="visprune", description=__doc__)
+    parser = Parser(prog="visprune", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of any error")
+    common = argparse.ArgumentParser(add_help=False)  # --debug also after the verb
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print the traceback of any error")
     sub = parser.add_subparsers(dest="verb", required=True)
-    flops = sub.add_parser("flops", help="visual and prefill FLOPs and visual KV-cache bytes, dense and under a plan")
+    flops = sub.add_parser("flops", parents=[common],
+                           help="visual and prefill FLOPs and visual KV-cache bytes, dense and under a plan")
     flops.add_argument("model", help="built-in model (llava-1.5-7b, llava-1.5-13b, qwen2-vl-7b, internvl2-8b, "
                                      "internvl3-8b, llava-next-7b) or a local folder with a transformers config.json")
     flops.add_argument("--plan", help="a pruning_plan.json to cost beside the dense model")
     flops.add_argument("--json", action="store_true", help="print one JSON object")
-    flops.add_argument("--images", type=int, default=1, help="images in the prompt (default 1)")
-    flops.add_argument("--system-tokens", type=int, default=35, help="text tokens before the image(s)")
-    flops.add_argument("--text-tokens", type=int, default=60, help="text tokens after the image(s)")
+    flops.add_argument("--images", type=positive_int, default=1, help="images in the prompt (default 1)")
+    flops.add_argument("--system-tokens", type=non_negative_int, default=35, help="text tokens before the image(s)")
+    flops.add_argument("--text-tokens", type=non_negative_int, default=60, help="text tokens after the image(s)")
     flops.add_argument("--image-size", metavar="HxW",
                        help="cost each image at this size in pixels, height x width (e.g. 720x1280), laid out as "
                             "the model's processor would: Qwen2-VL smart_resize (min/max pixels), InternVL tiles "
@@ -254,75 +310,83 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default for a model folder: its own preprocessor_config.json)")
     flops.set_defaults(func=run_flops)
 
-    train = sub.add_parser("train", help="train gates + LoRA under a FLOPs budget from a recipe YAML")
+    train = sub.add_parser("train", parents=[common],
+                           help="train gates + LoRA under a FLOPs budget from a recipe YAML")
     train.add_argument("recipe", help="recipes/<model>/<budget>.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. budget.visual_flops=0.25")
+    train.add_argument("--overwrite", action="store_true",
+                       help="with --resume never: start the run folder clean (only what visprune wrote in it)")
     train.add_argument("--resume", default="auto",
                        help="auto (newest checkpoint in the run folder, default), never, or a checkpoint folder")
     train.set_defaults(func=run_train)
 
-    harden = sub.add_parser("harden", help="checkpoint -> merged HF folder + pruning_plan.json + pruning_report.json")
+    harden = sub.add_parser("harden", parents=[common],
+                            help="checkpoint -> merged HF folder + pruning_plan.json + pruning_report.json")
     harden.add_argument("checkpoint", help="RUN_DIR/checkpoint-N of `visprune train`")
     harden.add_argument("--out", required=True, help="output folder")
-    harden.add_argument("--budget", type=float, help="visual-FLOPs fraction to keep (default: the recipe's budget)")
+    harden.add_argument("--budget", type=fraction, help="visual-FLOPs fraction to keep (default: the recipe's budget)")
     harden.add_argument("--plan", help="use this pruning_plan.json instead of the gates' top-k (checked against --budget)")
+    harden.add_argument("--overwrite", action="store_true", help="replace OUT when it is a folder harden wrote")
+    harden.add_argument("--trust-remote-code", action="store_true",
+                        help="let the base model folder run its own code (never taken from the checkpoint's recipe)")
     harden.set_defaults(func=run_harden)
 
-    bench = sub.add_parser("bench", help="measured prefill speed-up of the hardened model vs dense, beside the "
+    bench = sub.add_parser("bench", parents=[common], help="measured prefill speed-up of the hardened model vs dense, beside the "
                                          "FLOPs model's prediction (random weights at real layer dimensions)")
     bench.add_argument("--model", default="llava-1.5-7b", help="built-in model or a local config folder")
-    bench.add_argument("--layers", type=int, default=4, help="decoder layers to build (default 4)")
+    bench.add_argument("--layers", type=positive_int, default=4, help="decoder layers to build (default 4)")
     bench.add_argument("--plan", help="a pruning_plan.json of the full model (N of its layers, spread over the depth, are used)")
-    bench.add_argument("--budget", type=float, help="a synthetic plan at this visual-FLOPs fraction (default 0.25)")
-    bench.add_argument("--repeats", type=int, default=3, help="timed runs of each model (default 3)")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--budget", type=fraction, help="a synthetic plan at this visual-FLOPs fraction (default 0.25)")
+    bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each model (default 3)")
+    bench.add_argument("--seed", type=non_negative_int, default=0)
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=run_bench)
 
-    ev = sub.add_parser("eval", help="score a model folder (hardened when it has a plan) on local data: teacher-forced "
+    ev = sub.add_parser("eval", parents=[common], help="score a model folder (hardened when it has a plan) on local data: teacher-forced "
                                      "token accuracy / exact match, or generated answers scored VQAv2-style, POPE "
                                      "yes/no or multiple-choice letters; per category, beside the plan's visual FLOPs")
     ev.add_argument("model_dir", help="an HF model folder, e.g. one written by `visprune harden`")
     ev.add_argument("--data", required=True, help="LLaVA-format JSON (see-task records carry a qtype)")
     ev.add_argument("--images", help="image folder the samples' paths are inside")
-    ev.add_argument("--batch-size", type=int, default=32)
-    ev.add_argument("--limit", type=int, help="score only the first N samples")
+    ev.add_argument("--batch-size", type=positive_int, default=32)
+    ev.add_argument("--limit", type=positive_int, help="score only the first N samples")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     from visprune.trainer.cli_eval import add_compare_parser, add_eval_scoring_args
 
     add_eval_scoring_args(ev)  # --metric, --max-new-tokens, --predictions; runs run_eval_scoring
-    add_compare_parser(sub)  # visprune compare DIR_A DIR_B --data ...
+    add_compare_parser(sub, parents=[common])  # visprune compare DIR_A DIR_B --data ...
 
-    demo = sub.add_parser("demo", help="the see-task accuracy-vs-FLOPs experiment on CPU: data, dense base, "
+    demo = sub.add_parser("demo", parents=[common], help="the see-task accuracy-vs-FLOPs experiment on CPU: data, dense base, "
                                        "visprune and baselines at 50/25/12%% -> report.md + pareto.png")
     demo.add_argument("--out", default="runs/demo", help="output folder (stages resume from what is there)")
     demo.add_argument("--quick", action="store_true", help="a smaller run (about 5 minutes)")
     demo.add_argument("--size", choices=["full", "quick", "ci"], help=argparse.SUPPRESS)
     demo.set_defaults(func=run_demo)
 
-    data = sub.add_parser("data", help="data preparation")
+    data = sub.add_parser("data", parents=[common], help="data preparation")
     data_sub = data.add_subparsers(dest="data_verb", required=True)
-    toy = data_sub.add_parser("toy", help="write a tiny LLaVA (model + processor) and a generated dataset")
+    toy = data_sub.add_parser("toy", parents=[common], help="write a tiny LLaVA (model + processor) and a generated dataset")
     toy.add_argument("--out", required=True, help="output folder (model/ and data/ are written inside)")
-    toy.add_argument("--num-samples", type=int, default=256)
-    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--num-samples", type=positive_int, default=256)
+    toy.add_argument("--seed", type=non_negative_int, default=0)
     toy.set_defaults(func=run_data_toy)
-    check = data_sub.add_parser("check", help="pre-flight scan of a LLaVA JSON + image folder: every record, "
+    check = data_sub.add_parser("check", parents=[common], help="pre-flight scan of a LLaVA JSON + image folder: every record, "
                                               "image, placeholder count, length and supervised token, up front")
     check.add_argument("--json", required=True, help="LLaVA-format .json (a list) or .jsonl")
     check.add_argument("--images", default=None, help="image folder; image paths must stay inside it")
     check.add_argument("--processor", required=True, help="model or processor folder (its chat template and "
                                                           "image tokens decide lengths and labels)")
-    check.add_argument("--max-length", type=int, default=2048, help="tokens, image tokens included")
+    check.add_argument("--max-length", type=positive_int, default=2048, help="tokens, image tokens included")
     check.add_argument("--skip-bad", action="store_true", help="pass, writing bad samples to OUT/rejected.jsonl")
     check.add_argument("--out", default=".", help="folder for rejected.jsonl (default: here)")
     check.add_argument("--trust-remote-code", action="store_true", help="let the processor run its own code")
     check.add_argument("--family", help="model family (llava, qwen2_vl, ...): what an <image> becomes in the "
                                         "prompt, as in training (default: the folder's config.json model_type)")
     check.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto", help=TEMPLATE_HELP)
+    check.add_argument("--max-image-pixels", type=positive_int, help=PIXELS_HELP)
     check.set_defaults(func=run_data_check)
-    prep = data_sub.add_parser("prepare", help="check a LLaVA JSON + image folder and convert it to a sharded "
+    prep = data_sub.add_parser("prepare", parents=[common], help="check a LLaVA JSON + image folder and convert it to a sharded "
                                                "datasets folder with token ids, label masks and lengths "
                                                "(image tokens counted): train on it with data.path: OUT")
     prep.add_argument("--json", required=True, help="LLaVA-format .json (a list) or .jsonl")
@@ -330,66 +394,117 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     prep.add_argument("--processor", required=True, help="model or processor folder (its chat template and "
                                                          "image tokens decide token ids, labels and lengths)")
-    prep.add_argument("--max-length", type=int, default=2048, help="tokens, image tokens included (default 2048)")
+    prep.add_argument("--max-length", type=positive_int, default=2048, help="tokens, image tokens included (default 2048)")
     prep.add_argument("--skip-bad", action="store_true", help="convert the good samples, writing bad ones to "
                                                               "OUT/rejected.jsonl (default: fail listing them)")
-    prep.add_argument("--num-proc", type=int, default=min(2, os.cpu_count() or 1),
+    prep.add_argument("--num-proc", type=positive_int, default=min(2, os.cpu_count() or 1),
                       help="worker processes (default: min(2, CPUs))")
-    prep.add_argument("--shard-size", type=int, default=50_000, help="rows per output shard (default 50000; at "
+    prep.add_argument("--shard-size", type=positive_int, default=50_000, help="rows per output shard (default 50000; at "
                                                                      "least --num-proc shards)")
-    prep.add_argument("--overwrite", action="store_true", help="replace OUT if it is a prepared folder")
+    prep.add_argument("--overwrite", action="store_true",
+                      help="replace OUT only if it holds nothing but a prepared folder's files")
     prep.add_argument("--family", help="model family (llava, qwen2_vl, ...): what an <image> becomes in the "
                                        "prompt, as in training (default: the folder's config.json model_type)")
     prep.add_argument("--trust-remote-code", action="store_true", help="let the processor run its own code")
     prep.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto", help=TEMPLATE_HELP)
+    prep.add_argument("--max-image-pixels", type=positive_int, help=PIXELS_HELP)
     prep.set_defaults(func=run_data_prepare)
-    see = data_sub.add_parser("seetask", help="the synthetic see-task: grid-of-shapes images with describe and "
+    see = data_sub.add_parser("seetask", parents=[common], help="the synthetic see-task: grid-of-shapes images with describe and "
                                               "ask samples, train/val/test splits (deterministic per seed)")
     see.add_argument("--out", required=True, help="output folder")
-    see.add_argument("--image-size", type=int, default=36)
-    see.add_argument("--grid", type=int, default=3, help="cells per side")
-    see.add_argument("--patch-size", type=int, default=6, help="the vision tower's patch (smaller than a cell)")
-    see.add_argument("--num-colours", type=int, default=4)
-    see.add_argument("--num-shapes", type=int, default=3)
-    see.add_argument("--empty-fraction", type=float, default=0.35)
-    see.add_argument("--describe-fraction", type=float, default=0.5)
-    see.add_argument("--num-train", type=int, default=4000)
-    see.add_argument("--num-val", type=int, default=200)
-    see.add_argument("--num-test", type=int, default=400)
-    see.add_argument("--seed", type=int, default=0)
+    see.add_argument("--image-size", type=positive_int, default=36)
+    see.add_argument("--grid", type=positive_int, default=3, help="cells per side")
+    see.add_argument("--patch-size", type=positive_int, default=6, help="the vision tower's patch (smaller than a cell)")
+    see.add_argument("--num-colours", type=positive_int, default=4)
+    see.add_argument("--num-shapes", type=positive_int, default=3)
+    see.add_argument("--empty-fraction", type=unit_interval, default=0.35)
+    see.add_argument("--describe-fraction", type=unit_interval, default=0.5)
+    see.add_argument("--num-train", type=positive_int, default=4000)
+    see.add_argument("--num-val", type=positive_int, default=200)
+    see.add_argument("--num-test", type=positive_int, default=400)
+    see.add_argument("--seed", type=non_negative_int, default=0)
     see.set_defaults(func=run_data_seetask)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb. Expected failures (bad input, a missing or unwritable file, a refused checkpoint) are one
+    line on stderr and exit code 2; anything else is a short message, exit code 1, with the traceback in a log
+    file (`--debug` prints tracebacks instead)."""
     import os
 
     rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 reports progress
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    verb = " ".join(part for part in (args.verb, getattr(args, "data_verb", None)) if part)
     try:
         return args.func(args)
-    except _user_errors(args.verb) as err:  # bad user input: one clear line, no traceback
-        print(f"visprune {args.verb}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"visprune {verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 (the one error boundary of every verb)
+        return report_error(verb, err, debug=args.debug)
+
+
+LOG_DIR_ENV = "VISPRUNE_LOG_DIR"  # where tracebacks of unexpected errors go (default ~/.cache/visprune/logs)
+MESSAGE_LIMIT = 400  # characters of an error message shown on the one line
+
+
+def report_error(verb: str, err: BaseException, debug: bool = False) -> int:
+    """Print `err` as one line and return the exit code: 2 for an expected error (`is_expected`), 1 for a bug,
+    whose traceback (and the whole message) goes to a log file named on that line."""
+    import traceback
+
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    first = _shorten(lines[0])
+    if debug:
+        traceback.print_exception(err, file=sys.stderr)
+    if is_expected(err):
+        more = ""
+        if len(lines) > 1 or len(lines[0]) > MESSAGE_LIMIT:
+            log = _write_log(verb, "".join(traceback.format_exception(err)))
+            more = f" (and {len(lines) - 1} more lines: {log})" if len(lines) > 1 else f" (whole message: {log})"
+        print(f"visprune {verb}: error: {first}{more}", file=sys.stderr)
         return 2
+    log = _write_log(verb, "".join(traceback.format_exception(err)))
+    print(f"visprune {verb}: internal error: {type(err).__name__}: {first} (traceback in {log}; --debug prints it)",
+          file=sys.stderr)
+    return 1
 
 
-def _user_errors(verb: str) -> tuple[type[Exception], ...]:
-    """Errors that are about the user's input; anything else keeps its traceback."""
-    from visprune.modeling import PlanError
+EXPECTED_RUNTIME_ERRORS = ("CheckpointError", "NonFiniteError")  # visprune's own, about the run's inputs
 
-    if verb in ("flops", "bench", "data"):
-        return (ValueError, FileNotFoundError)
-    from visprune.data_prep.processing import ProcessorError
-    from visprune.data_prep.records import DataError
-    from visprune.trainer.checkpoints import CheckpointError
-    from visprune.trainer.config import RecipeError
-    from visprune.trainer.export import HardenError
-    from visprune.trainer.trainer import NonFiniteError
 
-    return (RecipeError, DataError, ProcessorError, PlanError, HardenError, CheckpointError, NonFiniteError,
-            FileNotFoundError)
+def is_expected(err: BaseException) -> bool:
+    """Errors about the user's input or files: visprune's own (recipe, data, processor, plan, template,
+    harden: ValueErrors; checkpoint, non-finite run), file-system errors (missing, unreadable, read-only, a
+    file where a folder belongs), undecodable text and ValueErrors raised on user values by transformers or
+    peft."""
+    return isinstance(err, (ValueError, OSError)) or type(err).__name__ in EXPECTED_RUNTIME_ERRORS
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT - 3] + "..."
+
+
+def _write_log(verb: str, text: str) -> str:
+    """Write `text` to a new file in the log folder and return its path (or why it could not be written)."""
+    import os
+    import tempfile
+    import time
+    from pathlib import Path
+
+    folder = Path(os.environ.get(LOG_DIR_ENV) or Path.home() / ".cache" / "visprune" / "logs")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        prefix = f"visprune-{verb.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}-"
+        fd, path = tempfile.mkstemp(prefix=prefix, suffix=".log", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return path
+    except OSError as exc:
+        return f"no log written ({exc.strerror or exc}; set {LOG_DIR_ENV})"
 
 
 if __name__ == "__main__":

@@ -183,13 +183,13 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", progress: bool =
                            f"window={cfg.window}"])
         for budget in tqdm(todo, desc="visprune harden + recover + eval", disable=not progress, leave=False):
             hardened = cfg.out / "models" / f"visprune-{budget}-prerecovery"
-            harden(ckpt, hardened, budget=budget)
+            harden(ckpt, hardened, budget=budget, overwrite=True)  # a rerun replaces its own export
             # recovery: LoRA fine-tuning of the hardened (merged) model with its plan fixed, as CoFi does
             recovered = _train_run(RECIPES / "finetune.yaml", cfg.out / "runs" / f"visprune-{budget}-recovery", cfg,
                                    sz, [f"model.path={hardened}", f"plan={hardened / PLAN_FILE}",
                                         f"window={cfg.window}"], steps=sz.recovery_steps)
             target = cfg.out / "models" / f"visprune-{budget}"
-            harden(recovered, target, budget=budget, plan_path=str(hardened / PLAN_FILE))
+            harden(recovered, target, budget=budget, plan_path=str(hardened / PLAN_FILE), overwrite=True)
             finish("visprune", budget, target, f"{sz.prune_steps} shared + {sz.recovery_steps} recovery steps")
     stages.update(1)
 
@@ -218,7 +218,7 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", progress: bool =
             ckpt = _train_run(RECIPES / "finetune.yaml", cfg.out / "runs" / f"{method}-{budget}", cfg, sz,
                               [f"plan={plan_path}", f"window={plan.window if plan.window else 'null'}"])
             target = cfg.out / "models" / f"{method}-{budget}"
-            harden(ckpt, target, budget=budget, plan_path=str(plan_path))
+            harden(ckpt, target, budget=budget, plan_path=str(plan_path), overwrite=True)
             finish(method, budget, target, note)
         stages.update(1)
 
