@@ -35,7 +35,7 @@ from visprune.modeling import (
 
 from . import checkpoints as ckpt
 from .config import Recipe, load_recipe
-from .trainer import FINAL_DIR, GATES_FILE, RECIPE_FILE, build_model, load_gate_state
+from .trainer import FINAL_DIR, GATES_FILE, RECIPE_FILE, STATE_FILE, build_model, load_gate_state
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,21 @@ def verify_checkpoint(checkpoint: str | Path) -> Path:
             raise HardenError(f"{checkpoint} is not a complete checkpoint: {reason}")
     if not (checkpoint / RECIPE_FILE).is_file():
         raise HardenError(f"{checkpoint} is not a training checkpoint (no {RECIPE_FILE})")
+    steps, skipped = _steps_and_skips(checkpoint)
+    if steps and skipped >= steps:
+        raise HardenError(f"{checkpoint}: every one of its {steps} optimizer steps was skipped as non-finite, so it "
+                          "holds the untrained weights; fix the run (see its log) and harden a later checkpoint")
     return checkpoint
+
+
+def _steps_and_skips(checkpoint: Path) -> tuple[int, int]:
+    """(optimizer steps, steps skipped as non-finite) a checkpoint records; (0, 0) when it does not say."""
+    try:
+        steps = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("global_step", 0)
+        skipped = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")).get("skipped_steps", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0, 0
+    return (steps, skipped) if isinstance(steps, int) and isinstance(skipped, int) else (0, 0)
 
 
 def checkpoint_recipe(checkpoint: Path, trust_remote_code: bool) -> Recipe:

@@ -421,6 +421,9 @@ def test_a_run_whose_every_step_was_skipped_fails_without_final(world, tmp_path,
     with pytest.raises(NonFiniteError, match="every optimizer step"):
         train(recipe(world, run))
     assert not (run / "final").exists()
+    with pytest.raises(HardenError, match="every one of its 4 optimizer steps was skipped as non-finite"):
+        harden(run / "checkpoint-4", tmp_path / "export")  # and harden never exports the untrained weights
+    assert not (tmp_path / "export").exists()
     assert cli_train(world, tmp_path / "run2", "train.max_steps=2") == 2
     assert "every optimizer step (2 of 2)" in the_error(capsys)
     assert not (tmp_path / "run2" / "final").exists() and inputs_digest(world) == before
