@@ -6,7 +6,6 @@ embeddings, norms, softmax or LM head."""
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import re
 from dataclasses import asdict, dataclass, replace
@@ -15,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .plan import Plan
+from .plan import Plan, read_json_file, show_value
 
 logger = logging.getLogger(__name__)
 
@@ -308,14 +307,14 @@ def resolve_model_dims(model: str) -> ModelDims:
     raw = _read_json_object(file)
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or model_type not in FAMILIES:
-        raise ValueError(f"{file}: model_type {_show(model_type)} is not a supported family; "
+        raise ValueError(f"{file}: model_type {show_value(model_type)} is not a supported family; "
                          f"supported: {sorted(FAMILIES)}")
     prefix, text = ("text_config.", raw["text_config"]) if "text_config" in raw else ("", raw)
     text = text if isinstance(text, dict) else {}
     for key, limit in CONFIG_DIM_LIMITS.items():  # before transformers sees them: a config of 10^9 layers is slow
         value = text.get(key)
         if key in text and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit):
-            raise ValueError(f"{file}: {prefix}{key} must be an integer from 1 to {limit}, got {_show(value)}")
+            raise ValueError(f"{file}: {prefix}{key} must be an integer from 1 to {limit}, got {show_value(value)}")
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
@@ -337,43 +336,11 @@ def resolve_model_dims(model: str) -> ModelDims:
 
 
 def _read_json_object(file: Path) -> dict[str, Any]:
-    """The JSON object of a model or processor config file: at most MAX_CONFIG_BYTES, no duplicate keys."""
-    try:
-        with open(file, "rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
-    except OSError as err:
-        raise ValueError(f"{file}: cannot read: {err.strerror or err}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ValueError(f"{file} is larger than {MAX_CONFIG_BYTES} bytes; a config file is a few KB")
-    try:
-        settings = json.loads(data.decode("utf-8"), object_pairs_hook=_without_duplicates)
-    except (UnicodeDecodeError, RecursionError) as err:
-        raise ValueError(f"{file} is not valid JSON ({type(err).__name__})") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
-    except ValueError as err:  # a duplicate key, an int of thousands of digits
-        raise ValueError(f"{file} is not valid JSON ({_shorten(str(err), 120)})") from None
+    """The JSON object of a model or processor config file (see `read_json_file`: bounded, strict)."""
+    settings = read_json_file(file, MAX_CONFIG_BYTES, "config file")
     if isinstance(settings, dict):
         return settings
     raise ValueError(f"{file} must hold a JSON object, got {type(settings).__name__}")
-
-
-def _without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """`object_pairs_hook`: json.loads (and transformers) keep the last of two equal keys silently."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {_show(key)}")
-        out[key] = value
-    return out
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    """repr(value), cut to `limit` characters."""
-    try:
-        return _shorten(repr(value), limit)
-    except ValueError:  # an int past Python's digit limit
-        return f"<{type(value).__name__} too large to show>"
 
 
 def _shorten(text: str, limit: int) -> str:

@@ -76,7 +76,7 @@ class Plan:
         if missing:
             raise PlanError(f"{where}: missing key(s) {missing}")
         if data["format"] != PLAN_FORMAT:
-            raise PlanError(f"{where}: format must be {PLAN_FORMAT!r}, got {_show(data['format'])}")
+            raise PlanError(f"{where}: format must be {PLAN_FORMAT!r}, got {show_value(data['format'])}")
         if not isinstance(data["layers"], list):
             raise PlanError(f"{where}: 'layers' must be a list")
         layers = []
@@ -128,7 +128,7 @@ class Plan:
         the plan's file when it was read from one."""
         where = f"{self.source}: " if self.source else ""
         if family is not None and self.family != family:
-            raise PlanError(f"{where}plan is for family {_show(self.family)}, the model is {family!r}")
+            raise PlanError(f"{where}plan is for family {show_value(self.family)}, the model is {family!r}")
         if (self.num_layers, self.num_heads) != (num_layers, num_heads):
             raise PlanError(f"{where}plan is for {self.num_layers} layers x {self.num_heads} heads, "
                             f"the model has {num_layers} x {num_heads}")
@@ -142,42 +142,53 @@ class Plan:
 
 def _read_plan_file(where: str) -> Any:
     """The JSON value of a plan file: at most MAX_PLAN_BYTES, UTF-8, no duplicate keys, no NaN / Infinity."""
+    return read_json_file(where, MAX_PLAN_BYTES, "plan", PlanError)
+
+
+def read_json_file(where: str | Path, max_bytes: int, what: str, error: type[ValueError] = ValueError) -> Any:
+    """The JSON value of a small file the user hands visprune (a plan, a model or processor config): at most
+    `max_bytes` (read no further), UTF-8, no duplicate keys (json.loads would keep the last silently), no
+    NaN / Infinity literals, no nesting past the stack. Failures raise `error` naming the file and `what`."""
     try:
         with open(where, "rb") as file:
-            raw = file.read(MAX_PLAN_BYTES + 1)
+            raw = file.read(max_bytes + 1)
     except OSError as err:
-        raise PlanError(f"{where}: cannot read plan: {err.strerror or err}") from None
-    if len(raw) > MAX_PLAN_BYTES:
-        raise PlanError(f"{where}: a plan must be at most {MAX_PLAN_BYTES} bytes; this file is larger")
+        raise error(f"{where}: cannot read {what}: {err.strerror or err}") from None
+    if len(raw) > max_bytes:
+        raise error(f"{where}: a {what} must be at most {max_bytes} bytes; this file is larger")
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=_without_duplicates, parse_constant=_no_constant)
-    except PlanError as err:
-        raise PlanError(f"{where}: {err}") from None
+    except _JSONValueError as err:
+        raise error(f"{where}: {err}") from None
     except UnicodeDecodeError as err:
-        raise PlanError(f"{where}: a plan must be UTF-8 text (byte {err.start} is not)") from None
+        raise error(f"{where}: a {what} must be UTF-8 text (byte {err.start} is not)") from None
     except json.JSONDecodeError as err:
-        raise PlanError(f"{where}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+        raise error(f"{where}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     except (ValueError, RecursionError) as err:  # an int of thousands of digits; nesting past the stack
         text = "nested too deeply" if isinstance(err, RecursionError) else _shorten(str(err), 120)
-        raise PlanError(f"{where}: not valid JSON ({text})") from None
+        raise error(f"{where}: not valid JSON ({text})") from None
+
+
+class _JSONValueError(ValueError):
+    """A duplicate key or a NaN / Infinity literal, found while decoding."""
 
 
 def _without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """`object_pairs_hook`: json.loads keeps the last of two equal keys silently; a plan must not."""
+    """`object_pairs_hook`: refuse a key that occurs twice in one object."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise PlanError(f"duplicate key {_show(key)}")
+            raise _JSONValueError(f"duplicate key {show_value(key)}")
         out[key] = value
     return out
 
 
 def _no_constant(name: str) -> Any:
     """`parse_constant`: NaN, Infinity and -Infinity are not JSON, though json.loads reads them."""
-    raise PlanError(f"{name} is not a valid JSON value")
+    raise _JSONValueError(f"{name} is not a valid JSON value")
 
 
-def _show(value: Any, limit: int = 60) -> str:
+def show_value(value: Any, limit: int = 60) -> str:
     """repr(value), cut to `limit` characters: messages never print a whole (hostile) value."""
     try:
         return _shorten(repr(value), limit)
@@ -186,7 +197,7 @@ def _show(value: Any, limit: int = 60) -> str:
 
 
 def _show_keys(keys: list[Any]) -> str:
-    shown = _show(keys[:5])
+    shown = show_value(keys[:5])
     return shown if len(keys) <= 5 else f"{shown} and {len(keys) - 5} more"
 
 
@@ -200,29 +211,29 @@ def _is_int(value: Any) -> bool:
 
 def _validate(plan: Plan) -> None:
     if not isinstance(plan.family, str) or not plan.family:
-        raise PlanError(f"family must be a non-empty string, got {_show(plan.family)}")
+        raise PlanError(f"family must be a non-empty string, got {show_value(plan.family)}")
     if plan.window is not None and (not _is_int(plan.window) or plan.window < 1 or plan.window % 2 == 0):
-        raise PlanError(f"window must be null or an odd positive integer, got {_show(plan.window)}")
+        raise PlanError(f"window must be null or an odd positive integer, got {show_value(plan.window)}")
     for name in ("num_layers", "num_heads"):
         value = getattr(plan, name)
         if not _is_int(value) or value < 1:
-            raise PlanError(f"{name} must be a positive integer, got {_show(value)}")
+            raise PlanError(f"{name} must be a positive integer, got {show_value(value)}")
     if len(plan.layers) != plan.num_layers:
         raise PlanError(f"layers has {len(plan.layers)} entries, num_layers is {plan.num_layers}")
     for idx, layer in enumerate(plan.layers):
         for pos, head in enumerate(layer.heads):
             if not _is_int(head) or not 0 <= head < plan.num_heads:
-                raise PlanError(f"layers[{idx}].heads[{pos}] = {_show(head)} is not a head index "
+                raise PlanError(f"layers[{idx}].heads[{pos}] = {show_value(head)} is not a head index "
                                 f"in [0, {plan.num_heads})")
         if len(set(layer.heads)) != len(layer.heads):
-            raise PlanError(f"layers[{idx}].heads has duplicates: {_show(list(layer.heads))}")
+            raise PlanError(f"layers[{idx}].heads has duplicates: {show_value(list(layer.heads))}")
         if not isinstance(layer.mlp, bool):
-            raise PlanError(f"layers[{idx}].mlp must be true or false, got {_show(layer.mlp)}")
+            raise PlanError(f"layers[{idx}].mlp must be true or false, got {show_value(layer.mlp)}")
         if layer.mlp_channels is not None:
             if not layer.mlp:
                 raise PlanError(f"layers[{idx}].mlp_channels is given but mlp is false")
             for pos, channel in enumerate(layer.mlp_channels):
                 if not _is_int(channel) or channel < 0:
-                    raise PlanError(f"layers[{idx}].mlp_channels[{pos}] = {_show(channel)} is not a channel index")
+                    raise PlanError(f"layers[{idx}].mlp_channels[{pos}] = {show_value(channel)} is not a channel index")
             if len(set(layer.mlp_channels)) != len(layer.mlp_channels):
                 raise PlanError(f"layers[{idx}].mlp_channels has duplicates")

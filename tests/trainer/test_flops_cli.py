@@ -104,7 +104,7 @@ def test_bad_processor_folders(capsys, tmp_path):
     size = ("--image-size", "720x1280")
     assert "does not exist" in run_error(capsys, "qwen2-vl-7b", *size, "--processor", str(tmp_path / "missing"))
     assert "has no preprocessor_config.json" in run_error(capsys, "qwen2-vl-7b", *size, "--processor", str(tmp_path))
-    for text, message in [("{not json", "is not valid JSON"), ("[1, 2]", "must hold a JSON object"),
+    for text, message in [("{not json", "not valid JSON"), ("[1, 2]", "must hold a JSON object"),
                           ('{"max_pixels": "big"}', "max_pixels must be an integer"),
                           ('{"merge_size": 0}', "merge_size must be an integer")]:
         (tmp_path / "preprocessor_config.json").write_text(text)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import tiny_llava
+from test_recipes import MINIMAL, with_value
 from visprune.modeling import PLAN_FORMAT, LayerPlan, Plan, PlanError
 from visprune.modeling import flops as flops_module
 from visprune.modeling import plan as plan_module
@@ -20,13 +21,6 @@ from visprune.trainer import config as config_module
 from visprune.trainer.cli import main
 from visprune.trainer.config import RecipeError, load_recipe, save_recipe
 
-MINIMAL = {
-    "model": {"path": "runs/toy-inputs/model"},
-    "data": {"path": "train.json"},
-    "budget": {"visual_flops": 0.25},
-    "train": {"max_steps": 10},
-    "output": {"dir": "runs/x"},
-}
 MINIMAL_TEXT = yaml.safe_dump(MINIMAL, sort_keys=False)
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "processors"
 
@@ -35,17 +29,6 @@ def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def with_value(dotted: str, value) -> dict:
-    """MINIMAL with one dotted key set (sections created as needed)."""
-    recipe = json.loads(json.dumps(MINIMAL))
-    *sections, last = dotted.split(".")
-    node = recipe
-    for name in sections:
-        node = node.setdefault(name, {})
-    node[last] = value
-    return recipe
 
 
 def refused(path: Path, overrides=(), limit: int = 400) -> str:
@@ -400,10 +383,10 @@ def test_key_value_heads_that_do_not_divide_the_heads_are_refused(tmp_path, caps
 
 @pytest.mark.parametrize("content, fragment", [
     ('{"model_type": "llava", "model_type": "gpt2"}', "duplicate key 'model_type'"),
-    ("{not json", "is not valid JSON (Expecting property name"),
+    ("{not json", ": not valid JSON (Expecting property name"),
     ("[1, 2]", "must hold a JSON object"),
     ('{"model_type": "' + "x" * 100_000 + '"}', "is not a supported family"),
-    (b"\xff\xfe", "is not valid JSON"),
+    (b"\xff\xfe", "must be UTF-8 text"),
 ])
 def test_unreadable_configs_are_one_line(tmp_path, capsys, content, fragment):
     line = cli_error(capsys, ["flops", str(model_folder(tmp_path, content))])
@@ -415,7 +398,7 @@ def test_an_oversized_config_is_refused(tmp_path, capsys):
     folder.mkdir()
     with open(folder / "config.json", "wb") as file:  # sparse
         file.truncate(flops_module.MAX_CONFIG_BYTES + 1)
-    assert f"larger than {flops_module.MAX_CONFIG_BYTES} bytes" in cli_error(capsys, ["flops", str(folder)])
+    assert f"at most {flops_module.MAX_CONFIG_BYTES} bytes" in cli_error(capsys, ["flops", str(folder)])
 
 
 def test_published_configs(tmp_path, caplog):
