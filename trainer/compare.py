@@ -148,14 +148,13 @@ def compare_dirs(dir_a: str | Path, dir_b: str | Path, data: str | Path, images:
         sides[key] = {"model": str(folder), "hardened": getattr(model, "visprune_plan", None) is not None}
 
     answers: dict[str, list[str]] = {}
-    bar = tqdm(total=2 * len(rows), desc="generate", disable=not progress)
-    for key, model in models.items():
-        answers[key] = []
-        for chunk in batches(rows, batch_size):
-            answers[key] += generate(model, processors[key], encoders[key].batch(chunk), max_new_tokens,
-                                     encoders[key].stop_ids)
-            bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=2 * len(rows), desc="generate", disable=not progress) as bar:
+        for key, model in models.items():
+            answers[key] = []
+            for chunk in batches(rows, batch_size):
+                answers[key] += generate(model, processors[key], encoders[key].batch(chunk), max_new_tokens,
+                                         encoders[key].stop_ids)
+                bar.update(len(chunk))
 
     for key, model in models.items():
         side = sides[key]

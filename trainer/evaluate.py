@@ -109,24 +109,23 @@ def evaluate(model: torch.nn.Module, processor: Any, data_path: str | Path, imag
     total = len(dataset) if limit is None else min(limit, len(dataset))
     stats: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # correct, tokens, exact, samples
     model.eval()
-    bar = tqdm(total=total, desc="eval", disable=not progress)
-    for start in range(0, total, batch_size):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, total))]
-        batch = collator(rows)
-        labels = batch.pop("labels")
-        extra = batch_kwargs(batch, labels) if batch_kwargs is not None else {}
-        with torch.no_grad():
-            logits = model(**batch, **extra).logits
-        correct, tokens = answer_scores(logits.float(), labels)
-        for row, c, t in zip(rows, correct.tolist(), tokens.tolist()):
-            qtype = records.get(str(row["id"]), {}).get("qtype", "all")
-            entry = stats[qtype]
-            entry[0] += c
-            entry[1] += t
-            entry[2] += int(c == t)
-            entry[3] += 1
-        bar.update(len(rows))
-    bar.close()
+    with tqdm(total=total, desc="eval", disable=not progress) as bar:
+        for start in range(0, total, batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, total))]
+            batch = collator(rows)
+            labels = batch.pop("labels")
+            extra = batch_kwargs(batch, labels) if batch_kwargs is not None else {}
+            with torch.no_grad():
+                logits = model(**batch, **extra).logits
+            correct, tokens = answer_scores(logits.float(), labels)
+            for row, c, t in zip(rows, correct.tolist(), tokens.tolist()):
+                qtype = records.get(str(row["id"]), {}).get("qtype", "all")
+                entry = stats[qtype]
+                entry[0] += c
+                entry[1] += t
+                entry[2] += int(c == t)
+                entry[3] += 1
+            bar.update(len(rows))
 
     by_type = {q: {"token_accuracy": c / t if t else 0.0, "exact_match": e / n, "samples": n}
                for q, (c, t, e, n) in sorted(stats.items())}

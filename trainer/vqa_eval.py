@@ -216,11 +216,10 @@ def generate_answers(model: torch.nn.Module, processor: Any, rows: list[dict], i
     encoder = PromptEncoder(processor, image_folder, template or resolve_for_model(model, processor))
     model.eval()
     answers: list[str] = []
-    bar = tqdm(total=len(rows), desc="generate", disable=not progress)
-    for chunk in batches(rows, batch_size):
-        answers += generate(model, processor, encoder.batch(chunk), max_new_tokens, encoder.stop_ids)
-        bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=len(rows), desc="generate", disable=not progress) as bar:
+        for chunk in batches(rows, batch_size):
+            answers += generate(model, processor, encoder.batch(chunk), max_new_tokens, encoder.stop_ids)
+            bar.update(len(chunk))
     return answers
 
 
