@@ -123,10 +123,42 @@ def core_image_features(model: nn.Module, inputs: dict[str, torch.Tensor]) -> to
 
 
 class LlamaStyleFamily:
-    """The training paths the Llama-style families share (text decoder at `LANGUAGE_MODEL`, a LLaVA-style
-    projector, transformers' `get_image_features`, one image placeholder token); a family class inherits
-    them and overrides what differs (Qwen2-VL: its projector is the vision tower's merger, and it has a
-    video token)."""
+    """What the Llama-style families share: a text decoder at `LANGUAGE_MODEL` whose layers are checked to be
+    Llama-style, the multimodal core at `model.model`, the attention module's own rotary function, a
+    LLaVA-style projector, transformers' `get_image_features` and one image placeholder token. A family sets
+    `name`, `class_name` (the transformers class it matches) and `paths` (every attribute path it relies on,
+    checked by `check`) and implements only what differs: its image grids and layout, its smallest vision
+    input, and any of these defaults that do not hold for it (Qwen2-VL: the merger as projector, a video
+    token, M-RoPE head dims)."""
+
+    name: str
+    class_name: str
+    paths: tuple[str, ...]
+
+    def matches(self, model: nn.Module) -> bool:
+        return type(model).__name__ == self.class_name
+
+    def text_dims(self, config: Any) -> TextDims:
+        return llama_text_dims(config.text_config)
+
+    def image_extras(self, config: Any) -> tuple[tuple[tuple[int, int], ...], int]:
+        return (), 0  # one grid per image (or tile), no other image tokens
+
+    def multimodal_core(self, model: nn.Module) -> nn.Module:
+        return model.model
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        self.check(model)
+        return model.model.language_model.layers
+
+    def rotary_fn(self, layer: nn.Module) -> RotaryFn:
+        return module_rotary_fn(layer)
+
+    def image_text(self, processor: Any) -> str:
+        return processor.image_token  # expanded by the processor to the image's tokens
+
+    def check(self, model: nn.Module) -> None:
+        check_llama_family(self.name, model, self.paths)
 
     def lora_target_regex(self, targets: Sequence[str]) -> str:
         return llama_lora_target_regex(targets)
@@ -142,6 +174,24 @@ class LlamaStyleFamily:
 
     def placeholder_token_ids(self, config: Any) -> tuple[int, ...]:
         return (config.image_token_id,)
+
+
+def layout_input_ids(kwargs: dict[str, Any]) -> torch.Tensor:
+    """The forward's `input_ids`: the image tokens are found there, never in `inputs_embeds`."""
+    input_ids = kwargs.get("input_ids")
+    if input_ids is None:
+        raise ValueError("visprune needs input_ids (not inputs_embeds) to find the image tokens")
+    return input_ids
+
+
+def count_encoded_images(kwargs: dict[str, Any]) -> int:
+    """Images (or tiles) this forward encodes: `pixel_values` rows, or the features `generate()` computed up
+    front (`mm_encoder_outputs`); 0 for text only."""
+    pixel_values = kwargs.get("pixel_values")
+    if pixel_values is not None:
+        return pixel_values.shape[0]
+    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+    return 0 if encoded is None else len(encoded.pooler_output)
 
 
 def suppress_in_generation(model: nn.Module, token_ids: Sequence[int]) -> None:

@@ -12,16 +12,7 @@ from torch import nn
 
 from ..flops import MAX_TILES, ImageGrids, require_processor, setting_dict, setting_int
 from ..layout import VisualLayout, build_layout
-from .base import (
-    MULTI_MODAL_PROJECTOR,
-    LlamaStyleFamily,
-    RotaryFn,
-    TextDims,
-    check_llama_family,
-    check_patch_features,
-    llama_text_dims,
-    module_rotary_fn,
-)
+from .base import MULTI_MODAL_PROJECTOR, LlamaStyleFamily, check_patch_features, count_encoded_images, layout_input_ids
 
 # attribute paths this family relies on (tests/modeling/test_families.py checks them)
 PATHS = ("model.language_model.layers", "model.vision_tower", MULTI_MODAL_PROJECTOR,
@@ -30,13 +21,12 @@ PATHS = ("model.language_model.layers", "model.vision_tower", MULTI_MODAL_PROJEC
 
 
 class InternVLFamily(LlamaStyleFamily):
+    """The image text is `<IMG_CONTEXT>`: the processor adds `<img>` ... `</img>` and one run per tile; the
+    text model (Qwen2 / Llama) applies its own rotate-half rotary."""
+
     name = "internvl"
-
-    def matches(self, model: nn.Module) -> bool:
-        return type(model).__name__ == "InternVLForConditionalGeneration"
-
-    def text_dims(self, config: Any) -> TextDims:
-        return llama_text_dims(config.text_config)
+    class_name = "InternVLForConditionalGeneration"
+    paths = PATHS
 
     def image_grid(self, config: Any) -> tuple[int, int]:
         """One tile's grid: the patch grid shrunk by the pixel shuffle's downsample ratio."""
@@ -51,9 +41,6 @@ class InternVLFamily(LlamaStyleFamily):
                                  "is not a whole grid")
             sides.append(int(side))
         return sides[0], sides[1]
-
-    def image_extras(self, config: Any) -> tuple[tuple[tuple[int, int], ...], int]:
-        return (), 0  # one grid per image (or tile), no other image tokens
 
     def image_size_grids(self, image_size: tuple[int, int], processor: dict[str, Any] | None,
                          grid: tuple[int, int]) -> ImageGrids:
@@ -86,45 +73,18 @@ class InternVLFamily(LlamaStyleFamily):
         """One image of `num_tiles` tiles as given (a thumbnail, if wanted, is one of them)."""
         return ImageGrids((tuple(grid),) * num_tiles, 0, f"{num_tiles} tiles as given (a thumbnail counts as a tile)")
 
-    def multimodal_core(self, model: nn.Module) -> nn.Module:
-        return model.model
-
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        self.check(model)
-        return model.model.language_model.layers
-
     def build_layout(self, model: nn.Module, kwargs: dict[str, Any]) -> VisualLayout:
-        """Layout of this forward's tokens from `input_ids` and the number of tiles (`pixel_values`
+        """Layout of this forward's tokens from `input_ids` and the number of tiles it encodes (`pixel_values`
         rows, or precomputed `mm_encoder_outputs`): one grid per tile, in order."""
-        input_ids = kwargs.get("input_ids")
-        if input_ids is None:
-            raise ValueError("visprune needs input_ids (not inputs_embeds) to find the image tokens")
-        pixel_values = kwargs.get("pixel_values")
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        if pixel_values is not None:
-            num_tiles = pixel_values.shape[0]
-        elif encoded is not None:
-            num_tiles = len(encoded.pooler_output)
-        else:
-            num_tiles = 0
-        grid = self.image_grid(model.config)
-        return build_layout(input_ids, model.config.image_token_id, [grid] * num_tiles, kwargs.get("attention_mask"))
-
-    def rotary_fn(self, layer: nn.Module) -> RotaryFn:
-        return module_rotary_fn(layer)  # the text model's own (Qwen2 / Llama) rotate-half
+        input_ids = layout_input_ids(kwargs)
+        grids = [self.image_grid(model.config)] * count_encoded_images(kwargs)
+        return build_layout(input_ids, model.config.image_token_id, grids, kwargs.get("attention_mask"))
 
     def vision_inputs(self, model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
         """One blank tile."""
         height, width = _pair(model.config.vision_config.image_size)
         dtype = next(model.model.vision_tower.parameters()).dtype
         return {"pixel_values": torch.zeros(1, 3, height, width, device=device, dtype=dtype)}
-
-    def image_text(self, processor: Any) -> str:
-        return processor.image_token  # <IMG_CONTEXT>: the processor adds <img> ... </img> and one run per tile
-
-    def check(self, model: nn.Module) -> None:
-        check_llama_family(self.name, model, PATHS)
-
 
 
 # InternVLProcessor's images_kwargs: it tiles whatever its image processor's own crop_to_patches says

@@ -14,16 +14,7 @@ from torch import nn
 
 from ..flops import MAX_IMAGE_SIDE, ImageGrids, require_processor, setting_int
 from ..layout import VisualLayout, build_layout
-from .base import (
-    MULTI_MODAL_PROJECTOR,
-    LlamaStyleFamily,
-    RotaryFn,
-    TextDims,
-    check_llama_family,
-    check_patch_features,
-    llama_text_dims,
-    module_rotary_fn,
-)
+from .base import MULTI_MODAL_PROJECTOR, LlamaStyleFamily, check_patch_features, layout_input_ids
 
 # attribute paths this family relies on (tests/modeling/test_families.py checks them)
 PATHS = ("model.language_model.layers", "model.vision_tower", MULTI_MODAL_PROJECTOR,
@@ -33,13 +24,11 @@ Grid = tuple[int, int, bool]
 
 
 class LlavaNextFamily(LlamaStyleFamily):
+    """The image text is `<image>`, expanded by the processor to base + high-res grid + newlines."""
+
     name = "llava_next"
-
-    def matches(self, model: nn.Module) -> bool:
-        return type(model).__name__ == "LlavaNextForConditionalGeneration"
-
-    def text_dims(self, config: Any) -> TextDims:
-        return llama_text_dims(config.text_config)
+    class_name = "LlavaNextForConditionalGeneration"
+    paths = PATHS
 
     def image_grid(self, config: Any) -> tuple[int, int]:
         """The base image's grid (the first grid of every image)."""
@@ -100,20 +89,11 @@ class LlavaNextFamily(LlamaStyleFamily):
                 f"{tiles_h * side}x{tiles_w * side}, unpadded to {rows}x{cols}")
         return ImageGrids((tuple(grid), (rows, cols)), rows, note)
 
-    def multimodal_core(self, model: nn.Module) -> nn.Module:
-        return model.model
-
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        self.check(model)
-        return model.model.language_model.layers
-
     def build_layout(self, model: nn.Module, kwargs: dict[str, Any]) -> VisualLayout:
         """Layout of this forward's tokens: grids from `image_sizes` when this forward encodes images,
         or, when `generate()` has encoded them up front (`mm_encoder_outputs`, no `image_sizes`), from
         where the newline embedding sits in each image's packed features."""
-        input_ids = kwargs.get("input_ids")
-        if input_ids is None:
-            raise ValueError("visprune needs input_ids (not inputs_embeds) to find the image tokens")
+        input_ids = layout_input_ids(kwargs)
         encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         image_sizes = kwargs.get("image_sizes")
         if kwargs.get("pixel_values") is not None:
@@ -141,9 +121,6 @@ class LlavaNextFamily(LlamaStyleFamily):
                              f"features ({rows} newline embeddings found after the {side}x{side} base grid)")
         return [(side, side, False), (rows, cols, True)]
 
-    def rotary_fn(self, layer: nn.Module) -> RotaryFn:
-        return module_rotary_fn(layer)
-
     def vision_inputs(self, model: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
         """One blank image of one tile's size (base + its tiles, as the processor would give it)."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -153,13 +130,6 @@ class LlavaNextFamily(LlamaStyleFamily):
         dtype = next(model.model.vision_tower.parameters()).dtype
         return {"pixel_values": torch.zeros(1, num_patches, 3, size, size, device=device, dtype=dtype),
                 "image_sizes": torch.tensor([[size, size]], device=device)}
-
-    def image_text(self, processor: Any) -> str:
-        return processor.image_token  # "<image>", expanded by the processor to base + high-res + newlines
-
-    def check(self, model: nn.Module) -> None:
-        check_llama_family(self.name, model, PATHS)
-
 
 
 # LlavaNextImageProcessor's class defaults, what a preprocessor_config.json without these keys gets

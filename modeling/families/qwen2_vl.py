@@ -13,14 +13,7 @@ from torch import nn
 
 from ..flops import ImageGrids, require_processor, setting_dict, setting_int
 from ..layout import VisualLayout, build_layout
-from .base import (
-    LlamaStyleFamily,
-    RotaryFn,
-    TextDims,
-    check_llama_family,
-    llama_text_dims,
-    module_rotary_fn,
-)
+from .base import LlamaStyleFamily, RotaryFn, TextDims, layout_input_ids, llama_text_dims, module_rotary_fn
 
 # The FLOPs model costs one image of 16 x 16 visual tokens (the real grid depends on the image: the
 # processor's min/max pixels decide): 448 x 448 px for Qwen2-VL's 14 px patches and 2 x 2 merge. Fixed in
@@ -39,12 +32,11 @@ PATHS = ("model.language_model.layers", "model.language_model.rotary_emb.recompo
 class Qwen2VLFamily(LlamaStyleFamily):
     """One instance per model class: `qwen2_vl` and `qwen2_5_vl` differ only in the class name."""
 
+    paths = PATHS
+
     def __init__(self, name: str, class_name: str) -> None:
         self.name = name
         self.class_name = class_name
-
-    def matches(self, model: nn.Module) -> bool:
-        return type(model).__name__ == self.class_name
 
     def text_dims(self, config: Any) -> TextDims:
         text = config.text_config
@@ -53,9 +45,6 @@ class Qwen2VLFamily(LlamaStyleFamily):
 
     def image_grid(self, config: Any) -> tuple[int, int]:
         return REFERENCE_GRID
-
-    def image_extras(self, config: Any) -> tuple[tuple[tuple[int, int], ...], int]:
-        return (), 0  # one grid per image (or tile), no other image tokens
 
     def image_size_grids(self, image_size: tuple[int, int], processor: dict[str, Any] | None,
                          grid: tuple[int, int]) -> ImageGrids:
@@ -76,13 +65,6 @@ class Qwen2VLFamily(LlamaStyleFamily):
                 f"{height // patch}x{width // patch} patches of {patch} px merged {merge}x{merge}")
         return ImageGrids(((rows, cols),), 0, note)
 
-    def multimodal_core(self, model: nn.Module) -> nn.Module:
-        return model.model
-
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        self.check(model)
-        return model.model.language_model.layers
-
     def image_grids(self, config: Any, image_grid_thw: torch.Tensor) -> list[tuple[int, int]]:
         """(rows, cols) of visual tokens of each image: its (t, h, w) patch grid over the merge size."""
         merge = config.vision_config.spatial_merge_size
@@ -98,9 +80,7 @@ class Qwen2VLFamily(LlamaStyleFamily):
         """Layout of this forward's tokens: image tokens from `input_ids`, each image's grid from
         `image_grid_thw` or, when `generate()` has encoded the images up front (it passes
         `mm_encoder_outputs` and drops `image_grid_thw`), from the M-RoPE positions of its tokens."""
-        input_ids = kwargs.get("input_ids")
-        if input_ids is None:
-            raise ValueError("visprune needs input_ids (not inputs_embeds) to find the image tokens")
+        input_ids = layout_input_ids(kwargs)
         encoded = kwargs.get("mm_encoder_outputs") or {}
         if kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None \
                 or bool((input_ids == model.config.video_token_id).any()):
@@ -167,9 +147,6 @@ class Qwen2VLFamily(LlamaStyleFamily):
         """As Qwen2-VL's chat template renders an image: the pad token (expanded by the processor to
         the image's visual tokens) between the vision start / end tokens."""
         return f"{VISION_START}{processor.image_token}{VISION_END}"
-
-    def check(self, model: nn.Module) -> None:
-        check_llama_family(self.name, model, PATHS)
 
     def projector_paths(self) -> tuple[str, ...]:
         return (MERGER,)
