@@ -5,9 +5,10 @@ computes the visual layout and the gate values once per forward. `apply_plan` fi
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -33,21 +34,26 @@ BACKENDS = ("auto", "sdpa", "flex")
 
 @dataclass
 class GateConfig:
-    """Which gates exist and how the visual attention is computed."""
+    """Which gates exist and how the visual attention is computed: the one schema of a recipe's `gates`
+    section (the window is the recipe's top-level `window`) and of the config saved beside trained gates
+    (`gates.safetensors` metadata), which is what hardening rebuilds."""
 
     heads: bool = True  # head gates g[l, h]
     visual_skip: bool = True  # visual-skip routers r[l]
     visual_mlp: bool = True  # visual MLP gates m[l]
-    window: int | None = 5  # neighbour window w (w x w on the grid); None = ordinary causal attention
-    init_log_alpha: float = 3.0  # every gate starts open (P(open) ~ 0.99)
+    # neighbour window w (w x w on the grid); None = ordinary causal attention; a recipe's top-level `window`
+    window: int | None = field(default=5, metadata={"recipe_key": "window"})
+    init_log_alpha: float = 2.0  # P(open) ~ 0.97 at the start: the gated model starts near the dense one
     backend: str = "auto"  # "sdpa", "flex", or "auto" (flex on CUDA when available, else sdpa)
     per_sample: bool = True  # training draws independent gates for every sample of a batch (else one draw)
 
     def __post_init__(self) -> None:
         if self.window is not None and (self.window < 1 or self.window % 2 == 0):
             raise ValueError(f"window must be None or an odd positive integer, got {self.window}")
+        if not math.isfinite(self.init_log_alpha):
+            raise ValueError(f"init_log_alpha must be a finite number, got {self.init_log_alpha}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
 
 def _pick_backend(backend: str, model: nn.Module) -> str:

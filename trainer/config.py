@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from visprune.modeling.gates import GateConfig
 
 
 @dataclass
@@ -54,20 +55,6 @@ class DataConfig:
         _check_int("data.num_workers", self.num_workers, 0)
         _check_choice("data.template", self.template, tuple(TEMPLATE_CHOICES))
         _check_int("data.max_image_pixels", self.max_image_pixels, 1)
-
-
-@dataclass
-class GatesConfig:
-    heads: bool = True
-    visual_skip: bool = True
-    visual_mlp: bool = True
-    init_log_alpha: float = 2.0  # P(open) ~ 0.97 at the start: the gated model starts near the dense one
-    backend: str = "auto"  # auto | sdpa | flex
-    per_sample: bool = True  # every sample of a batch draws its own gates (else one draw per forward)
-
-    def __post_init__(self) -> None:
-        _check_float("gates.init_log_alpha", self.init_log_alpha)
-        _check_choice("gates.backend", self.backend, ("auto", "sdpa", "flex"))
 
 
 @dataclass
@@ -191,7 +178,7 @@ class Recipe:
     output: OutputConfig
     window: int | None = 5
     plan: str | None = None  # a pruning_plan.json: train LoRA with these gates fixed (no gate learning)
-    gates: GatesConfig = field(default_factory=GatesConfig)
+    gates: GateConfig = field(default_factory=GateConfig)  # modeling's schema; its window is `window` above
     lora: LoraConfig | None = field(default_factory=LoraConfig)  # null: full fine-tuning of the LM
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -202,6 +189,7 @@ class Recipe:
             raise ValueError(f"window must be null or an odd positive integer, got {_show(self.window)}")
         if self.plan is not None:
             _check_path("plan", self.plan, "null or a non-empty path")
+        self.gates.window = self.window  # the gate config's window is the recipe's top-level key
 
 
 def _is_int(value: Any) -> bool:
@@ -448,8 +436,13 @@ def read_recipe_mapping(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as plain dicts, lists and scalars (what `save_recipe` writes)."""
-    return dataclasses.asdict(recipe)
+    """The recipe as plain dicts, lists and scalars (what `save_recipe` writes); keys of a section that the
+    recipe holds elsewhere (the gate config's window) are left out."""
+    out = dataclasses.asdict(recipe)
+    for f in dataclasses.fields(GateConfig):
+        if "recipe_key" in f.metadata:
+            out["gates"].pop(f.name, None)
+    return out
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
@@ -513,14 +506,17 @@ def _build_dataclass(cls: type, raw: Any, key: str, source: str, expected: str =
                           f"(known: {', '.join(sorted(hints))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
+        if f.name not in hints:
+            continue
         if f.name in raw:
             kwargs[f.name] = _convert(hints[f.name], raw[f.name], prefix + f.name, source)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise RecipeError(f"{source}: missing required key {prefix + f.name!r}")
     try:
         return cls(**kwargs)
-    except ValueError as err:  # __post_init__ checks; their messages name the key
-        raise RecipeError(f"{source}: {err}") from err
+    except ValueError as err:  # __post_init__ checks; this module's name the dotted key, modeling's the field
+        own = cls.__module__ == __name__
+        raise RecipeError(f"{source}: {'' if own else prefix}{err}") from err
 
 
 def _convert(tp: Any, value: Any, key: str, source: str, expected: str | None = None) -> Any:
@@ -564,9 +560,10 @@ def _convert(tp: Any, value: Any, key: str, source: str, expected: str | None = 
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    """Resolved annotations of a dataclass (this module uses postponed, string annotations)."""
+    """Resolved annotations of a dataclass's recipe keys (this module uses postponed, string annotations); a
+    field marked `recipe_key` is set from another key of the recipe and is not one of this section's."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if "recipe_key" not in f.metadata}
 
 
 def _section_class(tp: Any) -> type | None:

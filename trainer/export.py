@@ -22,7 +22,6 @@ from visprune.data_prep.files import fsync_dir, fsync_tree, write_atomic
 from visprune.data_prep.templates import ChatTemplate, end_of_turn_ids, resolve_template
 from visprune.modeling import (
     PLAN_FILE,
-    GateConfig,
     GateProbs,
     GateSet,
     Plan,
@@ -35,7 +34,7 @@ from visprune.modeling import (
 
 from . import checkpoints as ckpt
 from .config import Recipe, load_recipe
-from .trainer import FINAL_DIR, GATES_FILE, RECIPE_FILE, STATE_FILE, build_model, load_gate_state
+from .trainer import FINAL_DIR, GATES_FILE, RECIPE_FILE, STATE_FILE, build_model, load_gate_state, stored_gate_config
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +157,8 @@ def load_checkpoint(checkpoint: str | Path, trust_remote_code: bool = False
 def _build_from_checkpoint(checkpoint: Path, recipe: Recipe, trust_remote_code: bool
                            ) -> tuple[torch.nn.Module, GateSet, Any]:
     model, processor = build_model(recipe, trust_remote_code=trust_remote_code)
-    g = recipe.gates
-    gates = attach_gates(model, GateConfig(heads=g.heads, visual_skip=g.visual_skip, visual_mlp=g.visual_mlp,
-                                           window=recipe.window, init_log_alpha=g.init_log_alpha))
+    # the gate config the checkpoint's gates were trained with (an older checkpoint: its recipe's)
+    gates = attach_gates(model, stored_gate_config(checkpoint / GATES_FILE) or recipe.gates)
     if recipe.plan is not None:  # a fixed-plan run: its gates are the plan's
         apply_plan(model, Plan.from_json(recipe.plan))
     load_gate_state(gates, None, checkpoint / GATES_FILE)

@@ -122,10 +122,7 @@ def prepare_model(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, GateSet,
     says where these are (`lora_target_regex`, `language_model`, `projector_paths`).
     """
     family = family_for(model)
-    g = recipe.gates
-    gates = attach_gates(model, GateConfig(heads=g.heads, visual_skip=g.visual_skip, visual_mlp=g.visual_mlp,
-                                           window=recipe.window, init_log_alpha=g.init_log_alpha, backend=g.backend,
-                                           per_sample=g.per_sample))
+    gates = attach_gates(model, recipe.gates)
     if recipe.plan is not None:  # fixed gates: fine-tune under a given plan (baselines, re-training)
         apply_plan(model, Plan.from_json(recipe.plan))
     controller = SparsityController(recipe.budget.visual_flops, recipe.budget.warmup_steps)
@@ -585,6 +582,21 @@ def gate_state_dict(gates: GateSet, controller: SparsityController) -> dict[str,
 def gate_metadata(gates: GateSet) -> dict[str, str]:
     return {"format": "visprune-gates/1", "family": gates.family, "window": json.dumps(gates.window),
             "dims": json.dumps(asdict(gates.dims)), "config": json.dumps(asdict(gates.cfg))}
+
+
+def stored_gate_config(path: str | os.PathLike) -> GateConfig | None:
+    """The GateConfig saved beside trained gates (`gates.safetensors` metadata `config`), the one hardening
+    rebuilds the gates with; None for a file without one."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        stored = (handle.metadata() or {}).get("config")
+    if stored is None:
+        return None
+    try:
+        return GateConfig(**json.loads(stored))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: its stored gate config is not one this visprune reads: {exc}") from exc
 
 
 def load_gate_state(gates: GateSet, controller: SparsityController | None, path: str | os.PathLike) -> None:

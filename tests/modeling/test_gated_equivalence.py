@@ -48,7 +48,7 @@ def test_open_learnable_gates_equal_base_model_and_detach_restores():
     model, batch = tiny_llava(), tiny_batch()
     with torch.no_grad():
         base = model(**batch).logits
-    attach_gates(model, GateConfig(window=None))  # init log_alpha 3: every deterministic gate is exactly 1
+    attach_gates(model, GateConfig(window=None, init_log_alpha=3.0))  # every deterministic gate exactly 1
     with torch.no_grad():
         gated = model(**batch).logits
     torch.testing.assert_close(valid_logits(gated, batch), valid_logits(base, batch), atol=ATOL, rtol=0)
