@@ -43,7 +43,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check modeling trainer data_prep tests
+	$(BIN)/ruff check modeling trainer data_prep experiments tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from visprune.trainer.bench import run_bench
+from visprune.trainer.eval.bench import run_bench
 
 
 def main() -> None:

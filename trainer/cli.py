@@ -136,7 +136,7 @@ def run_harden(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from visprune.trainer.bench import format_bench, run_bench
+    from visprune.trainer.eval.bench import format_bench, run_bench
 
     result = run_bench(model=args.model, layers=args.layers, plan_path=args.plan, budget=args.budget,
                        repeats=args.repeats, seed=args.seed, device=args.device, progress=not args.json)
@@ -144,8 +144,35 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    from visprune.trainer.eval.folder import evaluate_dir, format_eval
+
+    if args.predictions and args.metric == "teacher_forced":
+        print("visprune eval: error: --predictions needs a generation metric (--metric vqa, pope or mc)",
+              file=sys.stderr)
+        return 2
+    result = evaluate_dir(args.model_dir, args.data, args.images, batch_size=args.batch_size, limit=args.limit,
+                          progress=not args.json, metric=args.metric, max_new_tokens=args.max_new_tokens,
+                          predictions=args.predictions, template=args.template, max_length=args.max_length,
+                          trust_remote_code=args.trust_remote_code)
+    print(json.dumps(result, indent=1) if args.json else format_eval(result))
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from visprune.trainer.eval.compare import compare_dirs, format_compare
+
+    result = compare_dirs(args.dir_a, args.dir_b, args.data, args.images, metric=args.metric,
+                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                          repeats=args.repeats, time_samples=args.time_samples or None,
+                          kv_samples=args.kv_samples, progress=not args.json,
+                          trust_remote_code=args.trust_remote_code)
+    print(json.dumps(result, indent=1) if args.json else format_compare(result))
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    from visprune.trainer.demo import run_demo
+    from visprune.experiments.seetask.demo import run_demo
 
     size = args.size or ("quick" if args.quick else "full")
     results = run_demo(args.out, size=size)
@@ -278,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     import os
 
     from visprune.data_prep.templates import TEMPLATE_CHOICES
+    from visprune.trainer.eval.scoring import METRICS  # a light import: no torch until a verb runs
 
     parser = Parser(prog="visprune", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="print the traceback of any error")
@@ -352,10 +380,44 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=positive_int, default=32)
     ev.add_argument("--limit", type=positive_int, help="score only the first N samples")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
-    from visprune.trainer.cli_eval import add_compare_parser, add_eval_scoring_args
+    ev.add_argument("--metric", choices=METRICS, default="teacher_forced",
+                    help="teacher_forced (default): token accuracy / exact match under teacher forcing; vqa: VQAv2 "
+                         "accuracy of greedy answers (normalised exact match, or min(1, matches/3) over a record's "
+                         "'answers'); pope: yes/no accuracy, precision, recall, F1, yes-ratio; mc: option-letter "
+                         "accuracy (records carry 'options')")
+    ev.add_argument("--max-new-tokens", type=positive_int, default=64,
+                    help="generation metrics: most tokens generated per answer (default 64)")
+    ev.add_argument("--predictions", metavar="FILE.jsonl",
+                    help="generation metrics: write every sample's answer, reference and score here")
+    ev.add_argument("--max-length", type=positive_int, default=4096,
+                    help="teacher_forced: longest sample in tokens, image tokens included (default 4096)")
+    ev.add_argument("--template", choices=TEMPLATE_CHOICES, default="auto",
+                    help="chat template the prompts are rendered with (default auto: the one a `visprune harden` "
+                         "folder was trained with, else as `data.template: auto` picks it)")
+    ev.add_argument("--trust-remote-code", action="store_true", help="let the model folder run its own code")
+    ev.set_defaults(func=run_eval)
 
-    add_eval_scoring_args(ev)  # --metric, --max-new-tokens, --predictions; runs run_eval_scoring
-    add_compare_parser(sub, parents=[common])  # visprune compare DIR_A DIR_B --data ...
+    compare = sub.add_parser("compare", parents=[common], help="two model folders side by side on the same data "
+                             "(dense vs pruned): accuracy, visual FLOPs, measured prefill latency, KV-cache bytes, "
+                             "answer agreement")
+    compare.add_argument("dir_a", help="model folder A (e.g. the dense base)")
+    compare.add_argument("dir_b", help="model folder B (e.g. a `visprune harden` folder: loaded hardened)")
+    compare.add_argument("--data", required=True, help="LLaVA-format JSON (see docs/evaluation.md for the fields)")
+    compare.add_argument("--images", help="image folder the samples' paths are inside")
+    compare.add_argument("--metric", choices=METRICS, default="vqa",
+                         help="accuracy metric (default vqa; teacher_forced reports `visprune eval`'s exact match)")
+    compare.add_argument("--limit", type=positive_int, help="use only the first N samples")
+    compare.add_argument("--batch-size", type=positive_int, default=8,
+                         help="samples per generation / prefill batch (default 8)")
+    compare.add_argument("--max-new-tokens", type=positive_int, default=64, help="most tokens per answer (default 64)")
+    compare.add_argument("--repeats", type=positive_int, default=5, help="timed prefill passes per model (default 5)")
+    compare.add_argument("--time-samples", type=non_negative_int, default=64,
+                         help="prefill latency is timed on the first N samples (default 64; 0: all)")
+    compare.add_argument("--kv-samples", type=positive_int, default=16,
+                         help="KV-cache bytes are measured on the first N samples, one at a time (default 16)")
+    compare.add_argument("--json", action="store_true", help="print one JSON object")
+    compare.add_argument("--trust-remote-code", action="store_true", help="let the model folders run their own code")
+    compare.set_defaults(func=run_compare)
 
     demo = sub.add_parser("demo", parents=[common], help="the see-task accuracy-vs-FLOPs experiment on CPU: data, dense base, "
                                        "visprune and baselines at 50/25/12%% -> report.md + pareto.png")

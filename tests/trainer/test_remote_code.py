@@ -22,7 +22,8 @@ from visprune.modeling import load_pruned
 from visprune.trainer import checkpoints as ckpt
 from visprune.trainer.cli import main
 from visprune.trainer.config import load_recipe
-from visprune.trainer.evaluate import evaluate_dir, load_for_eval
+from visprune.trainer.eval.folder import evaluate_dir
+from visprune.trainer.eval.loading import load_for_eval
 from visprune.trainer.export import HardenError, harden, load_checkpoint
 from visprune.trainer.trainer import build_model, train
 
@@ -152,7 +153,7 @@ def test_exported_folders_never_run_their_code_by_default(world, watched):
 
 
 def test_compare_never_runs_their_code_by_default(world, watched):
-    from visprune.trainer.compare import compare_dirs
+    from visprune.trainer.eval.compare import compare_dirs
 
     result = compare_dirs(world["export"], world["export"], world["inputs"]["data"], world["inputs"]["image_folder"],
                           limit=2, batch_size=2, max_new_tokens=2, repeats=1, time_samples=2, kv_samples=1,
@@ -161,7 +162,7 @@ def test_compare_never_runs_their_code_by_default(world, watched):
 
 
 def test_lmms_plugin_takes_remote_code_from_model_args_only(world, watched):
-    from visprune.trainer.lmms_plugin import VisPrune
+    from visprune.trainer.eval.lmms_plugin import VisPrune
 
     for extra in ("", ",trust_remote_code=False", ",trust_remote_code=no"):
         lm = VisPrune.create_from_arg_string(f"pretrained={world['export']},device=cpu{extra}", {"batch_size": 1})

@@ -18,8 +18,7 @@ from visprune.data_prep.records import build_dataset
 from visprune.data_prep.seetask import SeeTaskConfig, seetask_words
 from visprune.data_prep.templates import resolve_template
 from visprune.data_prep.toy import IMAGE, build_processor, build_tokenizer
-
-from .evaluate import evaluate
+from visprune.trainer.eval.teacher_forced import evaluate
 
 logger = logging.getLogger(__name__)
 

@@ -1,25 +1,20 @@
-"""`visprune bench`: prefill time of the dense vs the hardened language model, measured in one
-process on this machine, beside the speed-up the FLOPs model predicts.
+"""What `visprune bench` times, built: the family's own transformers model at a real model's layer dimensions
+(random weights, `--layers N` decoder layers spread over the depth, a one-block vision tower that is never
+run), dense and hardened over the same weight tensors, a plan, and one prompt of the FLOPs model's default
+layout in the family's token order. Timing and the report are `bench`'s.
 
-The model is the family's own transformers class (LLaVA, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL, InternVL
-with its Qwen2 LM) at a real model's layer dimensions and attention details (Qwen2's q/k/v biases,
-grouped KV heads, M-RoPE sections), with random weights, `--layers N` decoder layers (spread over the
-depth) so it fits in memory, and a one-block vision tower that is never run. The prompt is the FLOPs
-model's default layout (35 system tokens, one image with all its grids, 60 text tokens) in the
-family's token order: Qwen2-VL's image pads between `<|vision_start|>` and `<|vision_end|>` with the
-M-RoPE positions the model computes from `image_grid_thw`, InternVL's between `<img>` and `</img>`,
-LLaVA-NeXT's base grid then its high-resolution grid with a newline token after each row. Dense and
-hardened share the same weight tensors and run alternately; medians are reported. The vision tower and
-LM head are not timed (they are the same in both).
+The families: LLaVA, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL, InternVL with its Qwen2 LM, with their attention details
+(Qwen2's q/k/v biases, grouped KV heads, M-RoPE sections). The prompt is 35 system tokens, one image with all
+its grids, 60 text tokens: Qwen2-VL's image pads between `<|vision_start|>` and `<|vision_end|>` with the M-RoPE
+positions the model computes from `image_grid_thw`, InternVL's between `<img>` and `</img>`, LLaVA-NeXT's base
+grid then its high-resolution grid with a newline token after each row.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import statistics
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,18 +23,14 @@ from visprune.modeling import (
     BUILTIN_MODELS,
     HARDENED_KWARG,
     GateConfig,
-    GateProbs,
     GateSet,
     ModelDims,
     Plan,
     TokenLayout,
     apply_plan,
-    cache_nbytes,
     default_layout,
     hardened_forward_context,
-    prefill_flops,
     resolve_model_dims,
-    visual_flops,
 )
 from visprune.modeling.families import FAMILIES, TextDims, family_for
 from visprune.modeling.flops import dims_from_config
@@ -343,105 +334,5 @@ def build_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | N
     return BenchSetup(full, dims, picked, plan, config, dense, hardened, layout, grids, inputs)
 
 
-# ---- timing ----------------------------------------------------------------------------------------
-def _time(fn, device: str) -> tuple[float, Any]:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
-
-
-def run_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | None = None,
-              budget: float | None = None, repeats: int = 3, seed: int = 0, device: str | None = None,
-              progress: bool = True) -> dict[str, Any]:
-    """Measure dense vs hardened prefill; returns the result dict (see module docstring).
-
-    At most one of `plan_path` and `budget` (a synthetic plan of the full-depth model, default
-    0.25) selects the plan; `layers` of its layers, spread evenly over the depth, are benchmarked,
-    and the result reports their own visual-FLOPs fraction.
-    """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    setup = build_bench(model, layers, plan_path, budget, seed, device)
-    if plan_path is None and budget is None:
-        budget = 0.25
-    times: dict[str, list[float]] = {"dense": [], "hardened": []}
-    kv: dict[str, int] = {}
-    from tqdm.auto import tqdm
-
-    steps = [("dense", setup.run_dense), ("hardened", setup.run_hardened)]
-    with torch.no_grad():
-        for name, fn in steps:  # warm-up
-            fn()
-        bar = tqdm(total=2 * repeats, desc="bench", disable=not progress)
-        for rep in range(repeats):
-            for name, fn in steps if rep % 2 == 0 else steps[::-1]:  # alternate the order
-                seconds, out = _time(fn, device)
-                times[name].append(seconds)
-                kv[name] = cache_nbytes(out.past_key_values)
-                del out
-                bar.update(1)
-        bar.close()
-
-    dims, layout, plan = setup.dims, setup.layout, setup.plan
-    probs = GateProbs.from_plan(plan, dims.intermediate_size)
-    dense_flops = float(prefill_flops(dims, layout))
-    hard_flops = float(prefill_flops(dims, layout, probs, window=plan.window))
-    dense_ms = 1000 * statistics.median(times["dense"])
-    hard_ms = 1000 * statistics.median(times["hardened"])
-    measured = dense_ms / hard_ms
-    predicted = dense_flops / hard_flops
-    rope = getattr(setup.config.text_config, "rope_parameters", None) or {}
-    return {
-        "model": setup.full.name, "family": dims.family, "model_class": type(setup.dense).__name__,
-        "attention_bias": setup.attention_bias(), "mrope_section": rope.get("mrope_section"),
-        "layers": layers, "device": device, "dtype": str(setup.dense.dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(), "repeats": repeats, "budget": budget, "plan": plan_path,
-        "plan_layers": setup.picked,
-        "layout": layout.to_dict(), "image_grids": [list(g) for g in setup.grids],
-        "num_tokens": int(setup.inputs["input_ids"].shape[1]), "window": plan.window,
-        "visual_flops_ratio": float(visual_flops(dims, layout, probs, plan.window) / visual_flops(dims, layout)),
-        "heads_kept_per_layer": [len(lp.heads) for lp in plan.layers],
-        "mlp_kept_per_layer": [lp.mlp for lp in plan.layers],
-        "dense_ms": dense_ms, "hardened_ms": hard_ms, "measured_speedup": measured, "predicted_speedup": predicted,
-        "efficiency": measured / predicted, "dense_kv_bytes": kv["dense"], "hardened_kv_bytes": kv["hardened"],
-        "dense_ms_all": [1000 * t for t in times["dense"]], "hardened_ms_all": [1000 * t for t in times["hardened"]],
-        "dims": asdict(dims),
-    }
-
-
-def _describe_model(result: dict[str, Any]) -> str:
-    bias = "/".join(name.removesuffix("_proj") for name in result["attention_bias"])
-    parts = [result["model_class"], f"{bias} bias" if bias else "no attention bias"]
-    if result["mrope_section"]:
-        parts.append(f"M-RoPE {result['mrope_section']}")
-    return ", ".join(parts)
-
-
-def _describe_prompt(layout: dict[str, Any]) -> str:
-    visual = f"{layout['visual']} visual"
-    if "image_grids" in layout:  # several grids per image (LLaVA-NeXT) and non-grid image tokens
-        visual += f" ({' + '.join(f'{r}x{c}' for r, c in layout['image_grids'])}) + {layout['non_grid']} newline"
-    return f"{layout['system']} system + {visual} + {layout['text']} text tokens"
-
-
-def format_bench(result: dict[str, Any]) -> str:
-    kv_ratio = result["hardened_kv_bytes"] / result["dense_kv_bytes"] if result["dense_kv_bytes"] else float("nan")
-    lines = [
-        (f"{result['model']} ({_describe_model(result)}), {result['layers']} layer(s), {result['device']} "
-         f"{result['dtype']}, {result['threads']} thread(s), {result['repeats']} repeats; prompt "
-         f"{_describe_prompt(result['layout'])}"),
-        (f"plan: {result['visual_flops_ratio']:.2%} of dense visual FLOPs, window {result['window']}, "
-         f"heads kept per layer {result['heads_kept_per_layer']}, MLP kept {result['mlp_kept_per_layer']}"),
-        f"prefill  dense {result['dense_ms']:.1f} ms   hardened {result['hardened_ms']:.1f} ms",
-        (f"speed-up measured {result['measured_speedup']:.2f}x   predicted (FLOPs) {result['predicted_speedup']:.2f}x   "
-         f"efficiency {result['efficiency']:.2f}"),
-        (f"KV cache after prefill  dense {result['dense_kv_bytes'] / 2**20:.1f} MiB   "
-         f"hardened {result['hardened_kv_bytes'] / 2**20:.1f} MiB ({kv_ratio:.1%})"),
-    ]
-    return "\n".join(lines)
-
-
-__all__ = ["BenchSetup", "bench_config", "build_bench", "format_bench", "run_bench", "synthetic_plan"]
+__all__ = ["BENCH_VOCAB", "IMAGE_END", "IMAGE_START", "MODEL_CLASSES", "BenchSetup", "bench_config", "build_bench",
+           "build_models", "image_grids", "prompt_inputs", "spread_layers", "synthetic_plan"]

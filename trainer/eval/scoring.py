@@ -10,6 +10,7 @@
   accuracy, precision, recall, F1 and yes-ratio with "yes" as the positive class;
 - `mc_letter` / `mc_correct`: the option letter an answer picks ("B", "(B)", "B.", "The answer is B",
   or the text of exactly one option);
+- `answers_agree`: whether two models' answers are equal after `normalize_answer`;
 - `category_of` / `breakdown`: per-category means (a record's `category`, else `qtype`, else "all").
 """
 
@@ -21,8 +22,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-# `visprune eval --metric`: teacher_forced is trainer/evaluate.py's scorer, the others score generated answers
+# `visprune eval --metric`: teacher_forced is `teacher_forced.evaluate`, the others score generated answers
 METRICS = ("teacher_forced", "vqa", "pope", "mc")
+GENERATION_METRICS = ("vqa", "pope", "mc")
+METRIC_NAMES = {"teacher_forced": "teacher-forced exact match", "vqa": "VQA accuracy", "pope": "POPE accuracy",
+                "mc": "multiple-choice accuracy"}
 
 # ---- VQAv2 normalisation (vqaEval.py, github.com/GT-Vision-Lab/VQA, BSD) ------------------------------
 
@@ -238,6 +242,13 @@ def mc_reference(answer: str, options: Sequence[str] | Mapping[str, str] | None 
     return letter
 
 
+def answers_agree(a: Sequence[str], b: Sequence[str]) -> list[float]:
+    """1.0 where the two answers of a pair are equal after `normalize_answer`, else 0.0 (one per pair)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"answers_agree needs two equally long non-empty answer lists, got {len(a)} and {len(b)}")
+    return [float(normalize_answer(x) == normalize_answer(y)) for x, y in zip(a, b)]
+
+
 # ---- per-category breakdown -----------------------------------------------------------------------------
 
 def category_of(record: Mapping[str, Any]) -> str:
@@ -259,6 +270,6 @@ def breakdown(scores: Iterable[float], categories: Iterable[str]) -> dict[str, d
             for category, (total, count) in sorted(sums.items())}
 
 
-__all__ = ["METRICS", "breakdown", "category_of", "mc_correct", "mc_letter", "mc_reference", "normalize_answer",
-           "option_letters", "pope_answer", "pope_metrics", "process_digit_article", "process_punctuation",
-           "vqa_accuracy"]
+__all__ = ["GENERATION_METRICS", "METRICS", "METRIC_NAMES", "answers_agree", "breakdown", "category_of",
+           "mc_correct", "mc_letter", "mc_reference", "normalize_answer", "option_letters", "pope_answer",
+           "pope_metrics", "process_digit_article", "process_punctuation", "vqa_accuracy"]

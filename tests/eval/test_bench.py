@@ -23,7 +23,9 @@ from visprune.modeling.families import family_for
 from visprune.modeling.flops import dims_from_config
 from visprune.modeling.gated_attention import CTX_KWARG, VisualContext
 from visprune.modeling.layout import build_layout
-from visprune.trainer.bench import (
+from visprune.trainer.cli import main
+from visprune.trainer.eval.bench import run_bench
+from visprune.trainer.eval.bench_setup import (
     BENCH_VOCAB,
     IMAGE_END,
     IMAGE_START,
@@ -33,10 +35,8 @@ from visprune.trainer.bench import (
     build_models,
     image_grids,
     prompt_inputs,
-    run_bench,
     spread_layers,
 )
-from visprune.trainer.cli import main
 
 KEYS = {"dense_ms", "hardened_ms", "measured_speedup", "predicted_speedup", "efficiency", "dense_kv_bytes",
         "hardened_kv_bytes", "family", "model_class", "attention_bias", "layout", "image_grids"}

@@ -6,10 +6,10 @@ import pytest
 import torch
 from visprune.data_prep.seetask import SeeTaskConfig, seetask_words, write_seetask
 from visprune.data_prep.toy import build_processor, build_tokenizer
+from visprune.experiments.seetask.base_model import BaseModelConfig, build_base_model
 from visprune.modeling import LayerPlan, Plan
-from visprune.trainer.base import BaseModelConfig, build_base_model
 from visprune.trainer.cli import main
-from visprune.trainer.evaluate import answer_scores
+from visprune.trainer.eval.teacher_forced import answer_scores
 
 
 def test_answer_scores_shift_and_mask():

@@ -16,31 +16,21 @@ process on this machine:
 
 from __future__ import annotations
 
-import logging
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from visprune.data_prep.templates import resolve_for_model
-from visprune.modeling import GateProbs, TokenLayout, cache_nbytes, default_layout, flops_report
+from visprune.modeling import TokenLayout, cache_nbytes, default_layout
 from visprune.modeling.flops import dims_from_config
 
-from .evaluate import evaluate, load_for_eval
-from .scoring import breakdown, normalize_answer
-from .vqa_eval import (
-    METRIC_NAMES,
-    METRICS,
-    PromptEncoder,
-    batches,
-    generate,
-    read_samples,
-    score_answers,
-    to_model,
-)
-
-logger = logging.getLogger(__name__)
+from .generation import generate, read_samples, score_answers
+from .loading import is_hardened, load_for_eval, plan_report
+from .prompts import PromptEncoder, batches, to_model
+from .scoring import METRIC_NAMES, METRICS, answers_agree, breakdown
+from .teacher_forced import evaluate
+from .timing import time_alternating
 
 
 def data_layout(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> TokenLayout | None:
@@ -60,54 +50,16 @@ def data_layout(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Token
     return default_layout(dims, system=int(statistics.median(systems)), text=int(statistics.median(texts)))
 
 
-def plan_report(model: torch.nn.Module, layout: TokenLayout | None) -> dict[str, Any]:
-    """The FLOPs model of `model`'s plan (dense when it has none) on `layout` (default layout when None)."""
-    dims = dims_from_config(model.config)
-    layout = layout or default_layout(dims)
-    dense = flops_report(dims, layout)
-    plan = getattr(model, "visprune_plan", None)
-    report = dense if plan is None else flops_report(dims, layout, GateProbs.from_plan(plan, dims.intermediate_size),
-                                                     window=plan.window)
-    return {"layout": layout.to_dict(), **report,
-            "visual_flops_ratio": report["visual_flops"] / dense["visual_flops"],
-            "prefill_flops_ratio": report["prefill_flops"] / dense["prefill_flops"]}
-
-
 def _prefill(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     return model(**batch, use_cache=True, logits_to_keep=1)
 
 
-def _sync(model: torch.nn.Module) -> None:
-    if next(model.parameters()).device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_prefill(models: dict[str, torch.nn.Module], inputs: dict[str, list[dict[str, torch.Tensor]]],
-                 repeats: int = 5) -> dict[str, list[float]]:
-    """Seconds per pass over all of a model's batches: one warm-up pass each, then `repeats` timed passes,
-    the models' order alternating every repeat."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    names = list(models)
-
-    def one_pass(name: str) -> float:
-        model = models[name]
-        _sync(model)
-        start = time.perf_counter()
-        for batch in inputs[name]:
-            out = _prefill(model, batch)
-            del out
-        _sync(model)
-        return time.perf_counter() - start
-
-    times: dict[str, list[float]] = {name: [] for name in names}
-    with torch.no_grad():
-        for name in names:
-            one_pass(name)
-        for rep in range(repeats):
-            for name in names if rep % 2 == 0 else names[::-1]:
-                times[name].append(one_pass(name))
-    return times
+def _prefill_pass(model: torch.nn.Module, inputs: list[dict[str, torch.Tensor]]):
+    """One prefill of every batch of `inputs`, outputs dropped as it goes: what one timed pass runs."""
+    def run() -> None:
+        for batch in inputs:
+            _prefill(model, batch)
+    return run
 
 
 def kv_bytes_per_sample(model: torch.nn.Module, encoder: PromptEncoder, rows: list[dict]) -> list[int]:
@@ -145,7 +97,7 @@ def compare_dirs(dir_a: str | Path, dir_b: str | Path, data: str | Path, images:
         model, processor = load_for_eval(folder, trust_remote_code=trust_remote_code)
         models[key], processors[key] = model, processor
         encoders[key] = PromptEncoder(processor, images, resolve_for_model(model, processor, folder))
-        sides[key] = {"model": str(folder), "hardened": getattr(model, "visprune_plan", None) is not None}
+        sides[key] = {"model": str(folder), "hardened": is_hardened(model)}
 
     answers: dict[str, list[str]] = {}
     with tqdm(total=2 * len(rows), desc="generate", disable=not progress) as bar:
@@ -172,7 +124,8 @@ def compare_dirs(dir_a: str | Path, dir_b: str | Path, data: str | Path, images:
     timed = rows if time_samples is None else rows[:time_samples]
     inputs = {key: [to_model(encoders[key].batch(chunk), models[key]) for chunk in batches(timed, batch_size)]
               for key in models}
-    times = time_prefill(models, inputs, repeats)
+    device = next(models["a"].parameters()).device
+    times = time_alternating({key: _prefill_pass(models[key], inputs[key]) for key in models}, repeats, device)
     for key, model in models.items():
         seconds = statistics.median(times[key])
         sides[key]["flops"] = plan_report(model, _batches_layout(model, inputs[key]))
@@ -181,12 +134,12 @@ def compare_dirs(dir_a: str | Path, dir_b: str | Path, data: str | Path, images:
         kv = kv_bytes_per_sample(model, encoders[key], rows[:kv_samples])
         sides[key]["kv_bytes_per_sample"] = sum(kv) / len(kv)
 
-    same = [float(normalize_answer(x) == normalize_answer(y)) for x, y in zip(answers["a"], answers["b"])]
+    same = answers_agree(answers["a"], answers["b"])
     a, b = sides["a"], sides["b"]
     return {
         "metric": metric, "metric_name": METRIC_NAMES[metric], "data": str(data), "samples": len(samples),
         "batch_size": batch_size, "max_new_tokens": max_new_tokens, "repeats": repeats, "timed_samples": len(timed),
-        "kv_samples": min(kv_samples, len(rows)), "device": str(next(models["a"].parameters()).device),
+        "kv_samples": min(kv_samples, len(rows)), "device": str(device),
         "threads": torch.get_num_threads(), "a": a, "b": b,
         "agreement": sum(same) / len(same),
         "agreement_by_category": breakdown(same, [sample.category for sample in samples]),
@@ -266,4 +219,4 @@ def format_compare(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["compare_dirs", "data_layout", "format_compare", "kv_bytes_per_sample", "plan_report", "time_prefill"]
+__all__ = ["compare_dirs", "data_layout", "format_compare", "kv_bytes_per_sample"]

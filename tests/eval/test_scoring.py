@@ -2,7 +2,7 @@
 parsing and metrics, multiple-choice letters, per-category breakdown."""
 
 import pytest
-from visprune.trainer.scoring import (
+from visprune.trainer.eval.scoring import (
     breakdown,
     category_of,
     mc_correct,

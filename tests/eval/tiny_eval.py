@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from visprune.data_prep.seetask import SeeTaskConfig, seetask_words, write_seetask
 from visprune.data_prep.toy import build_processor, build_tokenizer
+from visprune.experiments.seetask.base_model import BaseModelConfig, build_base_model
 from visprune.modeling import PLAN_FILE, LayerPlan, Plan
-from visprune.trainer.base import BaseModelConfig, build_base_model
 
 PLAN = Plan(family="llava", window=3, num_layers=2, num_heads=4,
             layers=(LayerPlan(heads=(0, 1), mlp=True), LayerPlan(heads=(), mlp=False)))

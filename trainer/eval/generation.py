@@ -5,43 +5,36 @@ matching), overall and per category.
 The file format (docs/evaluation.md) is LLaVA's: a JSON list (or JSON lines) of records with `id`,
 optional `image` (a path or list of paths inside the image folder) and `conversations`; the prompt is
 every turn before the last `gpt` turn (rendered with the model's chat template, see
-`data_prep.templates.resolve_for_model`, and its generation prompt), the last `gpt` turn is the reference. Optional fields: `answers` (vqa: the list of human
-answers, strings or VQAv2 `{"answer": ...}` dicts), `category` (else `qtype`, else "all"), `options`
-(mc: a list, lettered A, B, ..., or a {letter: text} mapping; the prompt must show them itself) and
-`answer` (mc: the reference letter or option text; pope: the reference yes/no).
+`data_prep.templates.resolve_for_model`, and its generation prompt), the last `gpt` turn is the reference.
+Optional fields: `answers` (vqa: the list of human answers, strings or VQAv2 `{"answer": ...}` dicts),
+`category` (else `qtype`, else "all"), `options` (mc: a list, lettered A, B, ..., or a {letter: text}
+mapping; the prompt must show them itself) and `answer` (mc: the reference letter or option text; pope: the
+reference yes/no).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from visprune.data_prep.collator import LlavaCollator
 from visprune.data_prep.records import DataError, normalize_record, read_records
-from visprune.data_prep.templates import ChatTemplate, end_of_turn_ids, render, resolve_for_model, to_messages
+from visprune.data_prep.templates import ChatTemplate, resolve_for_model
 
+from .prompts import PromptEncoder, batches, to_model
 from .scoring import (
-    METRICS,
+    GENERATION_METRICS,
     breakdown,
     category_of,
     mc_letter,
     mc_reference,
-    normalize_answer,
     option_letters,
     pope_answer,
     pope_metrics,
     vqa_accuracy,
 )
-
-logger = logging.getLogger(__name__)
-
-GENERATION_METRICS = ("vqa", "pope", "mc")
-METRIC_NAMES = {"teacher_forced": "teacher-forced exact match", "vqa": "VQA accuracy", "pope": "POPE accuracy",
-                "mc": "multiple-choice accuracy"}
 
 
 @dataclass
@@ -124,74 +117,17 @@ def read_samples(path: str | Path, metric: str, limit: int | None = None) -> lis
     return samples
 
 
-class PromptEncoder:
-    """Generation prompts of prompt rows, tokenized with their images in left-padded batches.
-
-    Images are opened by `LlavaCollator.load_image` (paths must stay inside `image_folder`); the turns
-    are rendered with `template` (the model's, see `resolve_for_model`) and its generation prompt.
-    """
-
-    def __init__(self, processor: Any, image_folder: str | Path | None, template: ChatTemplate):
-        self.processor = processor
-        self.template = template
-        self.collator = LlavaCollator(processor, template, image_folder=image_folder)
-        tokenizer = processor.tokenizer
-        self.bos_token = tokenizer.bos_token
-        self.pad_token_id = tokenizer.pad_token_id
-        self.stop_ids = end_of_turn_ids(processor, template)
-
-    def messages(self, row: dict) -> list[dict]:
-        return to_messages(row["conversations"], self.template)
-
-    def prompt(self, row: dict) -> str:
-        """The template's text of a row's turns plus the generation prompt (the answer's prefix)."""
-        return self.prompts([row])[0]
-
-    def prompts(self, rows: list[dict]) -> list[str]:
-        from jinja2 import TemplateError
-
-        try:
-            return render(self.processor, [self.messages(row) for row in rows], self.template.source,
-                          add_generation_prompt=True)
-        except (TemplateError, TypeError) as exc:
-            if len(rows) > 1:
-                return [self.prompt(row) for row in rows]
-            raise DataError(f"sample {rows[0]['id']!r}: the chat template rejected it: {exc}") from exc
-
-    def images(self, row: dict) -> list:
-        return [self.collator.load_image(row["id"], image) for image in row["images"]]
-
-    def encode(self, texts: list[str], images: list, padding_side: str = "left") -> dict[str, torch.Tensor]:
-        """`texts` (rendered prompts, their image placeholders in place) and all their images in order."""
-        kwargs = {"images": images} if images else {}
-        add_special = not (self.bos_token and texts[0].startswith(self.bos_token))
-        try:
-            out = self.processor(text=texts, padding=True, padding_side=padding_side, return_tensors="pt",
-                                 add_special_tokens=add_special, **kwargs)
-        except ValueError as exc:
-            raise DataError(f"the processor rejected a batch: {exc}") from exc
-        return dict(out)
-
-    def batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        images = [image for row in rows for image in self.images(row)]
-        return self.encode(self.prompts(rows), images)
-
-
-def batches(items: list, size: int) -> list[list]:
-    if size < 1:
-        raise ValueError(f"batch size must be >= 1, got {size}")
-    return [items[start:start + size] for start in range(0, len(items), size)]
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def to_model(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Tensors to the model's device; floating tensors (pixel values) to its dtype."""
-    device, dtype = _device(model), next(model.parameters()).dtype
-    return {key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
-            for key, value in batch.items()}
+def generate_ids(model: torch.nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor], max_new_tokens: int,
+                 stop_ids: list[int] | None = None, **settings: Any) -> torch.Tensor:
+    """The new token ids (B, <= max_new_tokens) `model.generate` appends to a left-padded batch: greedy unless
+    `settings` say otherwise (`do_sample`, `temperature`, `num_beams`, ...); decoding stops at `stop_ids`
+    (default: the tokenizer's EOS)."""
+    settings = {"do_sample": False, "num_beams": 1, **settings}
+    with torch.no_grad():
+        out = model.generate(**to_model(batch, model), max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids or tokenizer.eos_token_id,
+                             **settings)
+    return out[:, batch["input_ids"].shape[1]:]
 
 
 def generate(model: torch.nn.Module, processor: Any, batch: dict[str, torch.Tensor], max_new_tokens: int,
@@ -199,10 +135,7 @@ def generate(model: torch.nn.Module, processor: Any, batch: dict[str, torch.Tens
     """Greedy answers of one left-padded batch (the new tokens decoded, special tokens dropped, stripped);
     decoding stops at `stop_ids` (default: the tokenizer's EOS)."""
     tokenizer = processor.tokenizer
-    with torch.no_grad():
-        out = model.generate(**to_model(batch, model), max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids or tokenizer.eos_token_id)
-    new = out[:, batch["input_ids"].shape[1]:]
+    new = generate_ids(model, tokenizer, batch, max_new_tokens, stop_ids)
     return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
@@ -284,13 +217,5 @@ def write_predictions(path: str | Path, per_sample: list[dict[str, Any]]) -> Non
         handle.writelines(json.dumps(entry, ensure_ascii=False) + "\n" for entry in per_sample)
 
 
-def agreement(a: list[str], b: list[str]) -> float:
-    """The fraction of answer pairs that are equal after `normalize_answer`."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"agreement needs two equally long non-empty answer lists, got {len(a)} and {len(b)}")
-    return sum(normalize_answer(x) == normalize_answer(y) for x, y in zip(a, b)) / len(a)
-
-
-__all__ = ["GENERATION_METRICS", "METRICS", "EvalSample", "PromptEncoder", "agreement", "evaluate_generation",
-           "generate", "generate_answers", "read_samples", "score_answers",
-           "write_predictions"]
+__all__ = ["EvalSample", "evaluate_generation", "generate", "generate_answers", "generate_ids", "read_samples",
+           "score_answers", "write_predictions"]

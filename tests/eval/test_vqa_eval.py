@@ -2,38 +2,22 @@
 copy: batched left-padded greedy answers equal one-at-a-time ones, the scores follow from the answers,
 file-format errors name the sample, and the compare report has every quantity."""
 
-import argparse
 import json
 
 import pytest
 from tiny_eval import make_tiny, one_thread, records_with, write_json
 from visprune.data_prep.records import DataError
-from visprune.trainer.cli_eval import add_compare_parser, add_eval_scoring_args
-from visprune.trainer.evaluate import load_for_eval
-from visprune.trainer.scoring import pope_metrics, vqa_accuracy
-from visprune.trainer.vqa_eval import generate_answers, read_samples
+from visprune.trainer.cli import build_parser
+from visprune.trainer.eval.generation import generate_answers, read_samples
+from visprune.trainer.eval.loading import load_for_eval
+from visprune.trainer.eval.scoring import pope_metrics, vqa_accuracy
 
 MAX_NEW = 4
 
 
-def parser() -> argparse.ArgumentParser:
-    """`visprune eval` (its arguments as trainer/cli.py defines them) and `visprune compare`."""
-    top = argparse.ArgumentParser(prog="visprune")
-    sub = top.add_subparsers(dest="verb", required=True)
-    ev = sub.add_parser("eval")
-    ev.add_argument("model_dir")
-    ev.add_argument("--data", required=True)
-    ev.add_argument("--images")
-    ev.add_argument("--batch-size", type=int, default=32)
-    ev.add_argument("--limit", type=int)
-    ev.add_argument("--json", action="store_true")
-    add_eval_scoring_args(ev)
-    add_compare_parser(sub)
-    return top
-
-
 def run(argv: list[str], capsys) -> dict:
-    args = parser().parse_args(argv)
+    """Run one `visprune` verb without `main`'s error boundary; its JSON output."""
+    args = build_parser().parse_args(argv)
     assert args.func(args) == 0
     return json.loads(capsys.readouterr().out)
 
@@ -113,15 +97,16 @@ def test_mc_letters(tiny, capsys, tmp_path):
     assert out["metric"] == "mc" and out["score"] == pytest.approx(0.5)
 
 
-def test_teacher_forced_default_keeps_the_old_output(tiny, capsys):
+def test_teacher_forced_is_the_default_and_refuses_predictions(tiny, capsys):
     out = run(["eval", str(tiny["dense"]), "--data", str(tiny["test"]), "--images", str(tiny["images"]), "--json"],
               capsys)
     assert out["metric"] == "teacher_forced"
     assert {"samples", "by_type", "token_accuracy", "exact_match", "visual_flops", "hardened"} <= set(out)
-    args = parser().parse_args(["eval", str(tiny["dense"]), "--data", str(tiny["test"]), "--predictions", "x.jsonl"])
+    args = build_parser().parse_args(["eval", str(tiny["dense"]), "--data", str(tiny["test"]), "--predictions",
+                                      "x.jsonl"])
     assert args.func(args) == 2 and "needs a generation metric" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse refuses a metric it does not know
-        parser().parse_args(["eval", str(tiny["dense"]), "--data", str(tiny["test"]), "--metric", "bleu"])
+        build_parser().parse_args(["eval", str(tiny["dense"]), "--data", str(tiny["test"]), "--metric", "bleu"])
 
 
 def test_file_errors_name_the_sample(tiny, tmp_path):
@@ -160,9 +145,9 @@ def test_compare_dense_vs_hardened(tiny, capsys):
     refs = [record["conversations"][1]["value"] for record in json.loads(tiny["test"].read_text())]
     assert a["score"] == pytest.approx(sum(vqa_accuracy(x, y) for x, y in zip(tiny["answers"], refs)) / 8)
 
-    args = parser().parse_args(["compare", str(tiny["dense"]), str(tiny["dense"]), "--data", str(tiny["test"]),
-                                "--images", str(tiny["images"]), "--max-new-tokens", str(MAX_NEW), "--repeats", "1",
-                                "--kv-samples", "1", "--metric", "teacher_forced", "--limit", "4"])
+    args = build_parser().parse_args(["compare", str(tiny["dense"]), str(tiny["dense"]), "--data", str(tiny["test"]),
+                                      "--images", str(tiny["images"]), "--max-new-tokens", str(MAX_NEW), "--repeats",
+                                      "1", "--kv-samples", "1", "--metric", "teacher_forced", "--limit", "4"])
     assert args.func(args) == 0
     table = capsys.readouterr().out
     assert "| answer agreement (normalised) | | | 100.00% |" in table  # a model agrees with itself

@@ -18,7 +18,9 @@ from lmms_eval.api.instance import Instance
 from PIL import Image
 from tiny_eval import make_tiny, one_thread
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from visprune.trainer.lmms_plugin import MODEL_NAME, VisPrune, manifest, register
+from visprune.trainer.eval.lmms_plugin import MODEL_NAME, VisPrune, manifest, register
+from visprune.trainer.eval.lmms_requests import continuation_ids
+from visprune.trainer.eval.prompts import to_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,9 +107,9 @@ def test_loglikelihood_matches_a_direct_computation(tiny):
     # a continuation greedy decoding produces: the model's own two greedy tokens, special ones included
     prompt = lm.prompt(docs[0]["question"], 1)
     batch = lm.encoder.encode([prompt], [docs[0]["image"]])
-    own = lm.model.generate(**lm._inputs(batch), max_new_tokens=2, do_sample=False)[0, batch["input_ids"].shape[1]:]
+    own = lm.model.generate(**to_model(batch, lm.model), max_new_tokens=2, do_sample=False)[0, batch["input_ids"].shape[1]:]
     greedy = " " + lm.tokenizer.decode(own, skip_special_tokens=False)
-    assert lm._continuation_ids(prompt, greedy) == own.tolist()
+    assert continuation_ids(lm.encoder, prompt, greedy) == own.tolist()
     continuations = [greedy, " yes", " " + docs[2]["answer"], " no", " red square"]
     requests = [ll_request(i, doc["question"], cont) for i, (doc, cont) in enumerate(zip(docs, continuations))]
     got = lm.loglikelihood(requests)
@@ -148,7 +150,7 @@ def test_registration_resolves_visprune():
     register()
     assert get_model(MODEL_NAME) is VisPrune
     assert MODEL_REGISTRY_V2._coerce_payload_to_manifests(manifest)[0].simple_class_path == \
-        "visprune.trainer.lmms_plugin.VisPrune"  # what the `lmms_eval.models` entry point would load
+        "visprune.trainer.eval.lmms_plugin.VisPrune"  # what the `lmms_eval.models` entry point would load
 
 
 def test_simple_evaluate_runs_a_local_task(tiny, tmp_path):

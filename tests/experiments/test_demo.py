@@ -4,8 +4,8 @@ and a second call resumes from the finished stages instead of redoing them."""
 import json
 
 import pytest
+from visprune.experiments.seetask.demo import METHODS
 from visprune.trainer.cli import main
-from visprune.trainer.demo import METHODS
 
 
 @pytest.fixture(scope="module")

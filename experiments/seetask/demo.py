@@ -1,0 +1,395 @@
+"""`visprune demo`: the accuracy-vs-FLOPs experiment on the synthetic see-task, end to end on CPU.
+
+Stages: generate data -> train the dense base -> prune-train once (visprune: LoRA + gates +
+Lagrangian + distillation) -> harden at every budget -> the baselines at the same budgets (VTW,
+YOPO heuristic, random plan: each fine-tuned with the same LoRA budget and its plan fixed; FastV:
+training-free) -> evaluate all on the test split -> `report.md`, `pareto.png`, `results.json`.
+Every stage writes its own folder and is skipped when its result exists (a crashed demo resumes).
+The two training recipes ship with this package (`recipes/`); the demo fills in paths and steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.records import build_dataset
+from visprune.data_prep.seetask import SeeTaskConfig, write_seetask
+from visprune.data_prep.templates import resolve_for_model
+from visprune.modeling import PLAN_FILE, ModelDims, Plan, TokenLayout, default_layout
+from visprune.modeling.flops import dims_from_config
+from visprune.trainer.config import Recipe, load_recipe
+from visprune.trainer.eval.loading import load_for_eval, plan_flops
+from visprune.trainer.eval.teacher_forced import evaluate
+from visprune.trainer.eval.timing import time_alternating
+from visprune.trainer.export import harden
+from visprune.trainer.trainer import train
+
+from .base_model import BASE_REPORT, BaseModelConfig, train_base
+from .baselines import (
+    Calibration,
+    attach_fastv,
+    calibrate,
+    fastv_batch_kwargs,
+    fastv_settings,
+    random_plan,
+    vtw_plan,
+    yopo_plan,
+)
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("visprune", "yopo", "vtw", "fastv", "random")
+PLAN_BASELINES = ("yopo", "vtw", "random")  # fine-tuned with their plan fixed, in this order
+RECIPE_NAMES = ("visprune.yaml", "finetune.yaml")  # package data in `recipes/`
+
+
+@dataclass
+class DemoSize:
+    num_train: int
+    num_test: int
+    base_steps: int
+    prune_steps: int  # visprune's prune-training = every plan baseline's fine-tuning budget
+    recovery_steps: int  # visprune's LoRA recovery per budget after hardening (plan fixed)
+    batch_size: int
+    speed_repeats: int
+
+
+SIZES = {
+    "full": DemoSize(num_train=4000, num_test=400, base_steps=300, prune_steps=120, recovery_steps=120,
+                     batch_size=16, speed_repeats=5),
+    "quick": DemoSize(num_train=1500, num_test=200, base_steps=150, prune_steps=30, recovery_steps=10,
+                      batch_size=16, speed_repeats=3),
+    "ci": DemoSize(num_train=200, num_test=40, base_steps=12, prune_steps=4, recovery_steps=2, batch_size=8,
+                   speed_repeats=1),
+}
+
+
+@dataclass
+class DemoConfig:
+    out: Path
+    size: str = "full"  # a key of SIZES
+    budgets: tuple[float, ...] = (0.5, 0.25, 0.12)
+    window: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise ValueError(f"size must be one of {sorted(SIZES)}, got {self.size!r}")
+
+    @property
+    def scale(self) -> DemoSize:
+        """The sample, step and batch counts of `size`."""
+        return SIZES[self.size]
+
+    @property
+    def data_dir(self) -> Path:
+        return self.out / "data"
+
+    @property
+    def base_dir(self) -> Path:
+        return self.out / "base"
+
+    @property
+    def results_path(self) -> Path:
+        return self.out / "results.json"
+
+
+@dataclass
+class DemoState:
+    """What the stages after the dense base share: the base model and its test inputs, and the results so far
+    (`results.json`, rewritten after every row, so a rerun skips the rows in `done`)."""
+
+    cfg: DemoConfig
+    progress: bool
+    base_model: nn.Module
+    processor: Any
+    dims: ModelDims
+    layout: TokenLayout
+    collator: LlavaCollator
+    speed_batch: dict[str, torch.Tensor]  # test samples (no labels) for the prefill timing
+    results: dict[str, Any]
+    done: set[tuple[str, float]] = field(default_factory=set)  # (method, budget) rows already recorded
+    calibration: Calibration | None = None  # YOPO's, computed on first use
+
+    def todo(self, method: str) -> list[float]:
+        """The budgets `method` has no row for yet."""
+        return [b for b in self.cfg.budgets if (method, b) not in self.done]
+
+    def record(self, method: str, budget: float, scores: dict[str, Any], ratio: float, speedup: float | None,
+               note: str = "") -> None:
+        """Add (or replace) one row and rewrite `results.json`."""
+        rows = [r for r in self.results["rows"] if (r["method"], r["budget"]) != (method, budget)]
+        rows.append({"method": method, "budget": budget, "visual_flops_ratio": ratio,
+                     "describe_token_accuracy": scores.get("describe_token_accuracy"),
+                     "ask_exact_match": scores.get("ask_exact_match"), "by_type": scores.get("by_type"),
+                     "prefill_speedup": speedup, "note": note})
+        self.results["rows"] = rows
+        self.results.update({"size": self.cfg.size, "layout": self.layout.to_dict(), "dims": asdict(self.dims)})
+        _write_json(self.cfg.results_path, self.results)
+        self.done.add((method, budget))
+
+    def record_hardened(self, method: str, budget: float, model_dir: Path, note: str = "") -> None:
+        """Evaluate a hardened model folder (it has a plan), time its prefill against the base, record the row."""
+        model, processor = load_for_eval(model_dir)
+        data_dir = self.cfg.data_dir
+        scores = evaluate(model, processor, data_dir / "test.json", data_dir / "images", progress=False)
+        speedup = _prefill_speedup(self.base_model, model, self.speed_batch, self.cfg.scale.speed_repeats)
+        self.record(method, budget, scores, plan_flops(model)["ratio"], speedup, note)
+
+
+def _stage(name: str) -> None:
+    logger.info("==== %s ====", name)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def load_demo_recipe(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load one of RECIPE_NAMES from this package's data (works from a wheel as from a checkout)."""
+    with resources.as_file(resources.files(__package__) / "recipes" / name) as path:
+        return load_recipe(path, list(overrides))
+
+
+def _train_run(cfg: DemoConfig, recipe_name: str, out_dir: Path, extra: list[str], steps: int | None = None) -> Path:
+    """Train one packaged recipe on the demo's base and data (resumable); returns its final checkpoint folder."""
+    scale = cfg.scale
+    steps = steps or scale.prune_steps
+    overrides = [f"model.path={cfg.base_dir}", f"data.path={cfg.data_dir / 'train.json'}",
+                 f"data.image_folder={cfg.data_dir / 'images'}", f"output.dir={out_dir}",
+                 f"train.max_steps={steps}", f"output.save_steps={steps}",
+                 f"train.micro_batch_size={scale.batch_size}", f"train.seed={cfg.seed + 17}", *extra]
+    run_dir = train(load_demo_recipe(recipe_name, overrides), resume="auto")
+    return run_dir / f"checkpoint-{steps}"
+
+
+def _prefill_speedup(dense_model, pruned, batch: dict[str, torch.Tensor], repeats: int) -> float:
+    """Median dense / hardened prefill time on one test batch, alternating, same process."""
+    times = time_alternating({"dense": lambda: dense_model(**batch), "pruned": lambda: pruned(**batch)}, repeats,
+                             "cpu")
+    return statistics.median(times["dense"]) / statistics.median(times["pruned"])
+
+
+def _measure_layout(model: nn.Module, dims: ModelDims, sample: dict[str, torch.Tensor]) -> TokenLayout:
+    """The token layout of one collated test sample: system tokens before its image, text tokens after it."""
+    image_pos = (sample["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1)
+    return default_layout(dims, system=int(image_pos[0]), text=int(sample["input_ids"].shape[1] - image_pos[-1] - 1))
+
+
+# ---- stages ---------------------------------------------------------------------------------------
+def prepare_data(cfg: DemoConfig, progress: bool = True) -> None:
+    """Stage 1: the see-task train / val / test split and images in `out/data` (once)."""
+    _stage("data")
+    if not (cfg.data_dir / "scenes.json").is_file():
+        scale = cfg.scale
+        write_seetask(cfg.data_dir, SeeTaskConfig(num_train=scale.num_train, num_val=100, num_test=scale.num_test,
+                                                  seed=cfg.seed), progress=progress)
+
+
+def prepare_base(cfg: DemoConfig, progress: bool = True) -> DemoState:
+    """Stage 2: the dense base in `out/base` (trained once), loaded with the test inputs every later stage
+    uses; the results recorded so far; the dense row."""
+    _stage("dense base")
+    if not (cfg.base_dir / BASE_REPORT).is_file():
+        train_base(cfg.data_dir, cfg.base_dir, BaseModelConfig(steps=cfg.scale.base_steps, seed=cfg.seed),
+                   progress=progress)
+    base_model, processor = load_for_eval(cfg.base_dir)
+    dims = dims_from_config(base_model.config)
+    test_json, images = cfg.data_dir / "test.json", cfg.data_dir / "images"
+    first = json.loads(test_json.read_text())[0]
+    test_rows: Dataset = build_dataset(test_json)
+    collator = LlavaCollator(processor, resolve_for_model(base_model, processor), image_folder=images, max_length=512)
+    layout = _measure_layout(base_model, dims, collator([test_rows[0]]))
+    logger.info("token layout of %s: %d system, %d visual, %d text", first["id"], layout.system, layout.visual,
+                layout.text)
+    results = json.loads(cfg.results_path.read_text()) if cfg.results_path.is_file() else {"rows": []}
+    speed_batch = {k: v for k, v in collator([test_rows[i] for i in range(min(16, len(test_rows)))]).items()
+                   if k != "labels"}
+    state = DemoState(cfg=cfg, progress=progress, base_model=base_model, processor=processor, dims=dims,
+                      layout=layout, collator=collator, speed_batch=speed_batch, results=results,
+                      done={(r["method"], r["budget"]) for r in results["rows"]})
+    if ("dense", 1.0) not in state.done:
+        state.record("dense", 1.0, evaluate(base_model, processor, test_json, images, progress=False), 1.0, 1.0)
+    return state
+
+
+def run_visprune(state: DemoState) -> None:
+    """Stage 3: one prune-training run at the lowest budget; per budget, harden it, recover with LoRA
+    (plan fixed), harden again with the same plan and record the result."""
+    _stage("visprune")
+    cfg, scale, layout = state.cfg, state.cfg.scale, state.layout
+    todo = state.todo("visprune")
+    if not todo:
+        return
+    warmup = max(1, int(0.5 * scale.prune_steps))
+    ckpt = _train_run(cfg, "visprune.yaml", cfg.out / "runs" / "visprune",
+                      [f"budget.visual_flops={min(cfg.budgets)}", f"budget.warmup_steps={warmup}",
+                       f"budget.system_tokens={layout.system}", f"budget.text_tokens={layout.text}",
+                       f"window={cfg.window}"])
+    for budget in tqdm(todo, desc="visprune harden + recover + eval", disable=not state.progress, leave=False):
+        hardened = cfg.out / "models" / f"visprune-{budget}-prerecovery"
+        harden(ckpt, hardened, budget=budget, overwrite=True)  # a rerun replaces its own export
+        # recovery: LoRA fine-tuning of the hardened (merged) model with its plan fixed, as CoFi does
+        recovered = _train_run(cfg, "finetune.yaml", cfg.out / "runs" / f"visprune-{budget}-recovery",
+                               [f"model.path={hardened}", f"plan={hardened / PLAN_FILE}", f"window={cfg.window}"],
+                               steps=scale.recovery_steps)
+        target = cfg.out / "models" / f"visprune-{budget}"
+        harden(recovered, target, budget=budget, plan_path=str(hardened / PLAN_FILE), overwrite=True)
+        state.record_hardened("visprune", budget, target,
+                              f"{scale.prune_steps} shared + {scale.recovery_steps} recovery steps")
+
+
+def _baseline_plan(state: DemoState, method: str, budget: float) -> tuple[Plan, str]:
+    """The plan of one plan baseline at `budget`, and the note its row carries."""
+    if method == "vtw":
+        plan, layer = vtw_plan(state.dims, state.layout, budget)
+        return plan, f"visual tokens withdrawn after layer {layer}"
+    if method == "random":
+        return random_plan(state.dims, state.layout, budget, state.cfg.window, seed=state.cfg.seed), ""
+    if state.calibration is None:
+        val_rows = build_dataset(state.cfg.data_dir / "val.json")
+        calib_batch = state.collator([val_rows[i] for i in range(min(32, len(val_rows)))])
+        state.calibration = calibrate(state.base_model, [calib_batch])
+    return yopo_plan(state.dims, state.layout, budget, state.calibration, window=5), ""  # the paper's window
+
+
+def run_plan_baseline(state: DemoState, method: str) -> None:
+    """Stage 4 (per method of PLAN_BASELINES): its plan at every budget, fine-tuned with the plan fixed
+    (the same LoRA budget as visprune's run), hardened and recorded."""
+    _stage(method)
+    cfg = state.cfg
+    for budget in tqdm(state.todo(method), desc=method, disable=not state.progress, leave=False):
+        plan, note = _baseline_plan(state, method, budget)
+        plan_dir = cfg.out / "plans"
+        plan_dir.mkdir(parents=True, exist_ok=True)
+        plan_path = plan_dir / f"{method}-{budget}.json"
+        plan.to_json(plan_path)
+        ckpt = _train_run(cfg, "finetune.yaml", cfg.out / "runs" / f"{method}-{budget}",
+                          [f"plan={plan_path}", f"window={plan.window if plan.window else 'null'}"])
+        target = cfg.out / "models" / f"{method}-{budget}"
+        harden(ckpt, target, budget=budget, plan_path=str(plan_path), overwrite=True)
+        state.record_hardened(method, budget, target, note)
+
+
+def run_fastv(state: DemoState) -> None:
+    """Stage 5: FastV on the dense base, training-free; its FLOPs are analytic (tokens are masked, not removed)."""
+    _stage("fastv")
+    dims, layout = state.dims, state.layout
+    data_dir = state.cfg.data_dir
+    for budget in state.todo("fastv"):
+        settings = fastv_settings(dims, layout, budget)
+        if settings is None:
+            state.record("fastv", budget, {}, float("nan"), None,
+                         f"cannot reach {budget:.0%}: layer {max(1, round(2 * dims.num_layers / 32))} alone costs more")
+            continue
+        model, processor = load_for_eval(state.cfg.base_dir)
+        attach_fastv(model, settings)
+        scores = evaluate(model, processor, data_dir / "test.json", data_dir / "images", progress=False,
+                          batch_kwargs=fastv_batch_kwargs)
+        state.record("fastv", budget, scores, settings.ratio, None,
+                     f"K={settings.layer}, {settings.keep} of {layout.visual} visual tokens kept (masked: FLOPs analytic)")
+
+
+def finish_report(state: DemoState, minutes: float) -> None:
+    """Stage 6: the run time into `results.json`, then `report.md` and `pareto.png`."""
+    state.results["minutes"] = minutes
+    _write_json(state.cfg.results_path, state.results)
+    write_report(state.cfg.out, state.results)
+
+
+def run_demo(out: str | Path = "runs/demo", size: str = "full", progress: bool = True,
+             budgets: tuple[float, ...] = (0.5, 0.25, 0.12)) -> dict[str, Any]:
+    """Run every stage; returns the results (also in `out/results.json`)."""
+    cfg = DemoConfig(out=Path(out), size=size, budgets=tuple(budgets))
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    stages = tqdm(total=3 + len(PLAN_BASELINES) + 1, desc="demo", disable=not progress, position=0)
+    prepare_data(cfg, progress)
+    stages.update(1)
+    state = prepare_base(cfg, progress)
+    stages.update(1)
+    run_visprune(state)
+    stages.update(1)
+    for method in PLAN_BASELINES:
+        run_plan_baseline(state, method)
+        stages.update(1)
+    run_fastv(state)
+    stages.update(1)
+    finish_report(state, (time.time() - start) / 60)
+    stages.close()
+    return state.results
+
+
+def _fmt(value: float | None, pct: bool = True) -> str:
+    if value is None or math.isnan(value):
+        return "—"
+    return f"{value:.1%}" if pct else f"{value:.2f}x"
+
+
+def write_report(out: Path, results: dict[str, Any]) -> None:
+    """`report.md` (table: method x budget) and `pareto.png` (describe accuracy vs visual FLOPs)."""
+    rows = sorted(results["rows"], key=lambda r: (METHODS.index(r["method"]) if r["method"] in METHODS else -1,
+                                                  -r["budget"]))
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    lines = ["# visprune see-task demo", "",
+             (f"Size `{results.get('size')}`; token layout {results.get('layout')}; "
+             f"{results.get('minutes', 0):.1f} minutes on this machine."), "",
+             "| method | budget | visual FLOPs | describe token acc. | ask exact match | prefill speed-up | note |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['budget']:.0%} | {_fmt(r['visual_flops_ratio'])} | "
+                     f"{_fmt(r['describe_token_accuracy'])} | {_fmt(r['ask_exact_match'])} | "
+                     f"{_fmt(r['prefill_speedup'], pct=False)} | {r.get('note', '')} |")
+    if dense is not None:
+        lines += ["", (f"Dense describe token accuracy {_fmt(dense['describe_token_accuracy'])}; a method keeps "
+                      "`describe / dense` of it.")]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    _pareto(out / "pareto.png", rows)
+
+
+def _pareto(path: Path, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4), dpi=120)
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    for method in METHODS:
+        pts = sorted((r["visual_flops_ratio"], r["describe_token_accuracy"]) for r in rows
+                     if r["method"] == method and r["describe_token_accuracy"] is not None
+                     and not math.isnan(r["visual_flops_ratio"]))
+        if pts:
+            ax.plot([100 * x for x, _ in pts], [100 * y for _, y in pts], marker="o", label=method)
+    if dense is not None:
+        ax.axhline(100 * dense["describe_token_accuracy"], color="grey", linestyle="--", label="dense")
+    ax.set_xlabel("visual FLOPs kept (% of dense)")
+    ax.set_ylabel("describe token accuracy (%)")
+    ax.set_title("see-task: accuracy vs visual FLOPs")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never hides a point
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = ["METHODS", "PLAN_BASELINES", "RECIPE_NAMES", "SIZES", "DemoConfig", "DemoSize", "DemoState", "finish_report",
+           "load_demo_recipe", "prepare_base", "prepare_data", "run_demo", "run_fastv", "run_plan_baseline",
+           "run_visprune", "write_report"]

@@ -1,0 +1,103 @@
+"""`visprune bench`: prefill time of the dense vs the hardened language model, measured in one process on this
+machine, beside the speed-up the FLOPs model predicts. The models and the prompt are `bench_setup`'s (random
+weights at a real model's layer dimensions); dense and hardened share the same weight tensors and run
+alternately (`timing.time_alternating`); medians are reported. The vision tower and LM head are not timed
+(they are the same in both).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from visprune.modeling import GateProbs, cache_nbytes, prefill_flops, visual_flops
+
+from .bench_setup import build_bench
+from .timing import time_alternating
+
+
+def run_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | None = None,
+              budget: float | None = None, repeats: int = 3, seed: int = 0, device: str | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Measure dense vs hardened prefill; returns the result dict (see module docstring).
+
+    At most one of `plan_path` and `budget` (a synthetic plan of the full-depth model, default
+    0.25) selects the plan; `layers` of its layers, spread evenly over the depth, are benchmarked,
+    and the result reports their own visual-FLOPs fraction.
+    """
+    from tqdm.auto import tqdm
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    setup = build_bench(model, layers, plan_path, budget, seed, device)
+    if plan_path is None and budget is None:
+        budget = 0.25
+    kv: dict[str, int] = {}  # KV-cache bytes after a timed prefill, per model
+    with tqdm(total=2 * repeats, desc="bench", disable=not progress) as bar:
+        def after(name: str, out: Any) -> None:
+            kv[name] = cache_nbytes(out.past_key_values)
+            bar.update(1)
+
+        times = time_alternating({"dense": setup.run_dense, "hardened": setup.run_hardened}, repeats, device, after)
+
+    dims, layout, plan = setup.dims, setup.layout, setup.plan
+    probs = GateProbs.from_plan(plan, dims.intermediate_size)
+    dense_flops = float(prefill_flops(dims, layout))
+    hard_flops = float(prefill_flops(dims, layout, probs, window=plan.window))
+    dense_ms = 1000 * statistics.median(times["dense"])
+    hard_ms = 1000 * statistics.median(times["hardened"])
+    measured = dense_ms / hard_ms
+    predicted = dense_flops / hard_flops
+    rope = getattr(setup.config.text_config, "rope_parameters", None) or {}
+    return {
+        "model": setup.full.name, "family": dims.family, "model_class": type(setup.dense).__name__,
+        "attention_bias": setup.attention_bias(), "mrope_section": rope.get("mrope_section"),
+        "layers": layers, "device": device, "dtype": str(setup.dense.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(), "repeats": repeats, "budget": budget, "plan": plan_path,
+        "plan_layers": setup.picked,
+        "layout": layout.to_dict(), "image_grids": [list(g) for g in setup.grids],
+        "num_tokens": int(setup.inputs["input_ids"].shape[1]), "window": plan.window,
+        "visual_flops_ratio": float(visual_flops(dims, layout, probs, plan.window) / visual_flops(dims, layout)),
+        "heads_kept_per_layer": [len(lp.heads) for lp in plan.layers],
+        "mlp_kept_per_layer": [lp.mlp for lp in plan.layers],
+        "dense_ms": dense_ms, "hardened_ms": hard_ms, "measured_speedup": measured, "predicted_speedup": predicted,
+        "efficiency": measured / predicted, "dense_kv_bytes": kv["dense"], "hardened_kv_bytes": kv["hardened"],
+        "dense_ms_all": [1000 * t for t in times["dense"]], "hardened_ms_all": [1000 * t for t in times["hardened"]],
+        "dims": asdict(dims),
+    }
+
+
+def _describe_model(result: dict[str, Any]) -> str:
+    bias = "/".join(name.removesuffix("_proj") for name in result["attention_bias"])
+    parts = [result["model_class"], f"{bias} bias" if bias else "no attention bias"]
+    if result["mrope_section"]:
+        parts.append(f"M-RoPE {result['mrope_section']}")
+    return ", ".join(parts)
+
+
+def _describe_prompt(layout: dict[str, Any]) -> str:
+    visual = f"{layout['visual']} visual"
+    if "image_grids" in layout:  # several grids per image (LLaVA-NeXT) and non-grid image tokens
+        visual += f" ({' + '.join(f'{r}x{c}' for r, c in layout['image_grids'])}) + {layout['non_grid']} newline"
+    return f"{layout['system']} system + {visual} + {layout['text']} text tokens"
+
+
+def format_bench(result: dict[str, Any]) -> str:
+    kv_ratio = result["hardened_kv_bytes"] / result["dense_kv_bytes"] if result["dense_kv_bytes"] else float("nan")
+    lines = [
+        (f"{result['model']} ({_describe_model(result)}), {result['layers']} layer(s), {result['device']} "
+         f"{result['dtype']}, {result['threads']} thread(s), {result['repeats']} repeats; prompt "
+         f"{_describe_prompt(result['layout'])}"),
+        (f"plan: {result['visual_flops_ratio']:.2%} of dense visual FLOPs, window {result['window']}, "
+         f"heads kept per layer {result['heads_kept_per_layer']}, MLP kept {result['mlp_kept_per_layer']}"),
+        f"prefill  dense {result['dense_ms']:.1f} ms   hardened {result['hardened_ms']:.1f} ms",
+        (f"speed-up measured {result['measured_speedup']:.2f}x   predicted (FLOPs) {result['predicted_speedup']:.2f}x   "
+         f"efficiency {result['efficiency']:.2f}"),
+        (f"KV cache after prefill  dense {result['dense_kv_bytes'] / 2**20:.1f} MiB   "
+         f"hardened {result['hardened_kv_bytes'] / 2**20:.1f} MiB ({kv_ratio:.1%})"),
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["format_bench", "run_bench"]
