@@ -1,1 +1,2 @@
-"""visprune.data_prep: converters, validators and the synthetic see-task generator (later issues)."""
+"""visprune.data_prep: the data layer (LLaVA records, chat templates, processors, collation, the pre-flight
+scan and prepared folders) and the synthetic toy and see-task data; it never imports visprune.trainer."""

@@ -1,6 +1,6 @@
 """Tiny local LLaVA-1.5 assets (tokenizer, processor, model, shapes-on-a-grid data) built from configs, so
-tests and the CPU demo go through the real `from_pretrained` paths without downloads. The real
-see-task generator is a later issue; this is only enough data to exercise the pipeline."""
+tests and `make toy` go through the real `from_pretrained` paths without downloads. This is only enough
+data to exercise the pipeline; the see-task (`seetask.py`) is the experiment's data."""
 
 from __future__ import annotations
 

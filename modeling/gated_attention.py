@@ -1,4 +1,4 @@
-"""The gated visual attention of DESIGN.md (neighbour window + head gates on visual keys and visual
+"""The gated visual attention of docs/design.md (neighbour window + head gates on visual keys and visual
 query rows), registered with transformers' attention registry as `visprune_sdpa` (training on any
 device: SDPA with an additive per-head float mask) and `visprune_flex` (FlexAttention: score_mod
 for head log-gates, block mask for window + causal + padding). Gates and layout arrive per forward
@@ -53,7 +53,7 @@ class VisualContext:
         return torch.where(e > 0, torch.log(e.clamp_min(1e-30)), torch.full_like(e, low)).to(dtype)
 
     def row_has_key(self, layer_idx: int) -> torch.Tensor:
-        """(B, H, Q) bool: the query row sees at least one key (DESIGN.md rule 6: otherwise zeros)."""
+        """(B, H, Q) bool: the query row sees at least one key (docs/design.md rule 6: otherwise zeros)."""
         if "row_base" not in self._cache:  # layer-independent part, once per forward
             lay = self.layout
             q_valid = lay.key_valid[:, lay.num_keys - lay.num_queries:]

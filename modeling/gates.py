@@ -315,7 +315,7 @@ def apply_plan(model: nn.Module, plan: Plan, mode: str = "gated", backend: str =
     """Execute a plan on `model` (in place; returns it).
 
     mode="gated": gates fixed to the plan's 0/1 values (constant in train and eval) on the gated
-    attention with the plan's window; this is the reference semantics of DESIGN.md.
+    attention with the plan's window; this is the reference semantics of docs/design.md.
     mode="hardened": the same function computed without the removed visual work (see
     `visprune.modeling.hardened`); attached gates are detached first. For inference.
     """

@@ -1,4 +1,4 @@
-"""Hardened execution of a pruning plan: DESIGN.md's semantics with 0/1 gates, computing only the
+"""Hardened execution of a pruning plan: docs/design.md's semantics with 0/1 gates, computing only the
 visual work the plan keeps.
 
 Each decoder layer is wrapped by `HardenedDecoderLayer` (the original layer stays a child and

@@ -315,7 +315,7 @@ class LayerSlot:
 
 class VisualAttentionWrapper(nn.Module):
     """Wraps a decoder layer's self-attention: publishes the context to the MLP wrapper and scales
-    the output-projection bias of visual rows by r[l] (DESIGN.md rule 3)."""
+    the output-projection bias of visual rows by r[l] (docs/design.md rule 3)."""
 
     def __init__(self, attn: nn.Module, layer_idx: int, slot: LayerSlot, out_bias: nn.Parameter | None) -> None:
         super().__init__()

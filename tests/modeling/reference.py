@@ -1,4 +1,4 @@
-"""An independent, slow reference of DESIGN.md's gated semantics: eager math, layer by layer,
+"""An independent, slow reference of docs/design.md's gated semantics: eager math, layer by layer,
 token by token layout, written from the contract (not from visprune.modeling)."""
 
 from __future__ import annotations

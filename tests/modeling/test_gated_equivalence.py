@@ -1,4 +1,4 @@
-"""Gated attention against the base model and an independent reference of DESIGN.md's semantics."""
+"""Gated attention against the base model and an independent reference of docs/design.md's semantics."""
 
 import random
 import warnings

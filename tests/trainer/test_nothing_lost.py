@@ -1,4 +1,4 @@
-"""Nothing is lost (issue 7): checkpoints are complete or invisible, a save that crashes half-way leaves
+"""Nothing is lost: checkpoints are complete or invisible, a save that crashes half-way leaves
 nothing that auto-resume or keep-last-N would pick up, non-finite losses and gradients skip the step
 (counted) and stop the run after K in a row without saving NaN, and every save is checked."""
 

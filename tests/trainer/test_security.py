@@ -1,4 +1,4 @@
-"""Security (issue 7): no user-supplied file is unpickled with code execution, YAML tags that build
+"""Security: no user-supplied file is unpickled with code execution, YAML tags that build
 Python objects are refused, remote code stays off unless asked for."""
 
 import os
