@@ -14,9 +14,9 @@ from peft import LoraConfig, get_peft_model
 from visprune.data_prep.records import build_dataset
 from visprune.data_prep.toy import write_toy_inputs
 from visprune.modeling.families import family_for
+from visprune.trainer.build import build_collator, build_model, prepare_model
 from visprune.trainer.config import load_recipe
 from visprune.trainer.sparsity import ExpectedFlops
-from visprune.trainer.trainer import build_collator, build_model, prepare_model
 
 
 def main() -> None:

@@ -29,8 +29,14 @@ def _format_bytes(value: float) -> str:
 
 
 def run_flops(args: argparse.Namespace) -> int:
-    from visprune.modeling import GateProbs, Plan, default_layout, flops_report, resolve_model_dims
-    from visprune.modeling.flops import image_size_grids, parse_image_size, resolve_processor_settings, tile_grids
+    from visprune.modeling import Plan, default_layout, resolve_model_dims
+    from visprune.modeling.flops import (
+        image_size_grids,
+        parse_image_size,
+        plan_report,
+        resolve_processor_settings,
+        tile_grids,
+    )
 
     def about(what: str, fn, *fn_args):  # a ValueError about one input names it in the one-line error
         try:
@@ -62,15 +68,14 @@ def run_flops(args: argparse.Namespace) -> int:
         image = about(f"--tiles {args.tiles}", tile_grids, dims, args.tiles)
     layout = default_layout(dims, num_images=args.images, system=args.system_tokens, text=args.text_tokens,
                             image=image)
-    dense = flops_report(dims, layout)
-    plan_report, ratio, plan = None, None, None
+    plan = None
     if args.plan:
         plan = Plan.from_json(args.plan)
         plan.validate_for(dims.num_layers, dims.num_heads, dims.intermediate_size, family=dims.family)
-        probs = GateProbs.from_plan(plan, dims.intermediate_size)
-        plan_report = flops_report(dims, layout, probs, window=plan.window)
-        ratio = plan_report["visual_flops"] / dense["visual_flops"] if dense["visual_flops"] else None
-    result = {"model": dims.name, "layout": layout.to_dict(), "dense": dense, "plan": plan_report,
+    report = plan_report(dims, layout, plan)
+    dense = report["dense"]
+    planned, ratio = (report["plan"], report["visual_flops_ratio"]) if plan is not None else (None, None)
+    result = {"model": dims.name, "layout": layout.to_dict(), "dense": dense, "plan": planned,
               "visual_flops_ratio": ratio}
     if image is not None:
         result["image"] = {"image_size": list(size) if size else None, "tiles": args.tiles, **image.to_dict(),
@@ -91,13 +96,13 @@ def run_flops(args: argparse.Namespace) -> int:
     newlines = f" + {layout.num_images * layout.non_grid} newline" if layout.non_grid else ""
     print(f"layout: {layout.system} system + {layout.visual} visual ({layout.num_images} x {grids}){newlines} + "
           f"{layout.text} text tokens")
-    rows = [("dense", dense)] + ([(f"plan (window {plan.window})", plan_report)] if plan_report else [])
+    rows = [("dense", dense)] + ([(f"plan (window {plan.window})", planned)] if plan is not None else [])
     print(f"{'':24}{'visual FLOPs':>16}{'prefill FLOPs':>16}{'visual KV cache':>18}")
     for name, rep in rows:
         print(f"{name:24}{_format_flops(rep['visual_flops']) + 'FLOPs':>16}"
               f"{_format_flops(rep['prefill_flops']) + 'FLOPs':>16}{_format_bytes(rep['visual_kv_bytes']):>18}")
     if ratio is not None:
-        print(f"visual FLOPs kept: {ratio:.2%}  (prefill: {plan_report['prefill_flops'] / dense['prefill_flops']:.2%})")
+        print(f"visual FLOPs kept: {ratio:.2%}  (prefill: {report['prefill_flops_ratio']:.2%})")
     return 0
 
 
@@ -371,9 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=run_bench)
 
-    ev = sub.add_parser("eval", parents=[common], help="score a model folder (hardened when it has a plan) on local data: teacher-forced "
-                                     "token accuracy / exact match, or generated answers scored VQAv2-style, POPE "
-                                     "yes/no or multiple-choice letters; per category, beside the plan's visual FLOPs")
+    ev = sub.add_parser("eval", parents=[common],
+                        help="score a model folder (hardened when it has a plan) on local data: teacher-forced token "
+                             "accuracy / exact match, or generated answers scored VQAv2-style, POPE yes/no or "
+                             "multiple-choice letters; per category, beside the plan's visual FLOPs")
     ev.add_argument("model_dir", help="an HF model folder, e.g. one written by `visprune harden`")
     ev.add_argument("--data", required=True, help="LLaVA-format JSON (see-task records carry a qtype)")
     ev.add_argument("--images", help="image folder the samples' paths are inside")

@@ -242,6 +242,12 @@ def _check_path(key: str, value: Any, allowed: str = "a non-empty path") -> None
         raise ValueError(f"{key} must be {allowed}, got {_show(value)}")
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the recipe file and the full dotted key."""
 

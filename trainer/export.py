@@ -22,19 +22,20 @@ from visprune.data_prep.files import fsync_dir, fsync_tree, write_atomic
 from visprune.data_prep.templates import ChatTemplate, end_of_turn_ids, resolve_template
 from visprune.modeling import (
     PLAN_FILE,
-    GateProbs,
     GateSet,
     Plan,
     apply_plan,
     attach_gates,
     default_layout,
     detach_gates,
-    flops_report,
 )
+from visprune.modeling.flops import plan_report
 
 from . import checkpoints as ckpt
-from .config import Recipe, load_recipe
-from .trainer import FINAL_DIR, GATES_FILE, RECIPE_FILE, STATE_FILE, build_model, load_gate_state, stored_gate_config
+from .build import build_model
+from .config import Recipe, first_line, load_recipe
+from .gate_state import GATES_FILE, load_gate_state, stored_gate_config
+from .run_folder import FINAL_DIR, RECIPE_FILE, STATE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +69,17 @@ def _load_full_weights(model: torch.nn.Module, checkpoint: Path) -> None:
 
 
 def build_report(gates: GateSet, plan: Plan, budget: float) -> dict[str, Any]:
+
     dims = gates.model_dims()
     layout = default_layout(dims)
-    dense = flops_report(dims, layout)
-    pruned = flops_report(dims, layout, GateProbs.from_plan(plan, dims.intermediate_size), window=plan.window)
+    report = plan_report(dims, layout, plan)
+    dense, pruned = report["dense"], report["plan"]
     return {
         "budget": budget, "model": asdict(dims), "layout": layout.to_dict(), "window": plan.window,
         "visual_flops": {"dense": dense["visual_flops"], "pruned": pruned["visual_flops"],
-                         "ratio": pruned["visual_flops"] / dense["visual_flops"]},
+                         "ratio": report["visual_flops_ratio"]},
         "prefill_flops": {"dense": dense["prefill_flops"], "pruned": pruned["prefill_flops"],
-                          "ratio": pruned["prefill_flops"] / dense["prefill_flops"]},
+                          "ratio": report["prefill_flops_ratio"]},
         "visual_kv_bytes": {"dense": dense["visual_kv_bytes"], "pruned": pruned["visual_kv_bytes"]},
         "heads_kept_per_layer": [len(layer.heads) for layer in plan.layers],
         "mlp_kept_per_layer": [layer.mlp for layer in plan.layers],
@@ -170,15 +172,11 @@ def _build_from_checkpoint(checkpoint: Path, recipe: Recipe, trust_remote_code: 
         except RuntimeError as exc:  # torch's "size mismatch for <tensor>: ..." lines
             lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
             raise ckpt.CheckpointError(f"{checkpoint / 'adapter_model.safetensors'} does not fit {recipe.model.path}: "
-                                       f"{lines[0] if lines else _first_line(exc)}") from exc
+                                       f"{lines[0] if lines else first_line(exc)}") from exc
     else:
         _load_full_weights(model, checkpoint)
     return model, gates, processor
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def training_template_of(checkpoint: Path, recipe: Recipe, model: torch.nn.Module, processor: Any) -> ChatTemplate:

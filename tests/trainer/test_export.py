@@ -8,10 +8,11 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from visprune.data_prep.records import build_dataset
 from visprune.data_prep.toy import write_toy_inputs
 from visprune.modeling import LayerPlan, Plan, apply_plan, load_pruned
+from visprune.trainer.build import build_collator
 from visprune.trainer.cli import main
 from visprune.trainer.config import load_recipe
 from visprune.trainer.export import PLAN_FILE, REPORT_FILE, HardenError, harden, load_checkpoint
-from visprune.trainer.trainer import build_collator, train
+from visprune.trainer.trainer import train
 
 
 @pytest.fixture(scope="module")

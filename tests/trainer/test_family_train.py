@@ -1,7 +1,7 @@
 """Every family beyond LLaVA-1.5 trains a few CPU steps through the real trainer: the tiny model is
 saved and loaded with `from_pretrained` as `build_model` does, `prepare_model` attaches gates and
 LoRA, and `VispruneTrainer` runs the LM loss + Lagrangian FLOPs constraint on batches collated by
-`LlavaCollator.pad` (images of mixed sizes and text-only samples in one batch).
+`ChatCollator.pad` (images of mixed sizes and text-only samples in one batch).
 
 The Qwen2-VL and InternVL processors (`Qwen2VLProcessor`, `InternVLProcessor`) cannot be built in this
 environment: transformers 5.x processors with a video processor need torchvision
@@ -18,9 +18,10 @@ import pytest
 import torch
 from tiny_families import TINY_FAMILIES
 from transformers import AutoModelForImageTextToText
-from visprune.data_prep.collator import LlavaCollator, cat_images
+from visprune.data_prep.collator import ChatCollator, cat_images
+from visprune.trainer.build import build_training_args, prepare_model
 from visprune.trainer.config import load_recipe
-from visprune.trainer.trainer import VispruneTrainer, build_training_args, prepare_model
+from visprune.trainer.trainer import VispruneTrainer
 
 ENCODED_FAMILIES = ["qwen2_vl", "internvl", "llava_next"]
 VISION_TOWER = {"qwen2_vl": "visual", "internvl": "vision_tower", "llava_next": "vision_tower"}  # attribute of the multimodal core
@@ -47,7 +48,7 @@ def test_family_trains_a_few_steps(family, tmp_path):
     assert all("language_model" in n or "visprune_" in n for n in trainable), trainable  # never the vision tower
     before = gates.head.log_alpha.detach().clone()
 
-    collate = LlavaCollator.pad.__get__(SimpleNamespace(pad_token_id=0))  # the real collator's batching
+    collate = ChatCollator.pad.__get__(SimpleNamespace(pad_token_id=0))  # the real collator's batching
     samples = tiny.samples(12)
     trainer = VispruneTrainer(model=model, args=build_training_args(recipe, None), train_dataset=samples,
                               data_collator=collate, recipe=recipe, gates=gates, controller=controller)
@@ -73,7 +74,7 @@ def test_llava_next_trains_through_visprune_train(tmp_path):
     collator: images of two aspect ratios (5 and 3 tiles) in one batch, text-only samples too."""
     import json
 
-    from visprune.data_prep.toy_families import write_toy_llava_next
+    from toy_families import write_toy_llava_next
     from visprune.trainer.trainer import train
 
     inputs = write_toy_llava_next(tmp_path / "inputs", num_samples=24)

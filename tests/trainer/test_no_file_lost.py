@@ -22,19 +22,12 @@ from conftest import assert_tensors_equal, checkpoint_tensors
 from safetensors.torch import load_file, save_file
 from visprune.data_prep.toy import write_toy_inputs
 from visprune.trainer import checkpoints as ckpt
+from visprune.trainer.build import build_model, prepare_model
 from visprune.trainer.cli import build_parser, main
 from visprune.trainer.config import RecipeError, load_recipe
 from visprune.trainer.export import EXPORT_MARKER, HardenError, harden
-from visprune.trainer.trainer import (
-    NON_RESULT_KEYS,
-    NonFiniteError,
-    RunFolderError,
-    VispruneTrainer,
-    build_model,
-    find_resume_checkpoint,
-    prepare_model,
-    train,
-)
+from visprune.trainer.run_folder import NON_RESULT_KEYS, RunFolderError
+from visprune.trainer.trainer import NonFiniteError, VispruneTrainer, find_resume_checkpoint, train
 
 TOY_RECIPE = "recipes/toy/flops25.yaml"
 TINY = ["train.max_steps=4", "output.save_steps=2", "train.micro_batch_size=4", "budget.warmup_steps=0",

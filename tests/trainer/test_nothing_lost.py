@@ -13,23 +13,18 @@ from transformers import TrainerCallback
 from visprune.data_prep.records import build_dataset
 from visprune.data_prep.toy import write_toy_inputs
 from visprune.trainer import checkpoints as ckpt
-from visprune.trainer.cli import main
-from visprune.trainer.config import load_recipe
-from visprune.trainer.export import HardenError, harden
-from visprune.trainer.trainer import (
-    GATES_FILE,
-    NonFiniteError,
-    VispruneTrainer,
+from visprune.trainer.build import (
     build_collator,
     build_model,
     build_training_args,
-    check_saved_tensors,
-    expected_tensor_shapes,
-    find_resume_checkpoint,
     prepare_model,
     render_deepspeed_config,
-    train,
 )
+from visprune.trainer.cli import main
+from visprune.trainer.config import load_recipe
+from visprune.trainer.export import HardenError, harden
+from visprune.trainer.gate_state import GATES_FILE, check_saved_tensors, expected_tensor_shapes
+from visprune.trainer.trainer import NonFiniteError, VispruneTrainer, find_resume_checkpoint, train
 
 TOY_RECIPE = "recipes/toy/flops25.yaml"
 COMMON = ["train.max_steps=6", "budget.warmup_steps=3", "output.save_steps=2", "train.micro_batch_size=4"]

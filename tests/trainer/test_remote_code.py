@@ -20,12 +20,13 @@ import yaml
 from visprune.data_prep.toy import write_toy_inputs
 from visprune.modeling import load_pruned
 from visprune.trainer import checkpoints as ckpt
+from visprune.trainer.build import build_model
 from visprune.trainer.cli import main
 from visprune.trainer.config import load_recipe
 from visprune.trainer.eval.folder import evaluate_dir
 from visprune.trainer.eval.loading import load_for_eval
 from visprune.trainer.export import HardenError, harden, load_checkpoint
-from visprune.trainer.trainer import build_model, train
+from visprune.trainer.trainer import train
 
 TOY_RECIPE = "recipes/toy/flops25.yaml"
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,8 +13,8 @@ from conftest import IMAGE_TOKEN_ID, tiny_batch, tiny_llava
 from peft import PeftModel
 from tiny_families import TINY_FAMILIES
 from visprune.modeling import GateConfig, attach_gates
+from visprune.trainer.build import prepare_model
 from visprune.trainer.config import load_recipe
-from visprune.trainer.trainer import prepare_model
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toy" / "flops25.yaml"
 FAMILY_NAMES = ["llava", *sorted(TINY_FAMILIES)]

@@ -9,17 +9,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 from visprune.data_prep.toy import write_toy_inputs
-from visprune.trainer.config import load_recipe
-from visprune.trainer.trainer import (
-    GATES_FILE,
-    VispruneTrainer,
+from visprune.trainer.build import (
     build_collator,
     build_model,
     build_training_args,
     prepare_model,
     render_deepspeed_config,
-    train,
 )
+from visprune.trainer.config import load_recipe
+from visprune.trainer.gate_state import GATES_FILE
+from visprune.trainer.trainer import VispruneTrainer, train
 
 TOY_RECIPE = "recipes/toy/flops25.yaml"
 
