@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,15 +15,15 @@ from typing import Any
 
 from PIL import Image
 
-from .collator import MAX_IMAGE_PIXELS, ImageTooLargeError, LlavaCollator, check_positive, decode_image
+from .collator import ChatCollator, check_positive
 from .files import write_atomic
+from .images import MAX_IMAGE_PIXELS, ImageLoader, ImageProblem
 from .records import (
     DETAIL_CHARS,
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     DataError,
     conversation_problems,
-    image_path_problem,
     iter_records,
     normalize_record,
     quote,
@@ -65,32 +64,18 @@ def image_problem(folder: Path, image: str, max_image_pixels: int = MAX_IMAGE_PI
     `max_image_pixels` pixels; None when it is.
 
     Checked without opening anything that is not a regular file (a FIFO would block the reader)."""
-    return open_checked_image(folder, image, max_image_pixels)[0]
+    return open_checked_image(ImageLoader(folder, max_image_pixels), image)[0]
 
 
-def open_checked_image(folder: Path, image: str, max_image_pixels: int = MAX_IMAGE_PIXELS
-                       ) -> tuple[tuple[str, str] | None, Image.Image | None]:
-    """`image_problem`'s verdict and, when there is none, the image fully decoded as RGB (what
-    `LlavaCollator.load_image` returns), so a checked image is decoded once. An image over
-    `max_image_pixels` is `image_too_large`, judged from its header before any pixel is decoded."""
-    problem = image_path_problem(image)
-    if problem:
-        return ("image_path", f"{quote(image)}: {problem}"), None
-    path = (folder / image).resolve()
-    if not path.is_relative_to(folder):
-        return ("image_outside_folder", f"{quote(image)} resolves to {shorten(str(path), 200)}, outside {folder}"), None
+def open_checked_image(loader: ImageLoader, image: str) -> tuple[tuple[str, str] | None, Image.Image | None]:
+    """`image_problem`'s verdict on `image` in `loader`'s folder and, when there is none, the image fully
+    decoded as RGB (what `ChatCollator.load_image` returns), so a checked image is decoded once. The
+    verdict is `ImageLoader.open`'s reason (an image over its pixel limit is `image_too_large`, judged
+    from its header before any pixel is decoded) or `image_mislabelled`."""
     try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return ("image_missing", f"{quote(image)} not found in {folder}"), None
-    if not stat.S_ISREG(mode):
-        return ("image_not_a_file", f"{quote(image)} is not a regular file"), None
-    try:
-        rgb, found = decode_image(path, max_image_pixels)
-    except ImageTooLargeError as exc:
-        return ("image_too_large", f"{quote(image)}: {exc}"), None
-    except (OSError, ValueError) as exc:
-        return ("image_undecodable", f"{quote(image)}: {shorten(str(exc), 300)}"), None
+        rgb, found, path = loader.open(image)
+    except ImageProblem as exc:
+        return (exc.reason, exc.detail), None
     expected = FORMATS.get(path.suffix.lower())
     if expected is not None and found != expected:
         return ("image_mislabelled", f"{quote(image)} is {found} data named {path.suffix}"), None
@@ -119,8 +104,8 @@ class Judge:
         if image_folder is not None and not Path(image_folder).is_dir():
             raise DataError(f"image folder {image_folder} is not a folder")
         self.folder = None if image_folder is None else Path(image_folder).resolve()
-        self.collator = LlavaCollator(processor, template, image_folder=self.folder, max_length=max_length,
-                                      max_image_pixels=max_image_pixels)
+        self.collator = ChatCollator(processor, template, image_folder=self.folder, max_length=max_length,
+                                     max_image_pixels=max_image_pixels)
         self.max_length = max_length
         self.max_image_pixels = max_image_pixels
         self.cache_images = cache_images
@@ -130,21 +115,21 @@ class Judge:
         """(verdict, the decoded image or None when the verdict was remembered or is bad)."""
         if image in self.verdicts:
             return self.verdicts[image], None
-        verdict, opened = open_checked_image(self.folder, image, self.max_image_pixels)
+        verdict, opened = open_checked_image(self.collator.image_loader, image)
         if len(self.verdicts) >= self.cache_images:
             del self.verdicts[next(iter(self.verdicts))]
         self.verdicts[image] = verdict
         return verdict, opened
 
     def __call__(self, index: int, record: Any) -> tuple[tuple[dict, dict] | None, dict[str, Any] | None]:
-        """((normalised row, its `LlavaCollator.encode` tokens) or None, reject or None): exactly one is set.
+        """((normalised row, its `ChatCollator.encode` tokens) or None, reject or None): exactly one is set.
 
         A reject is {"id", "index", "reason", "detail"}."""
         return self.judge_many(index, [record])[0]
 
     def judge_many(self, start: int, records: list[Any]) -> list[tuple[tuple[dict, dict] | None, dict | None]]:
         """`__call__` for records at indices start, start + 1, ...: the encodings are computed together
-        (`LlavaCollator.encode_tokens`, one processor call), the verdicts are the same."""
+        (`ChatCollator.encode_tokens`, one processor call), the verdicts are the same."""
         results: list[Any] = [None] * len(records)
         todo = []  # (position, row, images decoded by the check or None)
 

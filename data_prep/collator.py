@@ -1,39 +1,31 @@
-"""Collation: `LlavaCollator` loads a row's images safely, renders its conversation with the run's chat
-template (`templates.ChatTemplate`), tokenizes text and images with the processor and supervises only
-the assistant answers and their end-of-turn tokens; batches are right-padded."""
+"""Collation: `ChatCollator` encodes dataset rows for training (their images opened by `images.ImageLoader`,
+their conversations rendered by `rendering.ChatRenderer`, both through the processor) into token ids whose
+labels supervise only the assistant answers and their end-of-turn tokens, and right-pads them into batches."""
 
 from __future__ import annotations
 
 import logging
 import os
-import stat
-import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from .records import IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, image_path_problem, quote, shorten, validate_row
-from .templates import ChatTemplate, render, to_messages
+from .images import MAX_IMAGE_PIXELS, ImageLoader
+from .records import IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, quote, shorten, validate_row
+from .rendering import ChatRenderer, Spans
+from .templates import ChatTemplate
 
 logger = logging.getLogger(__name__)
 
-# images above this many pixels are refused from their header, before any pixel is decoded: a 144-megapixel
-# PNG can be a 420 KB file and 430 MB as RGB (PIL's own guard only warns below 2 x 89 megapixels)
-MAX_IMAGE_PIXELS = 64_000_000
 # a raw row with more turns + images or characters than these has its length bounded from one render of its
 # whole conversation before its images are decoded and its answer prefixes rendered (`length_floors`)
 _FLOOR_ITEMS = 32
 _FLOOR_CHARS = 1 << 16
 
 
-class ImageTooLargeError(ValueError):
-    """An image whose header gives more pixels than the limit; nothing of it was decoded."""
-
-
 class OverLengthError(DataError):
-    """A raw sample found over-long from a lower bound on its tokens (`LlavaCollator.length_floors`) before it
+    """A raw sample found over-long from a lower bound on its tokens (`ChatCollator.length_floors`) before it
     was encoded; `length` is that bound."""
 
     def __init__(self, sample_id: str, length: int, max_length: int):
@@ -52,36 +44,11 @@ def check_positive(name: str, value: int) -> int:
         raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     return value
 
-
-def decode_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, str | None]:
-    """(the image decoded as RGB, its format as PIL reads it from the content), after checking its size
-    from the header: nothing is decoded for an image over `max_pixels`. PIL's own decompression-bomb
-    warning is silenced (this check replaces it); its error above 2 x `Image.MAX_IMAGE_PIXELS` stays one.
-
-    Raises:
-        ImageTooLargeError: over `max_pixels` (or PIL's own limit).
-        OSError, ValueError: PIL cannot decode the file.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path) as opened:
-                width, height = opened.size
-                if width * height > max_pixels:
-                    raise ImageTooLargeError(f"{width} x {height} = {width * height:,} pixels, over the limit of "
-                                             f"{max_pixels:,} (max_image_pixels)")
-                found = opened.format
-                opened.load()  # decode every pixel: a truncated file fails here
-                return opened.convert("RGB"), found
-        except Image.DecompressionBombError as exc:
-            raise ImageTooLargeError(f"{exc} (PIL's Image.MAX_IMAGE_PIXELS; max_image_pixels is "
-                                     f"{max_pixels:,})") from None
-
-_TEXT_KEYS = {"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets", "token_type_ids"}
-_TOKEN_KEYS = ("mm_token_type_ids",)  # per-token tensors beside input_ids (Qwen2-VL's M-RoPE needs it): padded with 0
+TEXT_KEYS = {"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets", "token_type_ids"}
+TOKEN_KEYS = ("mm_token_type_ids",)  # per-token tensors beside input_ids (Qwen2-VL's M-RoPE needs it): padded with 0
 
 
-class LlavaCollator:
+class ChatCollator:
     """Turn dataset rows into a right-padded training batch.
 
     Output: `input_ids`, `attention_mask`, `labels` (B, T) long, per-token tensors the processor
@@ -92,7 +59,7 @@ class LlavaCollator:
     with `template` (see `templates.resolve_template`). Nothing is truncated: an over-long sample (more
     than `max_length` tokens, image tokens included) is an error or, with `drop_overlong`, dropped and
     counted in `num_dropped` (per process: DataLoader workers count in their own copy). Images are
-    resolved inside `image_folder`, never outside it.
+    opened inside `image_folder`, never outside it, and refused over `max_image_pixels` (`ImageLoader`).
     """
 
     def __init__(self, processor: Any, template: ChatTemplate, image_folder: str | os.PathLike | None = None,
@@ -103,16 +70,16 @@ class LlavaCollator:
             raise DataError(f"image folder {image_folder} is not a folder")
         tokenizer = processor.tokenizer
         if tokenizer.pad_token_id is None:
-            raise ValueError("LlavaCollator: the processor's tokenizer has no pad token")
+            raise ValueError("ChatCollator: the processor's tokenizer has no pad token")
         self.processor = processor
         self.template = template
+        self.renderer = ChatRenderer(processor, template)
+        self.image_loader = ImageLoader(image_folder, max_image_pixels)
         self.max_length = max_length
         self.drop_overlong = drop_overlong
         self.pad_token_id = tokenizer.pad_token_id
         self.bos_token = tokenizer.bos_token
         self.image_token_id = getattr(processor, "image_token_id", None)
-        self.image_folder = Path(image_folder).resolve() if image_folder is not None else None
-        self.max_image_pixels = max_image_pixels
         self.num_dropped = 0
         self._max_token_chars: int | None = None
 
@@ -232,18 +199,7 @@ class LlavaCollator:
         todo = [pos for pos, row in enumerate(rows) if self._needs_floor(row)]
         if not todo:
             return floors
-        from jinja2 import TemplateError
-
-        conversations = [self.messages(rows[pos]) for pos in todo]
-        try:
-            texts = render(self.processor, conversations, self.template.source)
-        except (TemplateError, TypeError):  # rendered alone, so one bad conversation does not hide the rest
-            texts = []
-            for conversation in conversations:
-                try:
-                    texts += render(self.processor, [conversation], self.template.source)
-                except (TemplateError, TypeError):
-                    texts.append(None)
+        texts = self.renderer.render_texts([self.messages(rows[pos]) for pos in todo])
         if self._max_token_chars is None:
             self._max_token_chars = max(map(len, self.processor.tokenizer.get_vocab()), default=1) or 1
         for pos, text in zip(todo, texts):
@@ -263,10 +219,6 @@ class LlavaCollator:
             return True
         return sum(len(turn["value"]) for turn in turns) > _FLOOR_CHARS
 
-    def messages(self, row: dict) -> list[dict]:
-        """A row's turns as the template's messages (content blocks, or strings with the image text)."""
-        return to_messages(row["conversations"], self.template)
-
     def _add_special_tokens(self, text: str) -> bool:
         return not (self.bos_token and text.startswith(self.bos_token))
 
@@ -281,9 +233,9 @@ class LlavaCollator:
             name = quote(sample_ids[0]) if len(sample_ids) == 1 else f"{quote(sample_ids[0])} (of {len(sample_ids)})"
             raise DataError(f"sample {name}: the processor rejected it: {shorten(str(exc))}") from exc
         if "offset_mapping" not in out:
-            raise ValueError("LlavaCollator needs a fast (tokenizers) tokenizer that returns offset mappings")
+            raise ValueError("ChatCollator needs a fast (tokenizers) tokenizer that returns offset mappings")
         if images and "text_replacement_offsets" not in out:  # without them the spans would silently shift
-            raise ValueError("LlavaCollator needs a processor that returns text_replacement_offsets")
+            raise ValueError("ChatCollator needs a processor that returns text_replacement_offsets")
         return out
 
     def _token_sample(self, out: Any, index: int, spans: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
@@ -301,14 +253,14 @@ class LlavaCollator:
         if self.image_token_id is not None:
             supervised &= input_ids != self.image_token_id
         sample = {"input_ids": input_ids, "labels": torch.where(supervised, input_ids, IGNORE_INDEX)}
-        sample.update({key: torch.tensor(out[key][index], dtype=torch.long) for key in _TOKEN_KEYS if key in out})
+        sample.update({key: torch.tensor(out[key][index], dtype=torch.long) for key in TOKEN_KEYS if key in out})
         return sample
 
     def _image_tensors(self, out: Any) -> dict[str, torch.Tensor]:
         """The processor output's image entries, converted as the processor converts for return_tensors="pt"."""
         from transformers import BatchFeature
 
-        images = {key: value for key, value in out.items() if key not in _TEXT_KEYS and key not in _TOKEN_KEYS}
+        images = {key: value for key, value in out.items() if key not in TEXT_KEYS and key not in TOKEN_KEYS}
         return dict(BatchFeature(images, tensor_type="pt",
                                  skip_tensor_conversion=getattr(self.processor, "skip_tensor_conversion", None)))
 
@@ -329,7 +281,7 @@ class LlavaCollator:
         if labels.shape != input_ids.shape:
             raise DataError(f"sample {quote(sample_id)}: prepared labels and input_ids differ in length")
         sample = {"input_ids": input_ids, "labels": labels}
-        sample.update({key: torch.tensor(row[key], dtype=torch.long) for key in _TOKEN_KEYS if row.get(key) is not None})
+        sample.update({key: torch.tensor(row[key], dtype=torch.long) for key in TOKEN_KEYS if row.get(key) is not None})
         if images is None:
             images = [self.load_image(sample_id, image) for image in row["images"]]
         if not images:
@@ -349,96 +301,22 @@ class LlavaCollator:
         sample.update(self._image_tensors(out))
         return sample
 
-    def render(self, sample_id: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """The chat-template text and the character spans of each assistant turn (answer + end of turn).
+    def messages(self, row: dict) -> list[dict]:
+        """A row's turns as the template's messages (`ChatRenderer.messages`)."""
+        return self.renderer.messages(row)
 
-        A span is what rendering the conversation through that answer adds to rendering it up to the
-        generation prompt, cut after the template's last end-of-turn token in it (ChatML's newline after
-        `<|im_end|>` is not supervised). Templates that do not render a conversation's prefixes as text
-        prefixes are rejected rather than mislabelled; a template that raises (e.g. on a role it does not
-        support) is a DataError naming the sample.
-        """
-        result = self.render_many([sample_id], [messages])[0]
-        if isinstance(result, DataError):
-            raise result
-        return result
+    def render(self, sample_id: str, messages: list[dict]) -> tuple[str, Spans]:
+        """The text and answer spans of one conversation (`ChatRenderer.render`)."""
+        return self.renderer.render(sample_id, messages)
 
-    def render_many(self, sample_ids: list[str], conversations: list[list[dict]]
-                    ) -> list[tuple[str, list[tuple[int, int]]] | DataError]:
-        """`render` for many conversations with two batched template calls (every prefix of every
-        conversation at once) instead of 1 + 2 per answer each: the same strings, less overhead. A
-        conversation that ends with an answer is its own last prefix. When the template raises, each
-        conversation is rendered alone so the error lands on its own sample."""
-        from jinja2 import TemplateError
-
-        source = self.template.source
-        if not conversations:
-            return []
-        throughs, befores, plan = [], [], []
-        for messages in conversations:
-            answers = [idx for idx, message in enumerate(messages) if message["role"] == "assistant"]
-            ends_with_answer = bool(answers) and answers[-1] == len(messages) - 1
-            plan.append((len(throughs), len(befores), len(answers), ends_with_answer))
-            throughs += [messages[:idx + 1] for idx in answers] + ([] if ends_with_answer else [messages])
-            befores += [messages[:idx] for idx in answers]
-        try:
-            throughs = render(self.processor, throughs, source)
-            befores = render(self.processor, befores, source, add_generation_prompt=True) if befores else []
-        except (TemplateError, TypeError) as exc:
-            if len(conversations) > 1:
-                return [self.render_many([sample_id], [messages])[0]
-                        for sample_id, messages in zip(sample_ids, conversations)]
-            return [DataError(f"sample {quote(sample_ids[0])}: the chat template rejected it: {shorten(str(exc))}")]
-        results: list[Any] = []
-        for sample_id, (at, before_at, num_answers, ends_with_answer) in zip(sample_ids, plan):
-            answer_texts = throughs[at:at + num_answers]
-            text = answer_texts[-1] if ends_with_answer else throughs[at + num_answers]
-            spans = []
-            for before, through in zip(befores[before_at:before_at + num_answers], answer_texts):
-                if not (through.startswith(before) and text.startswith(through)):
-                    spans = DataError(f"sample {quote(sample_id)}: the chat template does not render conversation "
-                                      "prefixes as text prefixes, so the assistant spans cannot be found")
-                    break
-                spans.append((len(before), self._answer_end(through, len(before))))
-            results.append(spans if isinstance(spans, DataError) else (text, spans))
-        return results
-
-    def _answer_end(self, through: str, start: int) -> int:
-        """Where an answer's span ends: after the last end-of-turn token in `through[start:]`, else its end."""
-        ends = [through.rfind(token, start) + len(token) for token in self.template.end_of_turn
-                if through.rfind(token, start) >= 0]
-        return max(ends) if ends else len(through)
+    def render_many(self, sample_ids: list[str], conversations: list[list[dict]]) -> list[tuple[str, Spans] | DataError]:
+        """`render` for many conversations in two template calls (`ChatRenderer.render_many`)."""
+        return self.renderer.render_many(sample_ids, conversations)
 
     def load_image(self, sample_id: str, image: str) -> Image.Image:
-        """Open `image` (relative to the image folder, which it may not leave) as RGB; its size is checked
-        against `max_image_pixels` before any pixel is decoded (`decode_image`)."""
-        path = self.resolve_image_path(sample_id, image)
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            raise DataError(f"sample {quote(sample_id)}: image {quote(image)} not found in {self.image_folder}") from None
-        if not stat.S_ISREG(mode):  # a FIFO would block the reader
-            raise DataError(f"sample {quote(sample_id)}: image {quote(image)} is not a regular file")
-        try:
-            return decode_image(path, self.max_image_pixels)[0]
-        except ImageTooLargeError as exc:
-            raise DataError(f"sample {quote(sample_id)}: image {quote(image)} is too large: {exc}") from None
-        except (OSError, ValueError) as exc:
-            raise DataError(f"sample {quote(sample_id)}: cannot decode image {quote(image)}: "
-                            f"{shorten(str(exc))}") from exc
-
-    def resolve_image_path(self, sample_id: str, image: str) -> Path:
-        """The real path of `image`; symlinks are followed and the target must stay inside the folder."""
-        if self.image_folder is None:
-            raise DataError(f"sample {quote(sample_id)} has image {quote(image)} but data.image_folder is not set")
-        problem = image_path_problem(image)
-        if problem:
-            raise DataError(f"sample {quote(sample_id)}: image {quote(image)}: {problem}")
-        path = (self.image_folder / image).resolve()
-        if not path.is_relative_to(self.image_folder):
-            raise DataError(f"sample {quote(sample_id)}: image {quote(image)} resolves outside data.image_folder "
-                            f"({self.image_folder}); symlinks must point inside it")
-        return path
+        """Open `image` (relative to the image folder, which it may not leave) as RGB, its size checked
+        against `max_image_pixels` before any pixel is decoded (`ImageLoader.load`)."""
+        return self.image_loader.load(sample_id, image)
 
     def pad(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Right-pad the text tensors to the longest sample; concatenate the image tensors in sample order."""
@@ -452,7 +330,7 @@ class LlavaCollator:
             attention_mask[b, :num_tokens] = 1
             labels[b, :num_tokens] = sample["labels"]
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        for key in _TOKEN_KEYS:
+        for key in TOKEN_KEYS:
             if any(key in sample for sample in samples):
                 batch[key] = torch.zeros((len(samples), length), dtype=torch.long)
                 for b, sample in enumerate(samples):

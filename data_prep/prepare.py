@@ -34,8 +34,9 @@ import pyarrow.compute as pc
 from datasets import Features, List, Value
 
 from .check import REJECTED_FILE, CheckReport, Judge, write_rejected
-from .collator import _TOKEN_KEYS, MAX_IMAGE_PIXELS, LlavaCollator, check_positive
+from .collator import TOKEN_KEYS, ChatCollator, check_positive
 from .files import fsync_dir, fsync_tree, write_atomic
+from .images import MAX_IMAGE_PIXELS
 from .prepared import MANIFEST_FILE, PREPARED_FORMAT, processor_fingerprint
 from .processing import load_processor
 from .records import DataError, check_regular_file, features, iter_records, quote, read_json
@@ -123,7 +124,7 @@ def _to_table(good: list[tuple[dict, dict]], lengths: np.ndarray, token_keys: tu
     import torch
 
     schema = features.arrow_schema
-    extra = [key for key in _TOKEN_KEYS if key in good[0][1] and key not in token_keys]
+    extra = [key for key in TOKEN_KEYS if key in good[0][1] and key not in token_keys]
     if extra or any(key not in sample for key in token_keys for _, sample in good):
         raise RuntimeError(f"the processor returned per-token columns {extra or 'inconsistently'} that the "
                            f"dataset schema ({list(token_keys)}) lacks")
@@ -337,14 +338,14 @@ def prepare_dataset(json_path: str | os.PathLike, image_root: str | os.PathLike 
 
 def _probe_token_keys(processor: Any, max_length: int, template: ChatTemplate) -> tuple[str, ...]:
     """The per-token columns (`mm_token_type_ids`) the processor returns, from a text-only probe."""
-    collator = LlavaCollator(processor, template, max_length=max_length)
+    collator = ChatCollator(processor, template, max_length=max_length)
     probe = {"id": "probe", "images": [], "conversations": [{"from": "human", "value": "hi"},
                                                             {"from": "gpt", "value": "hi"}]}
     try:
         sample = collator.encode(probe)
     except DataError:  # a template that rejects the probe rejects the data too, and says so per sample
         return ()
-    return tuple(key for key in _TOKEN_KEYS if key in sample)
+    return tuple(key for key in TOKEN_KEYS if key in sample)
 
 
 def _convert(json_path: Path, tmp_dir: Path, init_args: tuple, token_keys: tuple[str, ...], num_proc: int,

@@ -246,14 +246,7 @@ def _iter_json_lines(path: Path, handle: Any, digest: Any) -> Iterator[tuple[Any
                             "line)") from None
         if not text.strip():
             continue
-        try:
-            record = JSON_DECODER.decode(text)
-            check_json_value(record)
-        except RecursionError:
-            raise DataError(f"{path}: line {line_no} is nested too deeply to read") from None
-        except ValueError as exc:  # JSONDecodeError or JSONContentError
-            raise DataError(f"{path}: line {line_no} is not valid JSON: {shorten(str(exc))}") from None
-        yield record, done
+        yield loads_json(text, f"{path}: line {line_no}"), done
 
 
 def _iter_json_list(path: Path, handle: Any, digest: Any, chunk_bytes: int) -> Iterator[tuple[Any, int]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +20,24 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ModelDims:
-    """Dimensions of a multimodal model's language model and its per-image visual grid."""
+class TextDims:
+    """Language-model dimensions the gates and the FLOPs model need."""
 
-    name: str
-    family: str
     num_layers: int
     hidden_size: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
     intermediate_size: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelDims(TextDims):
+    """Dimensions of a multimodal model: its language model's (`TextDims`, which a ModelDims is) and its
+    per-image visual grid."""
+
+    name: str
+    family: str
     image_grid: tuple[int, int]  # (rows, cols) of visual tokens per image (its first grid)
     kv_bytes_per_value: int = 2  # bf16 KV cache
     extra_grids: tuple[tuple[int, int], ...] = ()  # an image's further grids (LLaVA-NeXT: the high-res grid)
@@ -39,6 +46,10 @@ class ModelDims:
     @property
     def image_grids(self) -> tuple[tuple[int, int], ...]:
         return (tuple(self.image_grid), *self.extra_grids)
+
+    def text_dims(self) -> TextDims:
+        """Only the language model's dimensions (what a GateSet is built with)."""
+        return TextDims(**{f.name: getattr(self, f.name) for f in fields(TextDims)})
 
     @property
     def tokens_per_image(self) -> int:
@@ -138,14 +149,20 @@ class GateProbs:
 # internvl2-8b (InternLM2.5-7B LM) has no native transformers class (remote code only): FLOPs only;
 # internvl3-8b (Qwen2.5-7B LM) is OpenGVLab/InternVL3-8B-hf, what InternVLForConditionalGeneration loads.
 # LLaVA-NeXT (v1.6, Vicuna-7B) at 672x672 px: 24x24 base grid + 2x2 tiles stitched into 48x48 + 48 newlines.
+def _builtin(name: str, family: str, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, mlp: int,
+             grid: tuple[int, int], **extra: Any) -> ModelDims:
+    return ModelDims(name=name, family=family, num_layers=layers, hidden_size=hidden, num_heads=heads,
+                     num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=mlp, image_grid=grid, **extra)
+
+
 BUILTIN_MODELS: dict[str, ModelDims] = {
-    "llava-1.5-7b": ModelDims("llava-1.5-7b", "llava", 32, 4096, 32, 32, 128, 11008, (24, 24)),
-    "llava-1.5-13b": ModelDims("llava-1.5-13b", "llava", 40, 5120, 40, 40, 128, 13824, (24, 24)),
-    "qwen2-vl-7b": ModelDims("qwen2-vl-7b", "qwen2_vl", 28, 3584, 28, 4, 128, 18944, (16, 16)),
-    "internvl2-8b": ModelDims("internvl2-8b", "internvl", 32, 4096, 32, 8, 128, 14336, (16, 16)),
-    "internvl3-8b": ModelDims("internvl3-8b", "internvl", 28, 3584, 28, 4, 128, 18944, (16, 16)),
-    "llava-next-7b": ModelDims("llava-next-7b", "llava_next", 32, 4096, 32, 32, 128, 11008, (24, 24),
-                               extra_grids=((48, 48),), non_grid_tokens=48),
+    "llava-1.5-7b": _builtin("llava-1.5-7b", "llava", 32, 4096, 32, 32, 128, 11008, (24, 24)),
+    "llava-1.5-13b": _builtin("llava-1.5-13b", "llava", 40, 5120, 40, 40, 128, 13824, (24, 24)),
+    "qwen2-vl-7b": _builtin("qwen2-vl-7b", "qwen2_vl", 28, 3584, 28, 4, 128, 18944, (16, 16)),
+    "internvl2-8b": _builtin("internvl2-8b", "internvl", 32, 4096, 32, 8, 128, 14336, (16, 16)),
+    "internvl3-8b": _builtin("internvl3-8b", "internvl", 28, 3584, 28, 4, 128, 18944, (16, 16)),
+    "llava-next-7b": _builtin("llava-next-7b", "llava_next", 32, 4096, 32, 32, 128, 11008, (24, 24),
+                              extra_grids=((48, 48),), non_grid_tokens=48),
 }
 DEFAULT_SYSTEM_TOKENS = 35  # LLaVA-1.5's system prompt and "USER:" prefix
 DEFAULT_TEXT_TOKENS = 60
@@ -259,6 +276,28 @@ def flops_report(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None =
     return {"visual_flops": float(visual_flops(dims, layout, probs, window)),
             "prefill_flops": float(prefill_flops(dims, layout, probs, window)),
             "visual_kv_bytes": float(visual_kv_bytes(dims, layout, probs))}
+
+
+def plan_report(dims: ModelDims, layout: TokenLayout, plan: Plan | None = None) -> dict[str, Any]:
+    """What `plan` costs beside the dense model on `layout`.
+
+    Returns:
+        {"dense": `flops_report` of the dense model, "plan": `flops_report` under the plan (the dense
+        one when `plan` is None), "visual_flops_ratio" and "prefill_flops_ratio": plan / dense, None
+        where the dense figure is 0 (a layout without tokens of that kind)}.
+    """
+    dense = flops_report(dims, layout)
+    planned = dict(dense) if plan is None else flops_report(
+        dims, layout, GateProbs.from_plan(plan, dims.intermediate_size), window=plan.window)
+    ratio = lambda key: planned[key] / dense[key] if dense[key] else None
+    return {"dense": dense, "plan": planned, "visual_flops_ratio": ratio("visual_flops"),
+            "prefill_flops_ratio": ratio("prefill_flops")}
+
+
+def plan_visual_ratio(dims: ModelDims, layout: TokenLayout, plan: Plan) -> float:
+    """`plan_report(...)["visual_flops_ratio"]` alone, for a search that costs many candidate plans."""
+    probs = GateProbs.from_plan(plan, dims.intermediate_size)
+    return float(visual_flops(dims, layout, probs, plan.window)) / float(visual_flops(dims, layout))
 
 
 def dims_from_config(config: Any, name: str = "local") -> ModelDims:

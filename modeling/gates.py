@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .families import (
+    Family,
     LayerSlot,
     TextDims,
     VisualAttentionWrapper,
@@ -311,6 +312,15 @@ def detach_gates(model: nn.Module) -> None:
     delattr(base, GATES_ATTR)
 
 
+def check_plan(model: nn.Module, plan: Plan) -> tuple[Family, TextDims]:
+    """The family and language-model dimensions of a transformers `model`, once `plan` is checked to be made
+    for them (`Plan.validate_for`: its family, layers, heads and MLP channels); raises PlanError."""
+    family = family_for(model)
+    dims = family.text_dims(model.config)
+    plan.validate_for(dims.num_layers, dims.num_heads, dims.intermediate_size, family=family.name)
+    return family, dims
+
+
 def apply_plan(model: nn.Module, plan: Plan, mode: str = "gated", backend: str = "auto") -> nn.Module:
     """Execute a plan on `model` (in place; returns it).
 
@@ -329,20 +339,14 @@ def apply_plan(model: nn.Module, plan: Plan, mode: str = "gated", backend: str =
             detach_gates(base)
         harden_model(base, plan)
         return model
-    family = family_for(base)
-    dims = family.text_dims(base.config)
-    plan.validate_for(dims.num_layers, dims.num_heads, dims.intermediate_size)
-    if plan.family != family.name:
-        raise ValueError(f"plan is for family {plan.family!r}, the model is {family.name!r}")
+    _, dims = check_plan(base, plan)
     gates = get_gate_set(base)
     if gates is None:
         gates = attach_gates(base, GateConfig(window=plan.window, backend=backend))
     gates.window = plan.window
     device = gates.device
-    head = torch.tensor(plan.head_mask(), dtype=torch.float32, device=device)
-    router = torch.tensor([not layer.skipped for layer in plan.layers], dtype=torch.float32, device=device)
-    mlp = torch.tensor([layer.mlp for layer in plan.layers], dtype=torch.float32, device=device)
-    gates.head, gates.router, gates.mlp = FixedGate(head), FixedGate(router), FixedGate(mlp)
+    values = GateProbs.from_plan(plan, dims.intermediate_size)  # a plan's gates are open with probability 0 or 1
+    gates.head, gates.router, gates.mlp = (FixedGate(v.to(device)) for v in (values.head, values.layer, values.mlp))
     gates.mlp_channel_masks = {}
     for layer_idx, layer in enumerate(plan.layers):
         if layer.mlp_channels is not None:

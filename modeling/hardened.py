@@ -34,9 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from .families import family_for, forward_inputs, suppress_in_generation
+from .families import TextDims, forward_inputs, suppress_in_generation
+from .families.base import check_llama_layers
+from .gates import check_plan, get_gate_set
 from .layout import VisualLayout
-from .plan import PLAN_FILE, Plan
+from .plan import PLAN_FILE, LayerPlan, Plan
 
 HARDENED_KWARG = "visprune_hardened"
 HARDENED_ATTR = "visprune_plan"  # the applied Plan, on the transformers model
@@ -46,48 +48,51 @@ _FAR = 1 << 62  # key position of padding slots: after every query
 # ---- row bookkeeping, once per forward ----------------------------------------------------------
 @dataclass
 class Rows:
-    """One kind of rows (text or visual) of a (B, T) forward: flat indices into B*T, and a padded
-    per-sample layout (B, M) for attention. `seq` is the row's index in the forward (-1 on padding slots)."""
+    """One kind of rows (text or visual) of a (B, T) forward, in two layouts: flat, the N rows as
+    indices into the B*T rows of the forward; and padded, (B, M) with M the most rows one sample has,
+    for attention. A sample's slots past its own rows are padding slots."""
 
-    flat: torch.Tensor  # (N,)
-    batch: torch.Tensor  # (N,)
-    slot: torch.Tensor  # (N,)
-    pad: torch.Tensor  # (B, M) index into [0, N); 0 on padding slots
-    ok: torch.Tensor  # (B, M) bool
-    seq: torch.Tensor  # (B, M) long
+    flat_idx: torch.Tensor  # (N,) the row among the forward's B*T rows
+    sample_idx: torch.Tensor  # (N,) its sample
+    slot_idx: torch.Tensor  # (N,) its slot in the sample's padded row
+    padded_idx: torch.Tensor  # (B, M) the flat row in each slot; 0 on padding slots
+    valid_mask: torch.Tensor  # (B, M) bool: the slot holds a row (False on padding slots)
+    seq_idx: torch.Tensor  # (B, M) the row's position in the forward; -1 on padding slots
 
     @classmethod
     def select(cls, mask: torch.Tensor) -> Rows:
         B, T = mask.shape
-        flat = mask.reshape(-1).nonzero().squeeze(1)
-        batch = flat // T
-        slot = (mask.long().cumsum(dim=1) - 1).reshape(-1)[flat]
+        flat_idx = mask.reshape(-1).nonzero().squeeze(1)
+        sample_idx = flat_idx // T
+        slot_idx = (mask.long().cumsum(dim=1) - 1).reshape(-1)[flat_idx]
         width = int(mask.sum(dim=1).max().item()) if mask.numel() else 0
-        pad = torch.zeros(B, width, dtype=torch.long, device=mask.device)
-        ok = torch.zeros(B, width, dtype=torch.bool, device=mask.device)
-        seq = torch.full((B, width), -1, dtype=torch.long, device=mask.device)
-        pad[batch, slot] = torch.arange(flat.numel(), device=mask.device)
-        ok[batch, slot] = True
-        seq[batch, slot] = flat % T
-        return cls(flat, batch, slot, pad, ok, seq)
+        padded_idx = torch.zeros(B, width, dtype=torch.long, device=mask.device)
+        valid_mask = torch.zeros(B, width, dtype=torch.bool, device=mask.device)
+        seq_idx = torch.full((B, width), -1, dtype=torch.long, device=mask.device)
+        padded_idx[sample_idx, slot_idx] = torch.arange(flat_idx.numel(), device=mask.device)
+        valid_mask[sample_idx, slot_idx] = True
+        seq_idx[sample_idx, slot_idx] = flat_idx % T
+        return cls(flat_idx, sample_idx, slot_idx, padded_idx, valid_mask, seq_idx)
 
     @property
     def count(self) -> int:
-        return self.flat.numel()
+        return self.flat_idx.numel()
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (B, M, ...); padding slots hold row 0's values (masked everywhere)."""
-        return x[self.pad]
+        return x[self.padded_idx]
 
     def unpadded(self, y: torch.Tensor) -> torch.Tensor:
         """(B, M, ...) -> (N, ...)."""
-        return y[self.batch, self.slot]
+        return y[self.sample_idx, self.slot_idx]
 
     def query_pos(self, past: int) -> torch.Tensor:
-        return torch.where(self.ok, self.seq + past, torch.full_like(self.seq, -1))
+        """(B, M) each slot's position in the sequence (cache included); -1 on padding slots: sees no key."""
+        return torch.where(self.valid_mask, self.seq_idx + past, torch.full_like(self.seq_idx, -1))
 
     def key_pos(self, past: int) -> torch.Tensor:
-        return torch.where(self.ok, self.seq + past, torch.full_like(self.seq, _FAR))
+        """(B, M) each slot's position in the sequence; far past every query on padding slots: never seen."""
+        return torch.where(self.valid_mask, self.seq_idx + past, torch.full_like(self.seq_idx, _FAR))
 
 
 @dataclass
@@ -102,7 +107,7 @@ class WindowRows:
     """The visual queries regrouped by image-grid row for the neighbour window: grid row i holds its
     queries in `q_index[i]` (by column, padded to the widest grid) and the keys of grid rows
     i-w//2 .. i+w//2 in `k_index[i]`; `pair_ok` says which (query, key) pairs are in the window.
-    Indices point into this forward's visual rows (`Rows.flat` order)."""
+    Indices point into this forward's visual rows (`Rows.flat_idx` order)."""
 
     q_index: torch.Tensor  # (R, C)
     k_index: torch.Tensor  # (R, w*C)
@@ -112,10 +117,10 @@ class WindowRows:
 
 
 def _window_rows(layout: VisualLayout, visual: Rows, window: int) -> WindowRows:
-    device = visual.flat.device
-    grid = layout.grid_idx.reshape(-1)[visual.flat]
-    row = layout.row.reshape(-1)[visual.flat]
-    col = layout.col.reshape(-1)[visual.flat]
+    device = visual.flat_idx.device
+    grid = layout.grid_idx.reshape(-1)[visual.flat_idx]
+    row = layout.row.reshape(-1)[visual.flat_idx]
+    col = layout.col.reshape(-1)[visual.flat_idx]
     num_grids = int(grid.max().item()) + 1
     zeros = torch.zeros(num_grids, dtype=torch.long, device=device)
     rows = zeros.scatter_reduce(0, grid, row + 1, "amax")
@@ -307,64 +312,68 @@ class _Select:
 
 @dataclass
 class LayerRule:
-    """One layer of a plan, as index sets for the weights."""
+    """One layer of a plan as index sets into the layer's weights. Heads and groups are numbered after
+    `_permute_heads`, which puts the kept ones first (so their weight slices are contiguous views)."""
 
-    visual: bool  # router r = 1
-    heads: list[int]
-    groups: list[int]  # KV groups with a kept head
-    mlp: bool
-    channels: list[int] | None
+    visual: bool  # visual rows take part in this layer (router r = 1)
+    heads: list[int]  # the kept visual heads
+    groups: list[int]  # the KV groups with a kept head
+    mlp: bool  # visual rows run the MLP
+    channels: list[int] | None  # the MLP channels visual rows keep; None: all
     num_heads: int
     head_dim: int
-    group_size: int
+    group_size: int  # query heads per KV group
 
     def __post_init__(self) -> None:
         D = self.head_dim
-        self.q_rows = _Select([h * D + i for h in self.heads for i in range(D)], 0)
-        self.kv_rows = _Select([g * D + i for g in self.groups for i in range(D)], 0)
-        self.o_cols = _Select([h * D + i for h in self.heads for i in range(D)], 1)
-        pos = {g: i for i, g in enumerate(self.groups)}
-        self.head_group_pos = torch.tensor([pos[h // self.group_size] for h in self.heads], dtype=torch.long)
-        self.head_group = torch.tensor([h // self.group_size for h in self.heads], dtype=torch.long)
-        self.one_head_per_group = self.head_group_pos.tolist() == list(range(len(self.groups)))
-        self.heads_t = torch.tensor(self.heads, dtype=torch.long)
+        head_features = [h * D + i for h in self.heads for i in range(D)]
+        self.q_proj_rows = _Select(head_features, 0)  # the kept heads' outputs of q_proj
+        self.kv_proj_rows = _Select([g * D + i for g in self.groups for i in range(D)], 0)  # kept groups' of k/v_proj
+        self.o_proj_cols = _Select(head_features, 1)  # the kept heads' inputs of o_proj
+        kept_group_pos = {g: i for i, g in enumerate(self.groups)}
+        # (Hk,) each kept head's KV group, numbered among all groups (text K/V) or among the kept ones (visual K/V)
+        self.head_group_idx = torch.tensor([h // self.group_size for h in self.heads], dtype=torch.long)
+        self.head_kept_group_idx = torch.tensor([kept_group_pos[h // self.group_size] for h in self.heads],
+                                                dtype=torch.long)
+        self.one_head_per_group = self.head_kept_group_idx.tolist() == list(range(len(self.groups)))
+        self.head_idx = torch.tensor(self.heads, dtype=torch.long)  # (Hk,) the kept heads
         if self.channels is not None:
-            self.ch_rows = _Select(self.channels, 0)
-            self.ch_cols = _Select(self.channels, 1)
+            self.mlp_in_rows = _Select(self.channels, 0)  # the kept channels' outputs of gate_proj and up_proj
+            self.mlp_out_cols = _Select(self.channels, 1)  # the kept channels' inputs of down_proj
 
 
-def _linear_pair(a_t: torch.Tensor, a_v: torch.Tensor, linear: nn.Linear, select: _Select):
+def _linear_pair(x_text: torch.Tensor, x_vis: torch.Tensor, linear: nn.Linear, select: _Select):
     """Text rows through the whole `linear`, visual rows through its `select`ed output rows. When the
     selection is a contiguous range, one GEMM serves both row sets on it (no small text-only GEMM)."""
     weight, bias = linear.weight, linear.bias
     if select.span is None:
-        return F.linear(a_t, weight, bias), F.linear(a_v, select(weight), select(bias))
+        return F.linear(x_text, weight, bias), F.linear(x_vis, select(weight), select(bias))
     start, stop = select.span
-    both = F.linear(torch.cat([a_t, a_v]), weight[start:stop], None if bias is None else bias[start:stop])
-    n = a_t.shape[0]
+    both = F.linear(torch.cat([x_text, x_vis]), weight[start:stop], None if bias is None else bias[start:stop])
+    n = x_text.shape[0]
     parts = [both[:n]]
     if start > 0:
-        parts.insert(0, F.linear(a_t, weight[:start], None if bias is None else bias[:start]))
+        parts.insert(0, F.linear(x_text, weight[:start], None if bias is None else bias[:start]))
     if stop < weight.shape[0]:
-        parts.append(F.linear(a_t, weight[stop:], None if bias is None else bias[stop:]))
+        parts.append(F.linear(x_text, weight[stop:], None if bias is None else bias[stop:]))
     text = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return text, both[n:]
 
 
-def _out_pair(o_t: torch.Tensor, o_v: torch.Tensor, linear: nn.Linear, select: _Select):
+def _out_pair(o_text: torch.Tensor, o_vis: torch.Tensor, linear: nn.Linear, select: _Select):
     """The output projection: text rows use every input column, visual rows the `select`ed ones
     (their kept heads); one GEMM over both on a contiguous range."""
     weight, bias = linear.weight, linear.bias
     if select.span is None:
-        return F.linear(o_t, weight, bias), F.linear(o_v, select(weight), bias)
+        return F.linear(o_text, weight, bias), F.linear(o_vis, select(weight), bias)
     start, stop = select.span
-    n = o_t.shape[0]
-    both = F.linear(torch.cat([o_t[:, start:stop], o_v]), weight[:, start:stop], bias)
+    n = o_text.shape[0]
+    both = F.linear(torch.cat([o_text[:, start:stop], o_vis]), weight[:, start:stop], bias)
     text = both[:n]
     if start > 0:
-        text = text + F.linear(o_t[:, :start], weight[:, :start])
+        text = text + F.linear(o_text[:, :start], weight[:, :start])
     if stop < weight.shape[1]:
-        text = text + F.linear(o_t[:, stop:], weight[:, stop:])
+        text = text + F.linear(o_text[:, stop:], weight[:, stop:])
     return text, both[n:]
 
 
@@ -395,25 +404,31 @@ def _permute_heads(attn: nn.Module, heads: list[int], num_heads: int, group_size
     return new_heads, list(range(len(kept_groups)))
 
 
-def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device)
 
 
+def _causal(scores: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    """Scores (B, h, Q, K) with -inf where the key comes after the query: key_pos (B, K), query_pos (B, Q)."""
+    return scores.masked_fill(key_pos[:, None, None, :] > query_pos[:, None, :, None], float("-inf"))
+
+
 def _merged_softmax(blocks: list[tuple[torch.Tensor | None, torch.Tensor, Any]], shape: tuple[int, ...]):
-    """Softmax over the union of key blocks. Each block is (heads or None = all, scores (B, h, Q, K)
-    float32 with -inf where masked, apply(probs) -> (B, h, Q, D)). Rows with no key give zeros."""
+    """Softmax over the union of key blocks, with the queries' output `shape` (..., h, Q, D) or (N, h, D).
+    Each block is (heads or None = all, float32 scores of the output's shape with K for D and -inf where
+    masked, apply(probs) -> that block's share of the output). Rows with no key give zeros."""
     m = None
     for heads, scores, _ in blocks:
         bm = scores.amax(dim=-1) if scores.shape[-1] else scores.new_full(scores.shape[:-1], float("-inf"))
         if m is None:
-            m = bm if heads is None else scores.new_full(shape[:3], float("-inf")).index_copy(1, heads, bm)
+            m = bm if heads is None else scores.new_full(shape[:-1], float("-inf")).index_copy(1, heads, bm)
         elif heads is None:
             m = torch.maximum(m, bm)
         else:
             m = m.index_copy(1, heads, torch.maximum(m.index_select(1, heads), bm))
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     out = torch.zeros(shape, dtype=torch.float32, device=m.device)
-    denom = torch.zeros(shape[:3], dtype=torch.float32, device=m.device)
+    denom = torch.zeros(shape[:-1], dtype=torch.float32, device=m.device)
     for heads, scores, apply in blocks:
         if not scores.shape[-1]:
             continue
@@ -442,8 +457,33 @@ def _grouped_apply(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the layer ----------------------------------------------------------------------------------------
+@dataclass
+class _Projected:
+    """Q/K/V of one forward's rows after the rotary embeddings, heads split."""
+
+    q_text: torch.Tensor  # (Nt, H, D)
+    k_text: torch.Tensor  # (Nt, Hkv, D)
+    v_text: torch.Tensor  # (Nt, Hkv, D)
+    q_vis: torch.Tensor | None = None  # (Nv, Hk, D); None: no visual row attends in this layer
+    k_vis: torch.Tensor | None = None  # (Nv, Gk, D)
+    v_vis: torch.Tensor | None = None  # (Nv, Gk, D)
+
+
 class HardenedDecoderLayer(nn.Module):
-    """A Llama-style decoder layer executing one layer of a plan (see the module docstring)."""
+    """A Llama-style decoder layer executing one layer of a plan (see the module docstring), in four steps:
+    `_project` (input norm, Q/K/V; `_keys` puts K/V after the cache's), `_text_attention`, `_visual_attention`
+    (the neighbour window) and `_add_attention_output` + `_add_mlp` (output projection and MLP, each with its
+    residual).
+
+    Legend. Shapes: B samples, T tokens of this forward, d hidden size, H query heads, Hkv KV heads, D head
+    dim; Hk kept visual heads, Gk their KV groups; Nt / Nv text / visual rows of this forward (flat rows),
+    Mt / Mv the most text / visual rows of one sample (padded rows, see `Rows`), St / Sv text / visual keys
+    (the cache's included). Names: `*_text` / `*_vis` belong to text / visual rows; `h` is the residual
+    stream, `x` its input-normed copy, `q`, `k`, `v` queries, keys, values, `s` attention scores (-inf where
+    masked), `o` attention outputs; `*_pos` sequence positions (cache included); `keys_*` a
+    [keys, values, key positions] triple in the padded layout; `*_per_head` the K/V of each kept visual
+    head's KV group (B, Hk, S, D).
+    """
 
     def __init__(self, layer: nn.Module, layer_idx: int, rule: LayerRule, rotary_fn) -> None:
         super().__init__()
@@ -454,180 +494,227 @@ class HardenedDecoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache: bool | None = False, position_embeddings=None, **kwargs) -> torch.Tensor:
+        ctx = self._context(hidden_states, position_embeddings, kwargs)
+        B, T, d = hidden_states.shape
+        cache = _cache_layer(past_key_values, self.layer_idx) if use_cache or past_key_values is not None else None
+        past = cache.length if cache is not None else 0
+        rows = ctx.rows()
+        text, vis = rows.text, rows.visual
+        hidden = hidden_states.reshape(B * T, d)
+        h_text = hidden[text.flat_idx]
+        h_vis = hidden[vis.flat_idx] if self.rule.visual and vis.count else None  # None: visual rows skip the layer
+
+        qkv = self._project(h_text, h_vis, ctx.rotary(position_embeddings, B), rows)
+        keys_text, keys_vis = self._keys(qkv, rows, past, cache, T)
+        o_text = self._text_attention(qkv.q_text, keys_text, keys_vis, text, past).to(hidden.dtype)
+        o_vis = None
+        if qkv.q_vis is not None:
+            o_vis = self._visual_attention(qkv, keys_text, keys_vis, rows, past).to(hidden.dtype)
+        h_text, h_vis = self._add_attention_output(h_text, h_vis, o_text, o_vis)
+        h_text, h_vis = self._add_mlp(h_text, h_vis)
+
+        out = hidden.clone()  # skipped visual rows and padding rows are carried unchanged
+        out[text.flat_idx] = h_text
+        if h_vis is not None:
+            out[vis.flat_idx] = h_vis
+        return out.view(B, T, d)
+
+    def _context(self, hidden_states: torch.Tensor, position_embeddings, kwargs: dict[str, Any]) -> HardenedForward:
+        """This forward's `HardenedForward`, checked against the layer's inputs."""
         ctx: HardenedForward | None = kwargs.get(HARDENED_KWARG)
         if ctx is None:
             raise RuntimeError(f"layer {self.layer_idx}: hardened layer called without its context; call the "
                                "multimodal model (not its language model) directly")
         if position_embeddings is None:
             raise RuntimeError(f"layer {self.layer_idx}: no rotary position embeddings were passed")
-        B, T, d = hidden_states.shape
+        T = hidden_states.shape[1]
         if ctx.layout.num_queries != T:
             raise RuntimeError(f"layer {self.layer_idx}: {T} tokens but the layout has {ctx.layout.num_queries}")
-        cache = _cache_layer(past_key_values, self.layer_idx) if use_cache or past_key_values is not None else None
-        past = cache.length if cache is not None else 0
-        rows = ctx.rows()
-        cos, sin = ctx.rotary(position_embeddings, B)
+        return ctx
+
+    # ---- step 1: project ------------------------------------------------------------------------------------
+    def _project(self, h_text: torch.Tensor, h_vis: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor],
+                 rows: ForwardRows) -> _Projected:
+        """Input norm, then Q/K/V of the text rows (every head) and of the visual rows (kept heads, kept
+        groups; none when `h_vis` is None or no head is kept), one GEMM over both where they use the same
+        weight rows; rotary embeddings on Q and K. `rotary`: cos, sin (B*T, D)."""
         rule, layer = self.rule, self.layer
         attn = layer.self_attn
-        dev = hidden_states.device
         H, D = rule.num_heads, rule.head_dim
         Hkv = H // rule.group_size
-        scale = attn.scaling
-
-        x = hidden_states.reshape(B * T, d)
-        out = x.clone()
-        text, vis = rows.text, rows.visual
-        keep_visual = rule.visual and vis.count > 0
-        heads_on = keep_visual and bool(rule.heads)
-
-        # ---- projections: one GEMM over text + visual rows where both use the same weight rows
-        h_t = x[text.flat]
-        a_t = layer.input_layernorm(h_t)
-        if keep_visual:
-            h_v = x[vis.flat]
-            a_v = layer.input_layernorm(h_v)
-        new_vis = None
-        if heads_on:
+        cos, sin = rotary
+        x_text = layer.input_layernorm(h_text)
+        q_vis = k_vis = v_vis = None
+        if h_vis is not None and rule.heads:
+            x_vis = layer.input_layernorm(h_vis)
+            q_text, q_vis = _linear_pair(x_text, x_vis, attn.q_proj, rule.q_proj_rows)
+            k_text, k_vis = _linear_pair(x_text, x_vis, attn.k_proj, rule.kv_proj_rows)
+            v_text, v_vis = _linear_pair(x_text, x_vis, attn.v_proj, rule.kv_proj_rows)
             Hk, Gk = len(rule.heads), len(rule.groups)
-            q_t, q_v = _linear_pair(a_t, a_v, attn.q_proj, rule.q_rows)
-            k_t, k_v = _linear_pair(a_t, a_v, attn.k_proj, rule.kv_rows)
-            v_t, v_v = _linear_pair(a_t, a_v, attn.v_proj, rule.kv_rows)
-            q_v, k_v, v_v = q_v.view(-1, Hk, D), k_v.view(-1, Gk, D), v_v.view(-1, Gk, D)
-            q_v, k_v = self._rotary(q_v, k_v, cos[vis.flat], sin[vis.flat], unsqueeze_dim=1)
-            new_vis = [vis.padded(k_v).transpose(1, 2), vis.padded(v_v).transpose(1, 2), vis.key_pos(past)]
+            q_vis, k_vis, v_vis = q_vis.view(-1, Hk, D), k_vis.view(-1, Gk, D), v_vis.view(-1, Gk, D)
+            flat = rows.visual.flat_idx
+            q_vis, k_vis = self._rotary(q_vis, k_vis, cos[flat], sin[flat], unsqueeze_dim=1)
         else:
-            q_t, k_t, v_t = attn.q_proj(a_t), attn.k_proj(a_t), attn.v_proj(a_t)
-        q_t, k_t, v_t = q_t.view(-1, H, D), k_t.view(-1, Hkv, D), v_t.view(-1, Hkv, D)
-        q_t, k_t = self._rotary(q_t, k_t, cos[text.flat], sin[text.flat], unsqueeze_dim=1)
-        new_text = [text.padded(k_t).transpose(1, 2), text.padded(v_t).transpose(1, 2), text.key_pos(past)]
+            q_text, k_text, v_text = attn.q_proj(x_text), attn.k_proj(x_text), attn.v_proj(x_text)
+        q_text, k_text, v_text = q_text.view(-1, H, D), k_text.view(-1, Hkv, D), v_text.view(-1, Hkv, D)
+        flat = rows.text.flat_idx
+        q_text, k_text = self._rotary(q_text, k_text, cos[flat], sin[flat], unsqueeze_dim=1)
+        return _Projected(q_text, k_text, v_text, q_vis, k_vis, v_vis)
 
-        if cache is not None:
-            all_text, all_vis = cache.append(new_text, new_vis if rule.visual and rule.heads else None, T)
+    def _keys(self, qkv: _Projected, rows: ForwardRows, past: int, cache: PrunedKVLayer | None, num_tokens: int):
+        """This forward's keys in the padded layout, after the cache's: (keys_text [k, v (B, Hkv, St, D),
+        positions (B, St)], keys_vis of the kept groups [k, v (B, Gk, Sv, D), positions (B, Sv)] or None
+        where the layer keeps no visual head)."""
+        text, vis = rows.text, rows.visual
+        new_text = [text.padded(qkv.k_text).transpose(1, 2), text.padded(qkv.v_text).transpose(1, 2),
+                    text.key_pos(past)]
+        new_vis = None
+        if qkv.k_vis is not None:
+            new_vis = [vis.padded(qkv.k_vis).transpose(1, 2), vis.padded(qkv.v_vis).transpose(1, 2),
+                       vis.key_pos(past)]
+        if cache is None:
+            return new_text, new_vis
+        return cache.append(new_text, new_vis, num_tokens)
+
+    # ---- step 2: text attention -----------------------------------------------------------------------------
+    def _text_attention(self, q_text: torch.Tensor, keys_text: list[torch.Tensor], keys_vis: list[torch.Tensor] | None,
+                        text: Rows, past: int) -> torch.Tensor:
+        """Text queries (Nt, H, D) against the text keys (every head, causal) and the visual keys (kept heads,
+        causal), one softmax over both. Returns (Nt, H*D) float32."""
+        rule = self.rule
+        k_text, v_text, text_pos = keys_text
+        q = text.padded(q_text).transpose(1, 2).float() * self.layer.self_attn.scaling  # (B, H, Mt, D)
+        q_pos = text.query_pos(past)
+        v_text = v_text.float()
+        s_text = _causal(_grouped_scores(q, k_text.float()), text_pos, q_pos)  # (B, H, Mt, St)
+        blocks = [(None, s_text, lambda p: _grouped_apply(p, v_text))]
+        if keys_vis is not None and keys_vis[0].shape[2]:
+            heads = _to_device(rule.head_idx, q.device)
+            k_vis, v_vis = self._per_head(keys_vis[0]).float(), self._per_head(keys_vis[1]).float()
+            s_vis = _causal(q.index_select(1, heads) @ k_vis.transpose(-1, -2), keys_vis[2], q_pos)  # (B, Hk, Mt, Sv)
+            blocks.append((heads, s_vis, lambda p: p @ v_vis))
+        o = _merged_softmax(blocks, q.shape)  # (B, H, Mt, D)
+        return text.unpadded(o.transpose(1, 2)).reshape(-1, rule.num_heads * rule.head_dim)
+
+    # ---- step 3: visual attention ---------------------------------------------------------------------------
+    def _visual_attention(self, qkv: _Projected, keys_text: list[torch.Tensor], keys_vis: list[torch.Tensor],
+                          rows: ForwardRows, past: int) -> torch.Tensor:
+        """Visual queries of the kept heads against the text keys before them and the visual keys of their
+        window (without a window: every visual key before them), one softmax over both. Returns (Nv, Hk*D)
+        float32."""
+        rule, vis = self.rule, rows.visual
+        scale = self.layer.self_attn.scaling
+        group = _to_device(rule.head_group_idx, qkv.q_vis.device)
+        k_text, v_text, text_pos = keys_text
+        k_text_per_head, v_text_per_head = k_text.index_select(1, group), v_text.index_select(1, group)
+        if rows.window is not None:
+            o = self._window_attention(qkv.q_vis * scale, qkv.k_vis, qkv.v_vis, k_text_per_head, v_text_per_head,
+                                       text_pos, vis, rows.window, past)
         else:
-            all_text, all_vis = new_text, new_vis
-        if not (rule.visual and rule.heads):
-            all_vis = None
-        k_text, v_text, pos_text = all_text
+            q = vis.padded(qkv.q_vis).transpose(1, 2).float() * scale  # (B, Hk, Mv, D)
+            q_pos = vis.query_pos(past)
+            v_text_per_head = v_text_per_head.float()
+            k_vis, v_vis = self._per_head(keys_vis[0]).float(), self._per_head(keys_vis[1]).float()
+            s_text = _causal(q @ k_text_per_head.float().transpose(-1, -2), text_pos, q_pos)  # (B, Hk, Mv, St)
+            s_vis = _causal(q @ k_vis.transpose(-1, -2), keys_vis[2], q_pos)  # (B, Hk, Mv, Sv)
+            o = _merged_softmax([(None, s_text, lambda p: p @ v_text_per_head), (None, s_vis, lambda p: p @ v_vis)],
+                                q.shape)
+            o = vis.unpadded(o.transpose(1, 2))  # (Nv, Hk, D)
+        return o.reshape(-1, len(rule.heads) * rule.head_dim)
 
-        # ---- text queries: text keys (all heads, causal) + visual keys (kept heads, causal)
-        f32 = torch.float32
-        qt = text.padded(q_t).transpose(1, 2).to(f32) * scale  # (B, H, Mt, D)
-        qpos = text.query_pos(past)[:, None, :, None]  # (B, 1, Mt, 1)
-        s_text = _grouped_scores(qt, k_text.to(f32))
-        s_text = s_text.masked_fill(pos_text[:, None, None, :] > qpos, float("-inf"))
-        vt = v_text.to(f32)
-        blocks = [(None, s_text, lambda p: _grouped_apply(p, vt))]
-        if all_vis is not None and all_vis[0].shape[2]:
-            heads = _on(rule.heads_t, dev)
-            kv_k, kv_v = self._per_head(all_vis[0], dev), self._per_head(all_vis[1], dev)
-            kv_k, kv_v = kv_k.to(f32), kv_v.to(f32)
-            s_vis = qt.index_select(1, heads) @ kv_k.transpose(-1, -2)
-            s_vis = s_vis.masked_fill(all_vis[2][:, None, None, :] > qpos, float("-inf"))
-            blocks.append((heads, s_vis, lambda p: p @ kv_v))
-        o_t = _merged_softmax(blocks, qt.shape).to(x.dtype)  # (B, H, Mt, D)
-        o_t = text.unpadded(o_t.transpose(1, 2)).reshape(-1, H * D)
-        if not keep_visual:
-            h_t = h_t + attn.o_proj(o_t)
-            out[text.flat] = h_t + layer.mlp(layer.post_attention_layernorm(h_t))
-            return out.view(B, T, d)
-
-        # ---- visual queries (kept heads): text keys before them + the window (or causal visual keys)
-        if heads_on:
-            Hk = len(rule.heads)
-            group = _on(rule.head_group, dev)
-            kt_h, vt_h = k_text.index_select(1, group), v_text.index_select(1, group)  # (B, Hk, St, D)
-            if rows.window is not None:
-                o_v = self._window_attention(q_v * scale, k_v, v_v, kt_h, vt_h, pos_text, vis, rows.window, past)
-            else:
-                qv_h = vis.padded(q_v).transpose(1, 2).to(f32) * scale  # (B, Hk, Mv, D)
-                vpos = vis.query_pos(past)[:, None, :, None]
-                kt_h, vt_h = kt_h.to(f32), vt_h.to(f32)
-                s_t = (qv_h @ kt_h.transpose(-1, -2)).masked_fill(pos_text[:, None, None, :] > vpos, float("-inf"))
-                kv_k = self._per_head(all_vis[0], dev).to(f32)
-                kv_v = self._per_head(all_vis[1], dev).to(f32)
-                s_v = (qv_h @ kv_k.transpose(-1, -2)).masked_fill(all_vis[2][:, None, None, :] > vpos, float("-inf"))
-                o_v = _merged_softmax([(None, s_t, lambda p: p @ vt_h), (None, s_v, lambda p: p @ kv_v)], qv_h.shape)
-                o_v = vis.unpadded(o_v.transpose(1, 2))  # (Nv, Hk, D)
-            o_v = o_v.to(x.dtype).reshape(-1, Hk * D)
-            out_t, out_v = _out_pair(o_t, o_v, attn.o_proj, rule.o_cols)
-            h_t, h_v = h_t + out_t, h_v + out_v
-        else:
-            h_t = h_t + attn.o_proj(o_t)
-            if attn.o_proj.bias is not None:
-                h_v = h_v + attn.o_proj.bias
-        n_t = layer.post_attention_layernorm(h_t)
-        if rule.mlp and rule.channels is None:  # one MLP call over text + visual rows
-            both = layer.mlp(torch.cat([n_t, layer.post_attention_layernorm(h_v)]))
-            h_t, h_v = h_t + both[: text.count], h_v + both[text.count:]
-        else:
-            h_t = h_t + layer.mlp(n_t)
-            if rule.mlp:
-                h_v = h_v + self._visual_mlp(layer.post_attention_layernorm(h_v))
-        out[text.flat] = h_t
-        out[vis.flat] = h_v
-        return out.view(B, T, d)
-
-    def _per_head(self, kv: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """(B, G_kept, S, D) -> (B, H_kept, S, D): each kept head's group."""
+    def _per_head(self, kv: torch.Tensor) -> torch.Tensor:
+        """(B, Gk, S, D) -> (B, Hk, S, D): each kept head's group."""
         if self.rule.one_head_per_group:
             return kv
-        return kv.index_select(1, _on(self.rule.head_group_pos, device))
+        return kv.index_select(1, _to_device(self.rule.head_kept_group_idx, kv.device))
 
-    def _window_attention(self, q_v, k_v, v_v, kt_h, vt_h, pos_text, vis: Rows, win: WindowRows,
-                          past: int) -> torch.Tensor:
-        """Visual queries (Nv, Hk, D), already scaled, against the text keys before them (per sample)
-        and their w x w neighbours, computed per image-grid row: each grid row's queries meet the keys
-        of the w grid rows around it (w x the row's width keys, not every visual key). The softmax
-        over both blocks is taken per visual row. Returns (Nv, Hk, D)."""
-        f32, inf = torch.float32, float("-inf")
+    def _window_attention(self, q_vis, k_vis, v_vis, k_text_per_head, v_text_per_head, text_pos, vis: Rows,
+                          win: WindowRows, past: int) -> torch.Tensor:
+        """Visual queries (Nv, Hk, D), already scaled, against the text keys before them (per sample) and their
+        w x w neighbours, computed per image-grid row: each grid row's queries meet the keys of the w grid
+        rows around it (w x the row's width keys, not every visual key). `k_vis`, `v_vis`: (Nv, Gk, D). One
+        softmax over both blocks, per visual row. Returns (Nv, Hk, D) float32."""
         if not self.rule.one_head_per_group:
-            pos = _on(self.rule.head_group_pos, q_v.device)
-            k_v, v_v = k_v.index_select(1, pos), v_v.index_select(1, pos)
-        # window block, grid-row layout (Hk, R, C, w*C)
-        qh = q_v.to(f32).transpose(0, 1).contiguous()  # (Hk, Nv, D)
-        kh = k_v.to(f32).transpose(0, 1).contiguous()
-        vh = v_v.to(f32).transpose(0, 1).contiguous()
-        s_win = (qh[:, win.q_index] @ kh[:, win.k_index].transpose(-1, -2)).masked_fill(~win.pair_ok, inf)
-        s_win = s_win.permute(1, 2, 0, 3)[win.row_of, win.col_of]  # (Nv, Hk, w*C)
-        # text block, per-sample layout (B, Hk, Mv, St)
-        q_seq = vis.query_pos(past)
-        s_text = vis.padded(q_v).to(f32).transpose(1, 2) @ kt_h.to(f32).transpose(-1, -2)
-        s_text = s_text.masked_fill(pos_text[:, None, None, :] > q_seq[:, None, :, None], inf)
-        s_text = s_text.transpose(1, 2)[vis.batch, vis.slot]  # (Nv, Hk, St)
-        m = torch.maximum(s_win.amax(dim=-1), s_text.amax(dim=-1) if s_text.shape[-1] else s_win.amax(dim=-1))
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))[..., None]
-        p_win, p_text = torch.exp(s_win - m), torch.exp(s_text - m)
-        denom = p_win.sum(dim=-1) + p_text.sum(dim=-1)  # >= exp(0) from the query itself
-        o_text = (vis.padded(p_text).transpose(1, 2) @ vt_h.to(f32)).transpose(1, 2)[vis.batch, vis.slot]
-        o_win = p_win[win.q_index].permute(2, 0, 1, 3) @ vh[:, win.k_index]  # (Hk, R, C, D)
-        o_win = o_win.permute(1, 2, 0, 3)[win.row_of, win.col_of]  # (Nv, Hk, D)
-        return (o_text + o_win) / denom[..., None]
+            pos = _to_device(self.rule.head_kept_group_idx, q_vis.device)
+            k_vis, v_vis = k_vis.index_select(1, pos), v_vis.index_select(1, pos)
+        # text block: scores per sample (B, Hk, Mv, St), then one row per visual query (Nv, Hk, St)
+        s_text = vis.padded(q_vis).float().transpose(1, 2) @ k_text_per_head.float().transpose(-1, -2)
+        s_text = _causal(s_text, text_pos, vis.query_pos(past)).transpose(1, 2)[vis.sample_idx, vis.slot_idx]
+        v_text = v_text_per_head.float()
+
+        def apply_text(p: torch.Tensor) -> torch.Tensor:  # (Nv, Hk, St) -> (Nv, Hk, D), through the padded layout
+            return (vis.padded(p).transpose(1, 2) @ v_text).transpose(1, 2)[vis.sample_idx, vis.slot_idx]
+
+        # window block: scores per grid row (Hk, R, C, w*C), then one row per visual query (Nv, Hk, w*C)
+        q = q_vis.float().transpose(0, 1).contiguous()  # (Hk, Nv, D)
+        k = k_vis.float().transpose(0, 1).contiguous()
+        v = v_vis.float().transpose(0, 1).contiguous()
+        s_win = (q[:, win.q_index] @ k[:, win.k_index].transpose(-1, -2)).masked_fill(~win.pair_ok, float("-inf"))
+        s_win = s_win.permute(1, 2, 0, 3)[win.row_of, win.col_of]
+
+        def apply_window(p: torch.Tensor) -> torch.Tensor:  # (Nv, Hk, w*C) -> (Nv, Hk, D), through the grid rows
+            o = p[win.q_index].permute(2, 0, 1, 3) @ v[:, win.k_index]  # (Hk, R, C, D)
+            return o.permute(1, 2, 0, 3)[win.row_of, win.col_of]
+
+        return _merged_softmax([(None, s_text, apply_text), (None, s_win, apply_window)], q_vis.shape)
+
+    # ---- step 4: output projection and MLP ------------------------------------------------------------------
+    def _add_attention_output(self, h_text: torch.Tensor, h_vis: torch.Tensor | None, o_text: torch.Tensor,
+                              o_vis: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The residual plus the output projection: text rows of every head, visual rows of their kept heads
+        (one GEMM over both); a layer that keeps no head adds only the projection's bias to visual rows."""
+        o_proj = self.layer.self_attn.o_proj
+        if o_vis is None:
+            if h_vis is not None and o_proj.bias is not None:
+                h_vis = h_vis + o_proj.bias
+            return h_text + o_proj(o_text), h_vis
+        out_text, out_vis = _out_pair(o_text, o_vis, o_proj, self.rule.o_proj_cols)
+        return h_text + out_text, h_vis + out_vis
+
+    def _add_mlp(self, h_text: torch.Tensor, h_vis: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The residual plus the MLP: every text row; visual rows where the plan keeps it (its kept channels)."""
+        layer, rule = self.layer, self.rule
+        norm = layer.post_attention_layernorm
+        x_text = norm(h_text)
+        if h_vis is not None and rule.mlp and rule.channels is None:  # one MLP call over text + visual rows
+            both = layer.mlp(torch.cat([x_text, norm(h_vis)]))
+            return h_text + both[: len(h_text)], h_vis + both[len(h_text):]
+        h_text = h_text + layer.mlp(x_text)
+        if h_vis is not None and rule.mlp:
+            h_vis = h_vis + self._visual_mlp(norm(h_vis))
+        return h_text, h_vis
 
     def _visual_mlp(self, x: torch.Tensor) -> torch.Tensor:
         mlp, rule = self.layer.mlp, self.rule
         if rule.channels is None:
             return mlp(x)
-        gate = F.linear(x, rule.ch_rows(mlp.gate_proj.weight), rule.ch_rows(mlp.gate_proj.bias))
-        up = F.linear(x, rule.ch_rows(mlp.up_proj.weight), rule.ch_rows(mlp.up_proj.bias))
-        return F.linear(mlp.act_fn(gate) * up, rule.ch_cols(mlp.down_proj.weight), mlp.down_proj.bias)
+        gate = F.linear(x, rule.mlp_in_rows(mlp.gate_proj.weight), rule.mlp_in_rows(mlp.gate_proj.bias))
+        up = F.linear(x, rule.mlp_in_rows(mlp.up_proj.weight), rule.mlp_in_rows(mlp.up_proj.bias))
+        return F.linear(mlp.act_fn(gate) * up, rule.mlp_out_cols(mlp.down_proj.weight), mlp.down_proj.bias)
 
 
 # ---- applying and loading -------------------------------------------------------------------------------
-def _check_layer(layer: nn.Module, layer_idx: int) -> None:
-    attn = getattr(layer, "self_attn", None)
-    needed = {"self_attn": attn, "input_layernorm": getattr(layer, "input_layernorm", None),
-              "post_attention_layernorm": getattr(layer, "post_attention_layernorm", None),
-              "mlp": getattr(layer, "mlp", None)}
-    missing = [k for k, v in needed.items() if v is None]
-    missing += [f"self_attn.{k}" for k in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, k)]
-    missing += [f"mlp.{k}" for k in ("gate_proj", "up_proj", "down_proj", "act_fn")
-                if not hasattr(getattr(layer, "mlp", None), k)]
-    if missing:
-        raise TypeError(f"layer {layer_idx} ({type(layer).__name__}) is not a Llama-style decoder layer: "
-                        f"no {', '.join(missing)}")
-    for extra in ("q_norm", "k_norm"):
-        if hasattr(attn, extra):
-            raise TypeError(f"layer {layer_idx}: {type(attn).__name__}.{extra} is not supported by hardened execution")
+def _check_layers(family: str, layers: nn.ModuleList, text_config: Any) -> None:
+    """Hardened execution runs Llama-style layers (`check_llama_layers`) whose attention has no per-head
+    Q/K norm."""
+    check_llama_layers(family, layers, text_config)
+    for layer_idx, layer in enumerate(layers):
+        for norm in ("q_norm", "k_norm"):
+            if hasattr(layer.self_attn, norm):
+                raise TypeError(f"layer {layer_idx}: {type(layer.self_attn).__name__}.{norm} is not supported by "
+                                "hardened execution")
+
+
+def _layer_rule(attn: nn.Module, layer_plan: LayerPlan, dims: TextDims) -> LayerRule:
+    """The `LayerRule` of one layer of a plan; reorders the layer's heads so the kept ones come first."""
+    group_size = dims.num_heads // dims.num_kv_heads
+    heads, groups = [], []
+    if not layer_plan.skipped and layer_plan.heads:
+        heads, groups = _permute_heads(attn, sorted(layer_plan.heads), dims.num_heads, group_size, dims.head_dim)
+    return LayerRule(visual=not layer_plan.skipped, heads=heads, groups=groups,
+                     mlp=layer_plan.mlp and not layer_plan.skipped,
+                     channels=None if layer_plan.mlp_channels is None else sorted(layer_plan.mlp_channels),
+                     num_heads=dims.num_heads, head_dim=dims.head_dim, group_size=group_size)
 
 
 def harden_model(model: nn.Module, plan: Plan) -> nn.Module:
@@ -637,27 +724,14 @@ def harden_model(model: nn.Module, plan: Plan) -> nn.Module:
     """
     if getattr(model, HARDENED_ATTR, None) is not None:
         raise ValueError("this model is already hardened; load a fresh copy to apply another plan")
-    family = family_for(model)
-    dims = family.text_dims(model.config)
-    plan.validate_for(dims.num_layers, dims.num_heads, dims.intermediate_size)
-    if plan.family != family.name:
-        raise ValueError(f"plan is for family {plan.family!r}, the model is {family.name!r}")
-    group_size = dims.num_heads // dims.num_kv_heads
+    if get_gate_set(model) is not None:
+        raise ValueError("this model has gates attached; apply_plan(model, plan, mode='hardened') detaches them")
+    family, dims = check_plan(model, plan)
     layers = family.decoder_layers(model)
-    rotary_fn = None
+    _check_layers(family.name, layers, model.config.text_config)
+    rotary_fn = family.rotary_fn(layers[0])  # the family knows how its rotary tables are applied
     for layer_idx, layer in enumerate(layers):
-        _check_layer(layer, layer_idx)
-        if rotary_fn is None:
-            rotary_fn = family.rotary_fn(layer)  # the family knows how its rotary tables are applied
-        lp = plan.layers[layer_idx]
-        heads, groups = [], []
-        if not lp.skipped and lp.heads:
-            heads, groups = _permute_heads(layer.self_attn, sorted(lp.heads), dims.num_heads, group_size,
-                                           dims.head_dim)
-        rule = LayerRule(visual=not lp.skipped, heads=heads, groups=groups,
-                         mlp=lp.mlp and not lp.skipped,
-                         channels=None if lp.mlp_channels is None else sorted(lp.mlp_channels),
-                         num_heads=dims.num_heads, head_dim=dims.head_dim, group_size=group_size)
+        rule = _layer_rule(layer.self_attn, plan.layers[layer_idx], dims)
         layers[layer_idx] = HardenedDecoderLayer(layer, layer_idx, rule, rotary_fn)
 
     core = family.multimodal_core(model)

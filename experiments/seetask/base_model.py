@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.collator import ChatCollator
 from visprune.data_prep.records import build_dataset
 from visprune.data_prep.seetask import SeeTaskConfig, seetask_words
 from visprune.data_prep.templates import resolve_template
@@ -78,8 +78,8 @@ def train_base(data_dir: str | Path, out_dir: str | Path, cfg: BaseModelConfig |
     model = build_base_model(tokenizer, task, cfg).train()
 
     dataset = build_dataset(data_dir / "train.json")
-    collator = LlavaCollator(processor, resolve_template(processor, "auto", "llava"), image_folder=data_dir / "images",
-                             max_length=512)
+    collator = ChatCollator(processor, resolve_template(processor, "auto", "llava"), image_folder=data_dir / "images",
+                            max_length=512)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collator,
                                          generator=gen, drop_last=True)

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from visprune.modeling import (
     GateConfig,
-    GateProbs,
     GateSet,
     LayerPlan,
     ModelDims,
@@ -30,13 +29,8 @@ from visprune.modeling import (
     TokenLayout,
     visual_flops,
 )
-from visprune.modeling.families import TextDims, family_for
-from visprune.modeling.flops import token_drop_visual_flops
-
-
-def _ratio(dims: ModelDims, layout: TokenLayout, plan: Plan) -> float:
-    probs = GateProbs.from_plan(plan, dims.intermediate_size)
-    return float(visual_flops(dims, layout, probs, plan.window) / visual_flops(dims, layout))
+from visprune.modeling.families import family_for
+from visprune.modeling.flops import plan_visual_ratio, token_drop_visual_flops
 
 
 def vtw_plan(dims: ModelDims, layout: TokenLayout, budget: float) -> tuple[Plan, int]:
@@ -45,7 +39,7 @@ def vtw_plan(dims: ModelDims, layout: TokenLayout, budget: float) -> tuple[Plan,
     best = 0
     for k in range(L + 1):
         layers = tuple(LayerPlan(heads=tuple(range(H)) if i < k else (), mlp=i < k) for i in range(L))
-        if _ratio(dims, layout, Plan(dims.family, None, L, H, layers)) <= budget + 1e-9:
+        if plan_visual_ratio(dims, layout, Plan(dims.family, None, L, H, layers)) <= budget + 1e-9:
             best = k
     layers = tuple(LayerPlan(heads=tuple(range(H)) if i < best else (), mlp=i < best) for i in range(L))
     return Plan(dims.family, None, L, H, layers), best
@@ -54,9 +48,7 @@ def vtw_plan(dims: ModelDims, layout: TokenLayout, budget: float) -> tuple[Plan,
 def random_plan(dims: ModelDims, layout: TokenLayout, budget: float, window: int | None, seed: int = 0) -> Plan:
     """Random gate scores (seeded) hardened by `GateSet.to_plan` at the budget."""
     gen = torch.Generator().manual_seed(seed)
-    text = TextDims(dims.num_layers, dims.hidden_size, dims.num_heads, dims.num_kv_heads, dims.head_dim,
-                    dims.intermediate_size)
-    gates = GateSet(text, GateConfig(window=window), dims.family, dims.image_grid)
+    gates = GateSet(dims.text_dims(), GateConfig(window=window), dims.family, dims.image_grid)
     with torch.no_grad():
         for gate in (gates.head, gates.router, gates.mlp):
             gate.log_alpha.copy_(torch.randn(gate.log_alpha.shape, generator=gen))
@@ -130,11 +122,11 @@ def yopo_plan(dims: ModelDims, layout: TokenLayout, budget: float, calib: Calibr
             trial = {k: list(v) for k, v in kept.items()}
             trial.setdefault(layer_idx, []).append(head)
             candidate = _yopo_layers(trial, channels, L, H, window, dims.family)
-            if _ratio(dims, layout, candidate) > budget + 1e-9:
+            if plan_visual_ratio(dims, layout, candidate) > budget + 1e-9:
                 break
             kept, plan = trial, candidate
         if plan is not None:
-            ratio = _ratio(dims, layout, plan)
+            ratio = plan_visual_ratio(dims, layout, plan)
             if ratio > best_ratio:
                 best, best_ratio = plan, ratio
     if best is None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
-from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.collator import ChatCollator
 from visprune.data_prep.records import build_dataset
 from visprune.data_prep.seetask import SeeTaskConfig, write_seetask
 from visprune.data_prep.templates import resolve_for_model
@@ -120,7 +120,7 @@ class DemoState:
     processor: Any
     dims: ModelDims
     layout: TokenLayout
-    collator: LlavaCollator
+    collator: ChatCollator
     speed_batch: dict[str, torch.Tensor]  # test samples (no labels) for the prefill timing
     results: dict[str, Any]
     done: set[tuple[str, float]] = field(default_factory=set)  # (method, budget) rows already recorded
@@ -215,7 +215,7 @@ def prepare_base(cfg: DemoConfig, progress: bool = True) -> DemoState:
     test_json, images = cfg.data_dir / "test.json", cfg.data_dir / "images"
     first = json.loads(test_json.read_text())[0]
     test_rows: Dataset = build_dataset(test_json)
-    collator = LlavaCollator(processor, resolve_for_model(base_model, processor), image_folder=images, max_length=512)
+    collator = ChatCollator(processor, resolve_for_model(base_model, processor), image_folder=images, max_length=512)
     layout = _measure_layout(base_model, dims, collator([test_rows[0]]))
     logger.info("token layout of %s: %d system, %d visual, %d text", first["id"], layout.system, layout.visual,
                 layout.text)

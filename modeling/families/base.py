@@ -8,28 +8,14 @@ import inspect
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ..flops import ImageGrids
+from ..flops import ImageGrids, TextDims
 from ..gated_attention import CTX_KWARG, VisualContext
 from ..layout import VisualLayout
-
-
-@dataclass(frozen=True)
-class TextDims:
-    """Language-model dimensions the gates and the FLOPs model need."""
-
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-
 
 RotaryFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (q, k, cos, sin, unsqueeze_dim=1) -> (q, k)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
-from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.collator import ChatCollator
 from visprune.data_prep.records import IGNORE_INDEX, DataError, build_dataset
 from visprune.data_prep.templates import resolve_template
 from visprune.data_prep.toy import main, write_toy_inputs
@@ -48,9 +48,9 @@ def write_records(tmp_path, records: list[dict]) -> str:
     return str(path)
 
 
-def collator_for(processor, folder, max_length: int = 256, drop_overlong: bool = False) -> LlavaCollator:
-    return LlavaCollator(processor, resolve_template(processor, "auto", "llava"), image_folder=folder,
-                         max_length=max_length, drop_overlong=drop_overlong)
+def collator_for(processor, folder, max_length: int = 256, drop_overlong: bool = False) -> ChatCollator:
+    return ChatCollator(processor, resolve_template(processor, "auto", "llava"), image_folder=folder,
+                        max_length=max_length, drop_overlong=drop_overlong)
 
 
 def test_golden_label_mask_two_turns(tmp_path, processor, image_folder):

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from visprune.data_prep import records
 from visprune.data_prep.check import REJECTED_FILE, Judge, check_records
-from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.collator import ChatCollator
 from visprune.data_prep.prepare import prepare_dataset
 from visprune.data_prep.prepared import MANIFEST_FILE
 from visprune.data_prep.records import DataError, build_dataset
@@ -164,7 +164,7 @@ def write_bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
         "infinity-lines": ("inf.jsonl", b'{"id": "a", "score": -Infinity}\n', "-Infinity is not a JSON value"),
         "overflow": ("overflow.json", b'[{"id": "a", "score": 1e999}]', "out of range"),
         "deep": ("deep.json", deep.encode(), "record #0 is nested too deeply"),
-        "deep-lines": ("deep.jsonl", deep.encode() + b"\n", "line 1 is nested too deeply"),
+        "deep-lines": ("deep.jsonl", deep.encode() + b"\n", "line 1: nested too deeply"),
         "nested-101": ("nested.json", ("[" + "[" * 101 + "]" * 101 + "]").encode(), "nested deeper than 100"),
         "huge-integer": ("int.json", b'[{"id": ' + b"9" * 5000 + b"}]", "record #0"),
     }
@@ -354,7 +354,7 @@ def test_the_pixel_limit_is_a_parameter_recorded_in_the_manifest(world, tmp_path
                                progress=False, max_image_pixels=limit)
         assert [item["reason"] for item in report.rejected] == reasons
     assert f"{width} x {height} = {width * height:,} pixels, over the limit of {limit:,}" in report.rejected[0]["detail"]
-    collator = LlavaCollator(processor, template, image_folder=world["image_folder"], max_image_pixels=10)
+    collator = ChatCollator(processor, template, image_folder=world["image_folder"], max_image_pixels=10)
     with pytest.raises(DataError, match=r"sample 'a': image .* is too large: \d+ x \d+ = .* over the limit of 10 "):
         collator([{"id": "a", "images": [image], "conversations": sample("a", image)["conversations"]}])
     report = prepare_dataset(world["data"], world["image_folder"], tmp_path / "out", processor, max_length=256,
@@ -371,7 +371,7 @@ def test_non_positive_limits_are_value_errors_naming_the_parameter(world, tmp_pa
     template = resolve_template(processor, "auto", "llava")
     for name in ("max_length", "max_image_pixels"):
         with pytest.raises(ValueError, match=name):
-            LlavaCollator(processor, template, **{name: value})
+            ChatCollator(processor, template, **{name: value})
         with pytest.raises(ValueError, match=name):
             Judge(world["image_folder"], processor, template, **{name: value})
         with pytest.raises(ValueError, match=name):

@@ -17,7 +17,7 @@ from datasets import load_from_disk
 from PIL import Image
 from test_check import FAULTS, sample
 from visprune.data_prep.check import REJECTED_FILE, check_records
-from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.collator import ChatCollator
 from visprune.data_prep.prepare import prepare_dataset
 from visprune.data_prep.prepared import MANIFEST_FILE, check_prepared_matches, prepared_lengths
 from visprune.data_prep.records import (
@@ -56,8 +56,8 @@ def raw_rows(data_path):
 
 
 def collator_for(toy, **kwargs):
-    return LlavaCollator(toy["processor"], resolve_template(toy["processor"], "auto", "llava"),
-                         image_folder=toy["image_folder"], max_length=128, **kwargs)
+    return ChatCollator(toy["processor"], resolve_template(toy["processor"], "auto", "llava"),
+                        image_folder=toy["image_folder"], max_length=128, **kwargs)
 
 
 def test_prepared_rows_are_the_collators_encodings_in_order(toy):
@@ -112,7 +112,7 @@ def test_collated_prepared_rows_equal_raw_rows(toy):
 
 def test_prepared_llava_next_rows_collate_like_raw_rows(tmp_path):
     """LLaVA-NeXT: anyres tile stacks and image_sizes from the images-only processor call equal encode()'s."""
-    from visprune.data_prep.toy_families import build_llava_next, write_toy_llava_next
+    from toy_families import build_llava_next, write_toy_llava_next
 
     paths = write_toy_llava_next(tmp_path / "next", num_samples=10)
     processor, _ = build_llava_next()
@@ -120,7 +120,7 @@ def test_prepared_llava_next_rows_collate_like_raw_rows(tmp_path):
                              num_proc=1, progress=False)
     assert report.manifest["counts"]["ok"] == 10 and report.manifest["family"] is None
     dataset = build_dataset(tmp_path / "prepared")
-    collator = LlavaCollator(processor, resolve_template(processor), image_folder=paths["image_folder"], max_length=512)
+    collator = ChatCollator(processor, resolve_template(processor), image_folder=paths["image_folder"], max_length=512)
     rows = raw_rows(paths["data"])
     prepared_batch, raw_batch = collator(list(dataset)), collator(rows)
     assert set(prepared_batch) == set(raw_batch) and "image_sizes" in raw_batch
@@ -129,7 +129,7 @@ def test_prepared_llava_next_rows_collate_like_raw_rows(tmp_path):
 
 
 def test_changed_images_are_an_error_not_a_silent_reencode(tmp_path):
-    from visprune.data_prep.toy_families import build_llava_next, write_toy_llava_next
+    from toy_families import build_llava_next, write_toy_llava_next
 
     paths = write_toy_llava_next(tmp_path / "next", num_samples=4)
     processor, _ = build_llava_next()
@@ -137,7 +137,7 @@ def test_changed_images_are_an_error_not_a_silent_reencode(tmp_path):
                     num_proc=1, progress=False)
     row = next(r for r in build_dataset(tmp_path / "prepared") if r["images"])
     Image.new("RGB", (48, 8), "red").save(os.path.join(paths["image_folder"], row["images"][0]))  # other tiles
-    collator = LlavaCollator(processor, resolve_template(processor), image_folder=paths["image_folder"], max_length=512)
+    collator = ChatCollator(processor, resolve_template(processor), image_folder=paths["image_folder"], max_length=512)
     with pytest.raises(DataError, match=rf"sample '{row['id']}': its images now take \d+ image tokens but the "
                                         r"prepared dataset has \d+"):
         collator([row])

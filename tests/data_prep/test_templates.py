@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer
-from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.collator import ChatCollator
 from visprune.data_prep.records import IGNORE_INDEX
 from visprune.data_prep.templates import (
     LLAVA_V1_SYSTEM,
@@ -185,8 +185,8 @@ def test_llava_v1_golden_text_ids_and_labels(llava, red, shape):
     turns = SHAPES[shape]
     assert render(llava, [to_messages(turns, template)], template.source)[0] == LLAVA_V1_TEXT[shape]
     images = ["red.png"] if any("<image>" in turn["value"] for turn in turns) else []
-    sample = LlavaCollator(llava, template, image_folder=red).encode({"id": shape, "images": images,
-                                                                      "conversations": turns})
+    sample = ChatCollator(llava, template, image_folder=red).encode({"id": shape, "images": images,
+                                                                     "conversations": turns})
     expected = llava(text=LLAVA_V1_TEXT[shape], images=[Image.open(red / name) for name in images] or None)
     assert sample["input_ids"].tolist() == expected["input_ids"][0]
     assert sample["input_ids"][0] == llava.tokenizer.bos_token_id == expected["input_ids"][0][0]
@@ -197,7 +197,7 @@ def test_llava_v1_golden_text_ids_and_labels(llava, red, shape):
 
 def test_llava_v1_golden_token_ids_of_a_text_only_sample(llava):
     template = resolve_template(llava, "auto", "llava")
-    sample = LlavaCollator(llava, template).encode({"id": "t", "images": [], "conversations": TEXT_ONLY})
+    sample = ChatCollator(llava, template).encode({"id": "t", "images": [], "conversations": TEXT_ONLY})
     tokens = ["<s>", "▁A", "▁chat", "▁between", "▁a", "▁curious", "▁user", "▁and", "▁an", "▁artificial",
               "▁intelligence", "▁assistant.", "▁The", "▁assistant", "▁gives", "▁helpful,", "▁detailed,", "▁and",
               "▁polite", "▁answers", "▁to", "▁the", "▁user's", "▁questions.", "▁USER:", "▁what", "▁colour", "▁is",
@@ -263,7 +263,7 @@ def test_chatml_golden_token_ids_and_labels_on_the_qwen_tokenizer(built, templat
     processor = TokenizerProcessor(built("qwen2-vl"), "<|image_pad|>")
     template = resolve_template(processor, template_name, "qwen2_vl")
     turns = [human("what colour is grass?"), gpt("green"), human("and the sky?"), gpt("blue")]
-    sample = LlavaCollator(processor, template).encode({"id": "t", "images": [], "conversations": turns})
+    sample = ChatCollator(processor, template).encode({"id": "t", "images": [], "conversations": turns})
     text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nwhat colour is grass?"
             "<|im_end|>\n<|im_start|>assistant\ngreen<|im_end|>\n<|im_start|>user\nand the sky?<|im_end|>\n"
             "<|im_start|>assistant\nblue<|im_end|>\n")

@@ -119,7 +119,7 @@ def test_file_errors_name_the_sample(tiny, tmp_path):
     outside[2]["image"] = "../secret.png"
     with pytest.raises(DataError, match=r"see-test-2.*'\.\.' is not allowed"):
         read_samples(write_json(tmp_path / "o.json", outside), "vqa")
-    # a symlink out of the image folder is refused when the image is opened (LlavaCollator.resolve_image_path)
+    # a symlink out of the image folder is refused when the image is opened (ImageLoader.resolve)
     link_dir = tmp_path / "imgs"
     link_dir.mkdir()
     (link_dir / "x.png").symlink_to(tiny["images"] / outside[0]["image"])

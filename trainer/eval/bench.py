@@ -12,7 +12,8 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from visprune.modeling import GateProbs, cache_nbytes, prefill_flops, visual_flops
+from visprune.modeling import cache_nbytes
+from visprune.modeling.flops import plan_report
 
 from .bench_setup import build_bench
 from .timing import time_alternating
@@ -42,9 +43,8 @@ def run_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | Non
         times = time_alternating({"dense": setup.run_dense, "hardened": setup.run_hardened}, repeats, device, after)
 
     dims, layout, plan = setup.dims, setup.layout, setup.plan
-    probs = GateProbs.from_plan(plan, dims.intermediate_size)
-    dense_flops = float(prefill_flops(dims, layout))
-    hard_flops = float(prefill_flops(dims, layout, probs, window=plan.window))
+    cost = plan_report(dims, layout, plan)
+    dense_flops, hard_flops = cost["dense"]["prefill_flops"], cost["plan"]["prefill_flops"]
     dense_ms = 1000 * statistics.median(times["dense"])
     hard_ms = 1000 * statistics.median(times["hardened"])
     measured = dense_ms / hard_ms
@@ -58,7 +58,7 @@ def run_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | Non
         "plan_layers": setup.picked,
         "layout": layout.to_dict(), "image_grids": [list(g) for g in setup.grids],
         "num_tokens": int(setup.inputs["input_ids"].shape[1]), "window": plan.window,
-        "visual_flops_ratio": float(visual_flops(dims, layout, probs, plan.window) / visual_flops(dims, layout)),
+        "visual_flops_ratio": cost["visual_flops_ratio"],
         "heads_kept_per_layer": [len(lp.heads) for lp in plan.layers],
         "mlp_kept_per_layer": [lp.mlp for lp in plan.layers],
         "dense_ms": dense_ms, "hardened_ms": hard_ms, "measured_speedup": measured, "predicted_speedup": predicted,

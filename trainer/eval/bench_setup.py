@@ -32,7 +32,7 @@ from visprune.modeling import (
     hardened_forward_context,
     resolve_model_dims,
 )
-from visprune.modeling.families import FAMILIES, TextDims, family_for
+from visprune.modeling.families import FAMILIES, family_for
 from visprune.modeling.flops import dims_from_config
 
 logger = logging.getLogger(__name__)
@@ -219,8 +219,7 @@ def synthetic_plan(dims: ModelDims, budget: float, window: int | None = 5, seed:
     paper found), hardened by the same `GateSet.to_plan` as a trained run (on the family's layout)."""
     gen = torch.Generator().manual_seed(seed)
     L, H = dims.num_layers, dims.num_heads
-    text = TextDims(L, dims.hidden_size, H, dims.num_kv_heads, dims.head_dim, dims.intermediate_size)
-    gates = GateSet(text, GateConfig(window=window), dims.family, dims.image_grid,
+    gates = GateSet(dims.text_dims(), GateConfig(window=window), dims.family, dims.image_grid,
                     (dims.extra_grids, dims.non_grid_tokens))
     depth = torch.linspace(0, 1, L)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from visprune.data_prep.processing import load_processor
-from visprune.modeling import PLAN_FILE, GateProbs, TokenLayout, default_layout, flops_report, load_pruned
+from visprune.modeling import PLAN_FILE, TokenLayout, default_layout, flops, load_pruned
 from visprune.modeling.flops import dims_from_config
 
 
@@ -58,34 +58,27 @@ def is_hardened(model: torch.nn.Module) -> bool:
     return getattr(model, "visprune_plan", None) is not None
 
 
-def _dense_and_planned(model: torch.nn.Module, layout: TokenLayout | None
-                       ) -> tuple[TokenLayout, dict[str, Any], dict[str, Any]]:
-    """The layout used and the FLOPs model's report of the dense model and of `model`'s plan on it."""
+def _cost_of_model(model: torch.nn.Module, layout: TokenLayout | None) -> tuple[TokenLayout, dict[str, Any]]:
+    """The layout used (the default one when None) and `flops.plan_report` of `model`'s plan on it."""
     dims = dims_from_config(model.config)
     layout = layout or default_layout(dims)
-    dense = flops_report(dims, layout)
-    plan = getattr(model, "visprune_plan", None)
-    if plan is None:
-        return layout, dense, dense
-    return layout, dense, flops_report(dims, layout, GateProbs.from_plan(plan, dims.intermediate_size),
-                                       window=plan.window)
+    return layout, flops.plan_report(dims, layout, getattr(model, "visprune_plan", None))
 
 
 def plan_flops(model: torch.nn.Module) -> dict[str, float]:
     """Visual FLOPs of the model's plan (dense when it has none) under the default layout: `dense`, `model`
     and their `ratio`."""
-    _, dense, planned = _dense_and_planned(model, None)
-    return {"dense": dense["visual_flops"], "model": planned["visual_flops"],
-            "ratio": planned["visual_flops"] / dense["visual_flops"]}
+    _, report = _cost_of_model(model, None)
+    return {"dense": report["dense"]["visual_flops"], "model": report["plan"]["visual_flops"],
+            "ratio": report["visual_flops_ratio"]}
 
 
 def plan_report(model: torch.nn.Module, layout: TokenLayout | None = None) -> dict[str, Any]:
     """The FLOPs model's full report of `model`'s plan (dense when it has none) on `layout` (default layout when
     None), with the layout and the visual / prefill FLOPs ratios to dense."""
-    layout, dense, planned = _dense_and_planned(model, layout)
-    return {"layout": layout.to_dict(), **planned,
-            "visual_flops_ratio": planned["visual_flops"] / dense["visual_flops"],
-            "prefill_flops_ratio": planned["prefill_flops"] / dense["prefill_flops"]}
+    layout, report = _cost_of_model(model, layout)
+    return {"layout": layout.to_dict(), **report["plan"], "visual_flops_ratio": report["visual_flops_ratio"],
+            "prefill_flops_ratio": report["prefill_flops_ratio"]}
 
 
 __all__ = ["is_hardened", "load_for_eval", "plan_flops", "plan_report"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.collator import ChatCollator
 from visprune.data_prep.records import IMAGE_PLACEHOLDER, DataError
 from visprune.data_prep.templates import ChatTemplate, end_of_turn_ids, render, to_messages
 
@@ -16,14 +16,14 @@ from visprune.data_prep.templates import ChatTemplate, end_of_turn_ids, render, 
 class PromptEncoder:
     """Generation prompts of prompt rows, tokenized with their images in padded batches.
 
-    Images are opened by `LlavaCollator.load_image` (paths must stay inside `image_folder`); the turns
+    Images are opened by `ChatCollator.load_image` (paths must stay inside `image_folder`); the turns
     are rendered with `template` (the model's, see `resolve_for_model`) and its generation prompt.
     """
 
     def __init__(self, processor: Any, image_folder: str | Path | None, template: ChatTemplate):
         self.processor = processor
         self.template = template
-        self.collator = LlavaCollator(processor, template, image_folder=image_folder)
+        self.collator = ChatCollator(processor, template, image_folder=image_folder)
         tokenizer = processor.tokenizer
         self.bos_token = tokenizer.bos_token
         self.pad_token_id = tokenizer.pad_token_id

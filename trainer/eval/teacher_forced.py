@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from visprune.data_prep.collator import LlavaCollator
+from visprune.data_prep.collator import ChatCollator
 from visprune.data_prep.records import IGNORE_INDEX, build_dataset, read_records
 from visprune.data_prep.templates import ChatTemplate, resolve_for_model
 
@@ -40,8 +40,8 @@ def evaluate(model: torch.nn.Module, processor: Any, data_path: str | Path, imag
     dataset = build_dataset(data_path)
     path = Path(data_path)  # the records' extra fields (qtype); a prepared folder keeps none
     records = {} if path.is_dir() else {str(r.get("id")): r for r in read_records(path) if isinstance(r, dict)}
-    collator = LlavaCollator(processor, template or resolve_for_model(model, processor), image_folder=image_folder,
-                             max_length=max_length)
+    collator = ChatCollator(processor, template or resolve_for_model(model, processor), image_folder=image_folder,
+                            max_length=max_length)
     total = len(dataset) if limit is None else min(limit, len(dataset))
     stats: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # correct, tokens, exact, samples
     model.eval()

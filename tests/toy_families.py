@@ -1,9 +1,6 @@
-"""Tiny local assets for families beyond LLaVA-1.5, built like `toy.py`'s (a word-level tokenizer, the
-family's real processor class with a PIL image processor, a model from the family's config classes,
-the toy records and images), so `visprune train` runs through the real `from_pretrained` paths.
-
-LLaVA-NeXT only: the Qwen2-VL and InternVL processors of transformers 5.x need torchvision (their
-video processors; huggingface/transformers#48556), which visprune does not depend on."""
+"""A tiny local LLaVA-NeXT built like `visprune.data_prep.toy`'s LLaVA (the toy word-level tokenizer and
+template, the real LlavaNextProcessor with a PIL image processor, a model from config classes, the toy
+records), so tests run `visprune train` and `data prepare` through the real `from_pretrained` paths."""
 
 from __future__ import annotations
 
@@ -12,8 +9,7 @@ import logging
 from pathlib import Path
 
 import torch
-
-from .toy import IMAGE, LLAVA_CHAT_TEMPLATE, build_tokenizer, make_records, toy_words
+from visprune.data_prep.toy import IMAGE, LLAVA_CHAT_TEMPLATE, build_tokenizer, make_records, toy_words
 
 logger = logging.getLogger(__name__)
 
