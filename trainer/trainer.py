@@ -496,6 +496,7 @@ def train(recipe: Recipe, resume: str = "auto", overwrite: bool = False) -> Path
                 logger.info("writing %s from %s", final, checkpoint)
                 ckpt.copy_model_files(checkpoint, staging)
                 ckpt.publish(staging, final, done)
+            wait_for_every_rank()
             return run_dir
         check_resume_fits(checkpoint, model, gates, controller)
         logger.info("resuming from %s", checkpoint)
@@ -504,6 +505,9 @@ def train(recipe: Recipe, resume: str = "auto", overwrite: bool = False) -> Path
     trainer.save_model(str(staging))  # final/ is complete or invisible too
     if args.should_save:
         ckpt.publish(staging, final, trainer.state.global_step)
+    # no rank leaves (and tears down its process group) while the main one still hashes and publishes final/:
+    # a peer gone mid-flight aborts gloo's threads at exit
+    wait_for_every_rank()
     if collator.num_dropped:
         logger.warning("%d over-long samples were dropped (data.drop_overlong)", collator.num_dropped)
     return run_dir
