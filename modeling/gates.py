@@ -135,7 +135,7 @@ class GateSet(nn.Module):
             frac[layer_idx] = mask.float().mean()
         return frac
 
-    def to_plan(self, budget: float, layout: TokenLayout | None = None) -> Plan:
+    def to_plan(self, budget: float, layout: TokenLayout | None = None, fill: bool = False) -> Plan:
         """Harden the gates: deterministic top-k by `log_alpha` under the visual-FLOPs budget.
 
         Units are the visual heads (l, h) and visual MLPs (l); a unit's score is the log-probability
@@ -143,18 +143,66 @@ class GateSet(nn.Module):
         log_alphas: the hierarchy holds (no unit outranks its layer's router) and a strong head in a
         layer the router kept open part of the time ranks by how often training used it. Units are
         added in score order while the plan's visual FLOPs (the one FLOPs model, with this GateSet's
-        window) stay within `budget` x dense; the first unit that does not fit ends the plan. The ranking is global, so a smaller budget keeps a subset of a larger one.
+        window) stay within `budget` x dense; the first unit that does not fit ends the plan (the
+        *prefix* rule). The ranking is global, so a smaller budget keeps a subset of a larger one.
+
+        With `fill`, the scan goes on past a unit that does not fit and adds every later-ranked unit
+        that still fits (the *fill* rule): the plan uses more of its budget (one visual MLP can cost
+        a fifth of a small model's visual FLOPs), but a smaller budget no longer keeps a subset of a
+        larger one.
 
         Args:
             budget: fraction of the dense visual FLOPs (the paper's unit), in (0, 1].
             layout: token layout costed; default one image with 35 system and 60 text tokens.
+            fill: the fill rule instead of the prefix rule.
         """
+        return self._plan_from_scores(_unit_scores(self), budget, layout, fill)
+
+    def candidate_plans(self, budget: float, count: int, layout: TokenLayout | None = None, fill: bool = False,
+                        seed: int = 0) -> list[tuple[Plan, str]]:
+        """Up to `count` distinct plans at `budget`: first `to_plan`'s, then plans that draws of the gates make.
+
+        A draw samples every hard-concrete gate once, as training does; its units rank by their drawn effective
+        value r[l]*g[l,h] (MLP: r[l]*m[l]), ties broken by `to_plan`'s score, and are hardened by the same rule.
+        These are the plans training actually exercised; a short validation pass can pick among them
+        (`visprune harden --select-on`). Returns (plan, source) pairs, source "scores" or "draw N".
+        """
+        first = self.to_plan(budget, layout, fill)
+        plans, seen = [(first, "scores")], {first}
+        if not self.learnable():
+            return plans
+        gen = torch.Generator().manual_seed(seed)
+        base = {(kind, layer_idx, head_idx): score for score, kind, layer_idx, head_idx in _unit_scores(self)}
+        for draw in range(1, 20 * count):
+            if len(plans) >= count:
+                break
+            values = {}
+            drawn = {}
+            for name in ("head", "router", "mlp"):
+                gate = getattr(self, name)
+                if isinstance(gate, HardConcreteGate):
+                    u = torch.rand(gate.shape, generator=gen).clamp(1e-6, 1 - 1e-6)
+                    drawn[name] = gate.draw(u).detach().cpu()
+                else:
+                    drawn[name] = gate.values.detach().float().cpu()
+            for (kind, layer_idx, head_idx), score in base.items():
+                own = drawn["head"][layer_idx, head_idx] if kind == 0 else drawn["mlp"][layer_idx]
+                value = float(drawn["router"][layer_idx] * own)
+                values[(kind, layer_idx, head_idx)] = math.log(max(value, 1e-6)) + 1e-6 * max(score, -1e6)
+            plan = self._plan_from_scores([(v, *unit) for unit, v in values.items()], budget, layout, fill)
+            if plan not in seen:
+                seen.add(plan)
+                plans.append((plan, f"draw {draw}"))
+        return plans
+
+    def _plan_from_scores(self, scores: list[tuple[float, int, int, int]], budget: float,
+                          layout: TokenLayout | None, fill: bool) -> Plan:
+        """Harden (score, kind, layer, head) units at `budget` by the prefix or the fill rule (see `to_plan`)."""
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {budget}")
         dims = self.model_dims()
         layout = layout or default_layout(dims)
         L, H = self.dims.num_layers, self.dims.num_heads
-        scores = _unit_scores(self)
         order = sorted(scores, key=lambda unit: (-unit[0], unit[1], unit[2], unit[3]))
         limit = budget * float(visual_flops(dims, layout))
         head = torch.zeros(L, H)
@@ -168,6 +216,8 @@ class GateSet(nn.Module):
             router = ((trial_head.sum(dim=1) > 0) | (trial_mlp > 0)).float()
             cost = float(visual_flops(dims, layout, GateProbs(trial_head, router, trial_mlp), self.window))
             if cost > limit:
+                if fill:
+                    continue
                 break
             head, mlp = trial_head, trial_mlp
         layers = tuple(LayerPlan(heads=tuple(int(h) for h in head[l].nonzero().flatten().tolist()),

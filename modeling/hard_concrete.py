@@ -45,8 +45,12 @@ class HardConcreteGate(nn.Module):
         (shape `(num_samples, *shape)`); exact 0 and 1 have non-zero probability."""
         log_alpha = self.clamped_log_alpha()
         size = self.shape if num_samples is None else (num_samples, *self.shape)
-        u = torch.rand(size, dtype=log_alpha.dtype, device=log_alpha.device).clamp(_EPS, 1.0 - _EPS)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / TEMPERATURE)
+        return self.draw(torch.rand(size, dtype=log_alpha.dtype, device=log_alpha.device))
+
+    def draw(self, u: torch.Tensor) -> torch.Tensor:
+        """The gate value for uniform noise `u` in (0, 1) (broadcast against `shape`)."""
+        u = u.to(self.log_alpha.device, torch.float32).clamp(_EPS, 1.0 - _EPS)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.clamped_log_alpha()) / TEMPERATURE)
         # stretch, then clip: exact 0/1 get mass (Louizos et al. 2018, eq. 10)
         return (s * (STRETCH_HIGH - STRETCH_LOW) + STRETCH_LOW).clamp(0.0, 1.0)
 

@@ -129,14 +129,17 @@ def _close_process_group() -> None:
 
 def run_harden(args: argparse.Namespace) -> int:
     from visprune.trainer.export import harden
+    from visprune.trainer.plan_select import PlanSelection
 
     report = harden(args.checkpoint, args.out, budget=args.budget, plan_path=args.plan,
-                    trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
+                    trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, fill=args.fill,
+                    select=None if args.select_on is None else PlanSelection(
+                        args.select_on, args.select_images, candidates=args.candidates, samples=args.select_samples))
     vf = report["visual_flops"]
     print(f"{args.out}: visual FLOPs {_format_flops(vf['pruned'])}FLOPs of {_format_flops(vf['dense'])}FLOPs dense "
           f"({vf['ratio']:.2%}, budget {report['budget']:.2%}); visual layers kept "
           f"{report['visual_layers_kept']}/{len(report['heads_kept_per_layer'])}; "
-          f"heads kept per layer {report['heads_kept_per_layer']}")
+          f"heads kept per layer {report['heads_kept_per_layer']}; plan rule {report['plan_rule']}")
     return 0
 
 
@@ -177,13 +180,33 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from visprune.experiments.seetask.demo import run_demo
+    from pathlib import Path
+
+    from visprune.experiments.seetask.demo import run_demo, run_seeds
+    from visprune.experiments.seetask.tasks import TASK_OPTIONS
 
     size = args.size or ("quick" if args.quick else "full")
-    results = run_demo(args.out, size=size)
-    print((__import__("pathlib").Path(args.out) / "report.md").read_text())
+    options = {name: getattr(args, name) for name in TASK_OPTIONS if getattr(args, name) is not None}
+    common = {"size": size, "task": args.task, "task_options": options, "fill": args.plan_rule == "fill",
+              "select": args.select}
+    if args.seeds is not None:
+        results = run_seeds(args.out, args.seeds, **common)
+    else:
+        results = run_demo(args.out, seed=args.seed, **common)
+    print((Path(args.out) / "report.md").read_text())
     logger.info("report: %s/report.md, plot: %s/pareto.png (%.1f min)", args.out, args.out, results["minutes"])
     return 0
+
+
+def seed_list(text: str) -> list[int]:
+    """`--seeds 0,1,2`: distinct non-negative whole numbers."""
+    try:
+        seeds = [non_negative_int(part.strip()) for part in text.split(",")]
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seeds like 0,1,2: {exc}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds repeat: {text}")
+    return seeds
 
 
 def run_data_toy(args: argparse.Namespace) -> int:
@@ -310,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     import os
 
     from visprune.data_prep.templates import TEMPLATE_CHOICES
+    from visprune.experiments.seetask.tasks import DEFAULT_TASK as DEMO_DEFAULT_TASK
+    from visprune.experiments.seetask.tasks import TASKS as DEMO_TASKS
     from visprune.trainer.eval.scoring import METRICS  # a light import: no torch until a verb runs
 
     parser = Parser(prog="visprune", description=__doc__)
@@ -359,6 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
     harden.add_argument("--out", required=True, help="output folder")
     harden.add_argument("--budget", type=fraction, help="visual-FLOPs fraction to keep (default: the recipe's budget)")
     harden.add_argument("--plan", help="use this pruning_plan.json instead of the gates' top-k (checked against --budget)")
+    harden.add_argument("--fill", action="store_true",
+                        help="after the best-ranked units that fit, also add every later unit that still fits: the plan "
+                             "uses more of its budget, but a smaller budget no longer keeps a subset of a larger one")
+    harden.add_argument("--select-on", metavar="JSON",
+                        help="held-out LLaVA JSON (or prepared folder): among the gates' plan and plans drawn from the "
+                             "trained gates at the budget, export the one with the lowest loss on its first samples")
+    harden.add_argument("--select-images", metavar="DIR", help="image folder of --select-on")
+    harden.add_argument("--candidates", type=positive_int, default=8, help="plans tried by --select-on (default 8)")
+    harden.add_argument("--select-samples", type=positive_int, default=64,
+                        help="samples of --select-on each plan is scored on (default 64)")
     harden.add_argument("--overwrite", action="store_true", help="replace OUT when it is a folder harden wrote")
     harden.add_argument("--trust-remote-code", action="store_true",
                         help="let the base model folder run its own code (never taken from the checkpoint's recipe)")
@@ -430,6 +465,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output folder (stages resume from what is there)")
     demo.add_argument("--quick", action="store_true", help="a smaller run (about 5 minutes)")
     demo.add_argument("--size", choices=["full", "quick", "ci"], help=argparse.SUPPRESS)
+    demo.add_argument("--task", choices=sorted(DEMO_TASKS), default=DEMO_DEFAULT_TASK,
+                      help=f"the see-task variant (default {DEMO_DEFAULT_TASK}): "
+                           + "; ".join(f"{k}: {v.description}" for k, v in sorted(DEMO_TASKS.items())))
+    seeds = demo.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=non_negative_int, default=0,
+                       help="data, dense base, gate training and baselines all follow it (default 0)")
+    seeds.add_argument("--seeds", type=seed_list,
+                       help="run the pipeline once per seed (OUT/seed-S) and report mean, min and max, e.g. 0,1,2,3,4")
+    demo.add_argument("--plan-rule", choices=["fill", "prefix"], default="fill",
+                      help="how gate scores become a plan (visprune and random): fill (default: use the budget) or "
+                           "prefix (the best-ranked units up to the first that does not fit)")
+    demo.add_argument("--select", type=non_negative_int, default=8,
+                      help="visprune's plan per budget: the best of N candidate plans on the val split (harden "
+                           "--select-on; default 8; 0 or 1: the gates' own ranking)")
+    _seetask_options(demo, defaults=False)
     demo.set_defaults(func=run_demo)
 
     data = sub.add_parser("data", parents=[common], help="data preparation")
@@ -480,19 +530,37 @@ def build_parser() -> argparse.ArgumentParser:
     see = data_sub.add_parser("seetask", parents=[common], help="the synthetic see-task: grid-of-shapes images with describe and "
                                               "ask samples, train/val/test splits (deterministic per seed)")
     see.add_argument("--out", required=True, help="output folder")
-    see.add_argument("--image-size", type=positive_int, default=36)
-    see.add_argument("--grid", type=positive_int, default=3, help="cells per side")
-    see.add_argument("--patch-size", type=positive_int, default=6, help="the vision tower's patch (smaller than a cell)")
-    see.add_argument("--num-colours", type=positive_int, default=4)
-    see.add_argument("--num-shapes", type=positive_int, default=3)
-    see.add_argument("--empty-fraction", type=unit_interval, default=0.35)
-    see.add_argument("--describe-fraction", type=unit_interval, default=0.5)
+    _seetask_options(see, defaults=True)
     see.add_argument("--num-train", type=positive_int, default=4000)
     see.add_argument("--num-val", type=positive_int, default=200)
     see.add_argument("--num-test", type=positive_int, default=400)
     see.add_argument("--seed", type=non_negative_int, default=0)
     see.set_defaults(func=run_data_seetask)
     return parser
+
+
+def _seetask_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The see-task generator's options; without `defaults` an option left out keeps the task's own value."""
+    from visprune.data_prep.seetask import SeeTaskConfig
+
+    base = SeeTaskConfig()
+
+    def default(name: str):
+        return getattr(base, name) if defaults else None
+
+    def shown(name: str) -> str:
+        return f"default {getattr(base, name)}" if defaults else "default: the task's"
+
+    parser.add_argument("--image-size", type=positive_int, default=default("image_size"), help=shown("image_size"))
+    parser.add_argument("--grid", type=positive_int, default=default("grid"), help=f"cells per side ({shown('grid')})")
+    parser.add_argument("--patch-size", type=positive_int, default=default("patch_size"),
+                        help=f"the vision tower's patch, smaller than a cell ({shown('patch_size')})")
+    parser.add_argument("--num-colours", type=positive_int, default=default("num_colours"), help=shown("num_colours"))
+    parser.add_argument("--num-shapes", type=positive_int, default=default("num_shapes"), help=shown("num_shapes"))
+    parser.add_argument("--empty-fraction", type=unit_interval, default=default("empty_fraction"),
+                        help=shown("empty_fraction"))
+    parser.add_argument("--describe-fraction", type=unit_interval, default=default("describe_fraction"),
+                        help=shown("describe_fraction"))
 
 
 def main(argv: list[str] | None = None) -> int:

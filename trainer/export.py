@@ -24,6 +24,7 @@ from visprune.modeling import (
     PLAN_FILE,
     GateSet,
     Plan,
+    TokenLayout,
     apply_plan,
     attach_gates,
     default_layout,
@@ -35,6 +36,7 @@ from . import checkpoints as ckpt
 from .build import build_model
 from .config import Recipe, first_line, load_recipe
 from .gate_state import GATES_FILE, load_gate_state, stored_gate_config
+from .plan_select import PlanSelection, select_plan
 from .run_folder import FINAL_DIR, RECIPE_FILE, STATE_FILE
 
 logger = logging.getLogger(__name__)
@@ -68,10 +70,15 @@ def _load_full_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     logger.info("loaded %d tensors from %s (%d not in the model)", len(state), checkpoint, len(unexpected))
 
 
-def build_report(gates: GateSet, plan: Plan, budget: float) -> dict[str, Any]:
+def recipe_layout(gates: GateSet, recipe: Recipe) -> TokenLayout:
+    """The token layout the recipe's budget was trained under (`budget.system_tokens` / `text_tokens`)."""
+    return default_layout(gates.model_dims(), system=recipe.budget.system_tokens, text=recipe.budget.text_tokens)
+
+
+def build_report(gates: GateSet, plan: Plan, budget: float, layout: TokenLayout | None = None) -> dict[str, Any]:
 
     dims = gates.model_dims()
-    layout = default_layout(dims)
+    layout = layout or default_layout(dims)
     report = plan_report(dims, layout, plan)
     dense, pruned = report["dense"], report["plan"]
     return {
@@ -199,7 +206,8 @@ def stop_on_end_of_turn(generation_config: Any, processor: Any, template: ChatTe
 
 
 def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None, plan_path: str | None = None,
-           max_shard_size: str = "5GB", *, trust_remote_code: bool = False, overwrite: bool = False) -> dict[str, Any]:
+           max_shard_size: str = "5GB", *, trust_remote_code: bool = False, overwrite: bool = False,
+           fill: bool = False, select: PlanSelection | None = None) -> dict[str, Any]:
     """Export `checkpoint` hardened at `budget` (default: the recipe's) or with a given plan, into `out`.
 
     The folder is written beside `out` and renamed into place at the end (a crash leaves the old `out` or
@@ -213,6 +221,10 @@ def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None,
         max_shard_size: largest weight shard.
         trust_remote_code: let the base model folder's code run; a checkpoint's recipe never turns it on.
         overwrite: replace `out` when it is a folder harden wrote (it holds `visprune_export.json`).
+        fill: harden with `GateSet.to_plan`'s fill rule (use the budget; not monotone across budgets)
+            instead of its prefix rule; ignored with a plan.
+        select: choose among the gates' plan and plans drawn from the trained gates by their loss on a few
+            held-out samples (`plan_select.select_plan`); ignored with a plan.
 
     Returns:
         The report (also written as `pruning_report.json`).
@@ -227,24 +239,35 @@ def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None,
     checkpoint = verify_checkpoint(checkpoint)
     recipe = checkpoint_recipe(checkpoint, trust_remote_code)
     check_output_folder(out, checkpoint, recipe, overwrite)
+    select_rows = select.rows() if select is not None and plan_path is None and recipe.plan is None else None
     out = Path(os.path.realpath(out))  # a symlinked `out` keeps pointing at the new folder
     model, gates, processor = _build_from_checkpoint(checkpoint, recipe, trust_remote_code)
     budget = recipe.budget.visual_flops if budget is None else budget
     if plan_path is None and recipe.plan is not None:
         plan_path = recipe.plan  # a fixed-plan run exports its plan
-    if plan_path is None:
-        plan = gates.to_plan(budget)
+    template = training_template_of(checkpoint, recipe, model, processor)
+    layout = recipe_layout(gates, recipe)
+    selection = None
+    if plan_path is None and select is not None:
+        plan, selection = select_plan(model, gates, budget, fill, select, processor, template,
+                                      recipe.data.max_length, layout, rows=select_rows)
+        rule = ("fill" if fill else "prefix") + ", selected"
+    elif plan_path is None:
+        plan, rule = gates.to_plan(budget, layout, fill=fill), ("fill" if fill else "prefix")
     else:
+        rule = "given"
         plan = Plan.from_json(plan_path)
         dims = gates.model_dims()
         plan.validate_for(dims.num_layers, dims.num_heads, dims.intermediate_size, family=dims.family)
-    report = build_report(gates, plan, budget)
+    report = build_report(gates, plan, budget, layout)
+    report["plan_rule"] = rule
+    if selection is not None:
+        report["plan_selection"] = selection
     ratio = report["visual_flops"]["ratio"]
     if ratio > budget + 1e-9:
         raise HardenError(f"the plan keeps {ratio:.4f} of the dense visual FLOPs "
                           f"({report['visual_flops']['pruned']:.4g} of {report['visual_flops']['dense']:.4g}), "
                           f"over the budget {budget}")
-    template = training_template_of(checkpoint, recipe, model, processor)
     report["template"] = template.name
     detach_gates(model)  # plain module names and attention again: the folder is a standard HF model
     stop_on_end_of_turn(model.generation_config, processor, template)

@@ -29,6 +29,7 @@ BASE_REPORT = "base_report.json"
 class BaseModelConfig:
     vision_hidden: int = 64
     vision_layers: int = 2
+    vision_feature_layer: int = -1  # the vision tower hidden state the projector reads (-(layers+1): patch embeddings only)
     text_hidden: int = 128
     text_layers: int = 4
     heads: int = 4
@@ -53,7 +54,7 @@ def build_base_model(tokenizer, task: SeeTaskConfig, cfg: BaseModelConfig):
                        max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
-                         image_seq_length=grid * grid, vision_feature_layer=-1,
+                         image_seq_length=grid * grid, vision_feature_layer=cfg.vision_feature_layer,
                          vision_feature_select_strategy="default")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

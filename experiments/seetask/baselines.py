@@ -33,26 +33,37 @@ from visprune.modeling.families import family_for
 from visprune.modeling.flops import plan_visual_ratio, token_drop_visual_flops
 
 
-def vtw_plan(dims: ModelDims, layout: TokenLayout, budget: float) -> tuple[Plan, int]:
-    """Visual tokens take part in layers < K only (full attention, MLP); the largest K within budget."""
+def vtw_plan(dims: ModelDims, layout: TokenLayout, budget: float, fill: bool = False) -> tuple[Plan, int, int]:
+    """Visual tokens take part in layers < K only (full attention, MLP); the largest K within budget. With
+    `fill`, layer K also keeps its first heads (attention only) while the plan stays within budget, so the
+    plan uses its budget. Returns the plan, K and the number of heads kept in layer K."""
     L, H = dims.num_layers, dims.num_heads
-    best = 0
-    for k in range(L + 1):
-        layers = tuple(LayerPlan(heads=tuple(range(H)) if i < k else (), mlp=i < k) for i in range(L))
-        if plan_visual_ratio(dims, layout, Plan(dims.family, None, L, H, layers)) <= budget + 1e-9:
-            best = k
-    layers = tuple(LayerPlan(heads=tuple(range(H)) if i < best else (), mlp=i < best) for i in range(L))
-    return Plan(dims.family, None, L, H, layers), best
+
+    def plan_of(k: int, extra: int) -> Plan:
+        layers = tuple(LayerPlan(heads=tuple(range(H)) if i < k else tuple(range(extra)) if i == k else (),
+                                 mlp=i < k) for i in range(L))
+        return Plan(dims.family, None, L, H, layers)
+
+    def fits(plan: Plan) -> bool:
+        return plan_visual_ratio(dims, layout, plan) <= budget + 1e-9
+
+    best = max(k for k in range(L + 1) if k == 0 or fits(plan_of(k, 0)))
+    extra = 0
+    if fill and best < L:
+        extra = max(h for h in range(H + 1) if h == 0 or fits(plan_of(best, h)))
+    return plan_of(best, extra), best, extra
 
 
-def random_plan(dims: ModelDims, layout: TokenLayout, budget: float, window: int | None, seed: int = 0) -> Plan:
-    """Random gate scores (seeded) hardened by `GateSet.to_plan` at the budget."""
+def random_plan(dims: ModelDims, layout: TokenLayout, budget: float, window: int | None, seed: int = 0,
+                fill: bool = True) -> Plan:
+    """Random gate scores (seeded) hardened by `GateSet.to_plan` at the budget (by default with the fill
+    rule, so the plan uses its budget)."""
     gen = torch.Generator().manual_seed(seed)
     gates = GateSet(dims.text_dims(), GateConfig(window=window), dims.family, dims.image_grid)
     with torch.no_grad():
         for gate in (gates.head, gates.router, gates.mlp):
             gate.log_alpha.copy_(torch.randn(gate.log_alpha.shape, generator=gen))
-    return gates.to_plan(budget, layout)
+    return gates.to_plan(budget, layout, fill=fill)
 
 
 @dataclass

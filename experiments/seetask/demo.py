@@ -6,6 +6,11 @@ YOPO heuristic, random plan: each fine-tuned with the same LoRA budget and its p
 training-free) -> evaluate all on the test split -> `report.md`, `pareto.png`, `results.json`.
 Every stage writes its own folder and is skipped when its result exists (a crashed demo resumes).
 The two training recipes ship with this package (`recipes/`); the demo fills in paths and steps.
+
+Equal training: every plan baseline fine-tunes for as many steps as visprune trains in all (its
+prune-training run plus one recovery run), with the same batch size, learning rate and LoRA.
+`--seed S` moves everything seeded (data, base, gates, baselines); `run_seeds` runs the pipeline per
+seed and reports the mean, min and max of every row.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from visprune.trainer.eval.loading import load_for_eval, plan_flops
 from visprune.trainer.eval.teacher_forced import evaluate
 from visprune.trainer.eval.timing import time_alternating
 from visprune.trainer.export import harden
+from visprune.trainer.plan_select import PlanSelection
 from visprune.trainer.trainer import train
 
 from .base_model import BASE_REPORT, BaseModelConfig, train_base
@@ -46,6 +52,7 @@ from .baselines import (
     vtw_plan,
     yopo_plan,
 )
+from .tasks import DEFAULT_TASK, TASK_OPTIONS, TASKS, SeeTaskPreset
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -53,7 +60,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("visprune", "yopo", "vtw", "fastv", "random")
+METHODS = ("visprune", "visprune-pre", "yopo", "vtw", "fastv", "random")  # visprune-pre: before recovery
 PLAN_BASELINES = ("yopo", "vtw", "random")  # fine-tuned with their plan fixed, in this order
 RECIPE_NAMES = ("visprune.yaml", "finetune.yaml")  # package data in `recipes/`
 
@@ -79,22 +86,59 @@ SIZES = {
 }
 
 
+class DemoError(ValueError):
+    """A demo that cannot run as asked (an output folder holding another configuration's demo)."""
+
+
 @dataclass
 class DemoConfig:
     out: Path
     size: str = "full"  # a key of SIZES
     budgets: tuple[float, ...] = (0.5, 0.25, 0.12)
     window: int = 3
-    seed: int = 0
+    fill: bool = True  # plans use their budget (`GateSet.to_plan(fill=True)`); False: the prefix rule
+    select: int = 8  # visprune's plan: the best of this many candidates on the val split (harden --select-on); 0: off
+    seed: int = 0  # data, base, gate training and baselines all follow it
+    task: str = DEFAULT_TASK  # a key of TASKS
+    task_options: dict[str, Any] = field(default_factory=dict)  # SeeTaskConfig fields over the task's own
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise ValueError(f"size must be one of {sorted(SIZES)}, got {self.size!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {sorted(TASKS)}, got {self.task!r}")
+        unknown = sorted(set(self.task_options) - set(TASK_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown see-task options {unknown}; known: {list(TASK_OPTIONS)}")
+        self.seetask_config()  # a bad combination (image size not a multiple of the grid, ...) fails here
 
     @property
     def scale(self) -> DemoSize:
         """The sample, step and batch counts of `size`."""
         return SIZES[self.size]
+
+    @property
+    def baseline_steps(self) -> int:
+        """Every plan baseline's fine-tuning steps: as many as visprune trains in all (prune + recovery)."""
+        return self.scale.prune_steps + self.scale.recovery_steps
+
+    def seetask_config(self) -> SeeTaskConfig:
+        """The generator settings: the task's, then the explicit options, then the size's counts and the seed."""
+        scale = self.scale
+        return SeeTaskConfig(**{**TASKS[self.task].data, **self.task_options}, num_train=scale.num_train,
+                             num_val=100, num_test=scale.num_test, seed=self.seed)
+
+    def base_config(self) -> BaseModelConfig:
+        return BaseModelConfig(**TASKS[self.task].base, steps=self.scale.base_steps, seed=self.seed)
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two demos' results comparable row by row (stored in `results.json`)."""
+        return {"task": self.task, "task_options": dict(sorted(self.task_options.items())), "seed": self.seed,
+                "size": self.size, "window": self.window, "fill": self.fill, "select": self.select}
+
+    @property
+    def plan_rule(self) -> str:
+        return "fill" if self.fill else "prefix"
 
     @property
     def data_dir(self) -> Path:
@@ -131,25 +175,50 @@ class DemoState:
         return [b for b in self.cfg.budgets if (method, b) not in self.done]
 
     def record(self, method: str, budget: float, scores: dict[str, Any], ratio: float, speedup: float | None,
-               note: str = "") -> None:
-        """Add (or replace) one row and rewrite `results.json`."""
+               note: str = "", steps: int = 0, rule: str = "") -> None:
+        """Add (or replace) one row and rewrite `results.json`. `steps`: training steps after the dense base;
+        `rule`: how the row's plan was chosen."""
         rows = [r for r in self.results["rows"] if (r["method"], r["budget"]) != (method, budget)]
         rows.append({"method": method, "budget": budget, "visual_flops_ratio": ratio,
                      "describe_token_accuracy": scores.get("describe_token_accuracy"),
                      "ask_exact_match": scores.get("ask_exact_match"), "by_type": scores.get("by_type"),
-                     "prefill_speedup": speedup, "note": note})
+                     "prefill_speedup": speedup, "steps": steps, "rule": rule, "note": note})
         self.results["rows"] = rows
-        self.results.update({"size": self.cfg.size, "layout": self.layout.to_dict(), "dims": asdict(self.dims)})
+        self.results.update({"size": self.cfg.size, "config": self.cfg.identity(), "layout": self.layout.to_dict(),
+                             "dims": asdict(self.dims)})
         _write_json(self.cfg.results_path, self.results)
         self.done.add((method, budget))
 
-    def record_hardened(self, method: str, budget: float, model_dir: Path, note: str = "") -> None:
+    def record_hardened(self, method: str, budget: float, model_dir: Path, note: str = "", steps: int = 0,
+                        rule: str = "") -> None:
         """Evaluate a hardened model folder (it has a plan), time its prefill against the base, record the row."""
         model, processor = load_for_eval(model_dir)
         data_dir = self.cfg.data_dir
         scores = evaluate(model, processor, data_dir / "test.json", data_dir / "images", progress=False)
         speedup = _prefill_speedup(self.base_model, model, self.speed_batch, self.cfg.scale.speed_repeats)
-        self.record(method, budget, scores, plan_flops(model)["ratio"], speedup, note)
+        self.record(method, budget, scores, plan_flops(model)["ratio"], speedup, note, steps, rule)
+
+
+CONFIG_FILE = "demo_config.json"  # the settings a demo folder was made with (`DemoConfig.identity`)
+
+
+def claim_output(cfg: DemoConfig) -> None:
+    """Make `cfg.out` this demo's folder: refuse one that holds a demo made with other settings, or that holds
+    other files and no demo, so a rerun only ever resumes its own stages."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    path = cfg.out / CONFIG_FILE
+    mine = cfg.identity()
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        changed = [k for k in mine if theirs.get(k) != mine[k]]
+        if changed:
+            raise DemoError(f"{cfg.out} holds a demo made with other settings ("
+                            + ", ".join(f"{k} {theirs.get(k)!r} here, {mine[k]!r} asked" for k in changed)
+                            + "): choose another --out")
+        return
+    if any(cfg.out.iterdir()):
+        raise DemoError(f"{cfg.out} is not empty and holds no {CONFIG_FILE}: choose another --out")
+    _write_json(path, mine)
 
 
 def _stage(name: str) -> None:
@@ -197,10 +266,9 @@ def _measure_layout(model: nn.Module, dims: ModelDims, sample: dict[str, torch.T
 def prepare_data(cfg: DemoConfig, progress: bool = True) -> None:
     """Stage 1: the see-task train / val / test split and images in `out/data` (once)."""
     _stage("data")
+    claim_output(cfg)
     if not (cfg.data_dir / "scenes.json").is_file():
-        scale = cfg.scale
-        write_seetask(cfg.data_dir, SeeTaskConfig(num_train=scale.num_train, num_val=100, num_test=scale.num_test,
-                                                  seed=cfg.seed), progress=progress)
+        write_seetask(cfg.data_dir, cfg.seetask_config(), progress=progress)
 
 
 def prepare_base(cfg: DemoConfig, progress: bool = True) -> DemoState:
@@ -208,8 +276,7 @@ def prepare_base(cfg: DemoConfig, progress: bool = True) -> DemoState:
     uses; the results recorded so far; the dense row."""
     _stage("dense base")
     if not (cfg.base_dir / BASE_REPORT).is_file():
-        train_base(cfg.data_dir, cfg.base_dir, BaseModelConfig(steps=cfg.scale.base_steps, seed=cfg.seed),
-                   progress=progress)
+        train_base(cfg.data_dir, cfg.base_dir, cfg.base_config(), progress=progress)
     base_model, processor = load_for_eval(cfg.base_dir)
     dims = dims_from_config(base_model.config)
     test_json, images = cfg.data_dir / "test.json", cfg.data_dir / "images"
@@ -226,7 +293,8 @@ def prepare_base(cfg: DemoConfig, progress: bool = True) -> DemoState:
                       layout=layout, collator=collator, speed_batch=speed_batch, results=results,
                       done={(r["method"], r["budget"]) for r in results["rows"]})
     if ("dense", 1.0) not in state.done:
-        state.record("dense", 1.0, evaluate(base_model, processor, test_json, images, progress=False), 1.0, 1.0)
+        state.record("dense", 1.0, evaluate(base_model, processor, test_json, images, progress=False), 1.0, 1.0,
+                     rule="every unit")
     return state
 
 
@@ -243,9 +311,14 @@ def run_visprune(state: DemoState) -> None:
                       [f"budget.visual_flops={min(cfg.budgets)}", f"budget.warmup_steps={warmup}",
                        f"budget.system_tokens={layout.system}", f"budget.text_tokens={layout.text}",
                        f"window={cfg.window}"])
+    data_dir = cfg.data_dir
+    select = (PlanSelection(data_dir / "val.json", data_dir / "images", candidates=cfg.select, seed=cfg.seed)
+              if cfg.select > 1 else None)
+    rule = f"learned, {cfg.plan_rule}" + (f", best of {cfg.select} on val" if select else "")
     for budget in tqdm(todo, desc="visprune harden + recover + eval", disable=not state.progress, leave=False):
         hardened = cfg.out / "models" / f"visprune-{budget}-prerecovery"
-        harden(ckpt, hardened, budget=budget, overwrite=True)  # a rerun replaces its own export
+        harden(ckpt, hardened, budget=budget, overwrite=True, fill=cfg.fill, select=select)  # replaces its own export
+        state.record_hardened("visprune-pre", budget, hardened, "before recovery", steps=scale.prune_steps, rule=rule)
         # recovery: LoRA fine-tuning of the hardened (merged) model with its plan fixed, as CoFi does
         recovered = _train_run(cfg, "finetune.yaml", cfg.out / "runs" / f"visprune-{budget}-recovery",
                                [f"model.path={hardened}", f"plan={hardened / PLAN_FILE}", f"window={cfg.window}"],
@@ -253,39 +326,45 @@ def run_visprune(state: DemoState) -> None:
         target = cfg.out / "models" / f"visprune-{budget}"
         harden(recovered, target, budget=budget, plan_path=str(hardened / PLAN_FILE), overwrite=True)
         state.record_hardened("visprune", budget, target,
-                              f"{scale.prune_steps} shared + {scale.recovery_steps} recovery steps")
+                              f"{scale.prune_steps} prune-training steps (shared) + {scale.recovery_steps} recovery",
+                              steps=scale.prune_steps + scale.recovery_steps, rule=rule)
 
 
-def _baseline_plan(state: DemoState, method: str, budget: float) -> tuple[Plan, str]:
-    """The plan of one plan baseline at `budget`, and the note its row carries."""
+def _baseline_plan(state: DemoState, method: str, budget: float) -> tuple[Plan, str, str]:
+    """The plan of one plan baseline at `budget`, the note its row carries and its rule."""
+    cfg = state.cfg
     if method == "vtw":
-        plan, layer = vtw_plan(state.dims, state.layout, budget)
-        return plan, f"visual tokens withdrawn after layer {layer}"
+        plan, layer, extra = vtw_plan(state.dims, state.layout, budget, fill=cfg.fill)
+        note = f"visual tokens withdrawn after layer {layer}" + (f", {extra} heads of layer {layer} kept" if extra else "")
+        return plan, note, "layer cut" + (", fill" if cfg.fill else "")
     if method == "random":
-        return random_plan(state.dims, state.layout, budget, state.cfg.window, seed=state.cfg.seed), ""
+        plan = random_plan(state.dims, state.layout, budget, cfg.window, seed=cfg.seed, fill=cfg.fill)
+        return plan, f"plan seed {cfg.seed}", f"random, {cfg.plan_rule}"
     if state.calibration is None:
         val_rows = build_dataset(state.cfg.data_dir / "val.json")
         calib_batch = state.collator([val_rows[i] for i in range(min(32, len(val_rows)))])
         state.calibration = calibrate(state.base_model, [calib_batch])
-    return yopo_plan(state.dims, state.layout, budget, state.calibration, window=5), ""  # the paper's window
+    plan = yopo_plan(state.dims, state.layout, budget, state.calibration, window=5)  # the paper's window
+    return plan, "", "heuristic, closest below"
 
 
 def run_plan_baseline(state: DemoState, method: str) -> None:
-    """Stage 4 (per method of PLAN_BASELINES): its plan at every budget, fine-tuned with the plan fixed
-    (the same LoRA budget as visprune's run), hardened and recorded."""
+    """Stage 4 (per method of PLAN_BASELINES): its plan at every budget, fine-tuned with the plan fixed for as
+    many steps as visprune trains in all (same LoRA, batch size and learning rate), hardened and recorded."""
     _stage(method)
     cfg = state.cfg
     for budget in tqdm(state.todo(method), desc=method, disable=not state.progress, leave=False):
-        plan, note = _baseline_plan(state, method, budget)
+        plan, note, rule = _baseline_plan(state, method, budget)
         plan_dir = cfg.out / "plans"
         plan_dir.mkdir(parents=True, exist_ok=True)
         plan_path = plan_dir / f"{method}-{budget}.json"
         plan.to_json(plan_path)
         ckpt = _train_run(cfg, "finetune.yaml", cfg.out / "runs" / f"{method}-{budget}",
-                          [f"plan={plan_path}", f"window={plan.window if plan.window else 'null'}"])
+                          [f"plan={plan_path}", f"window={plan.window if plan.window else 'null'}"],
+                          steps=cfg.baseline_steps)
         target = cfg.out / "models" / f"{method}-{budget}"
         harden(ckpt, target, budget=budget, plan_path=str(plan_path), overwrite=True)
-        state.record_hardened(method, budget, target, note)
+        state.record_hardened(method, budget, target, note, steps=cfg.baseline_steps, rule=rule)
 
 
 def run_fastv(state: DemoState) -> None:
@@ -297,14 +376,16 @@ def run_fastv(state: DemoState) -> None:
         settings = fastv_settings(dims, layout, budget)
         if settings is None:
             state.record("fastv", budget, {}, float("nan"), None,
-                         f"cannot reach {budget:.0%}: layer {max(1, round(2 * dims.num_layers / 32))} alone costs more")
+                         f"cannot reach {budget:.0%}: layer {max(1, round(2 * dims.num_layers / 32))} alone costs more",
+                         rule="training-free")
             continue
         model, processor = load_for_eval(state.cfg.base_dir)
         attach_fastv(model, settings)
         scores = evaluate(model, processor, data_dir / "test.json", data_dir / "images", progress=False,
                           batch_kwargs=fastv_batch_kwargs)
         state.record("fastv", budget, scores, settings.ratio, None,
-                     f"K={settings.layer}, {settings.keep} of {layout.visual} visual tokens kept (masked: FLOPs analytic)")
+                     f"K={settings.layer}, {settings.keep} of {layout.visual} visual tokens kept (masked: FLOPs analytic)",
+                     rule="training-free")
 
 
 def finish_report(state: DemoState, minutes: float) -> None:
@@ -315,10 +396,11 @@ def finish_report(state: DemoState, minutes: float) -> None:
 
 
 def run_demo(out: str | Path = "runs/demo", size: str = "full", progress: bool = True,
-             budgets: tuple[float, ...] = (0.5, 0.25, 0.12)) -> dict[str, Any]:
-    """Run every stage; returns the results (also in `out/results.json`)."""
-    cfg = DemoConfig(out=Path(out), size=size, budgets=tuple(budgets))
-    cfg.out.mkdir(parents=True, exist_ok=True)
+             budgets: tuple[float, ...] = (0.5, 0.25, 0.12), *, seed: int = 0, task: str = DEFAULT_TASK,
+             task_options: dict[str, Any] | None = None, fill: bool = True, select: int = 8) -> dict[str, Any]:
+    """Run every stage for one seed; returns the results (also in `out/results.json`)."""
+    cfg = DemoConfig(out=Path(out), size=size, budgets=tuple(budgets), seed=seed, task=task,
+                     task_options=dict(task_options or {}), fill=fill, select=select)
     start = time.time()
     stages = tqdm(total=3 + len(PLAN_BASELINES) + 1, desc="demo", disable=not progress, position=0)
     prepare_data(cfg, progress)
@@ -337,6 +419,116 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", progress: bool =
     return state.results
 
 
+SEED_METRICS = ("describe_token_accuracy", "ask_exact_match", "visual_flops_ratio", "prefill_speedup")
+
+
+def run_seeds(out: str | Path, seeds: list[int] | tuple[int, ...], size: str = "full", progress: bool = True,
+              budgets: tuple[float, ...] = (0.5, 0.25, 0.12), *, task: str = DEFAULT_TASK,
+              task_options: dict[str, Any] | None = None, fill: bool = True, select: int = 8) -> dict[str, Any]:
+    """The whole pipeline once per seed (`out/seed-S`, each resumable; nothing is shared between seeds), then
+    one report over the seeds: `out/report.md`, `out/pareto.png` (min-max bars), `out/results.json`."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
+    out = Path(out)
+    start = time.time()
+    per_seed = {}
+    for seed in tqdm(list(seeds), desc="seeds", disable=not progress, position=1):
+        per_seed[seed] = run_demo(out / f"seed-{seed}", size, progress, budgets, seed=seed, task=task,
+                                  task_options=task_options, fill=fill, select=select)
+    results = aggregate_seeds(per_seed)
+    results["minutes"] = (time.time() - start) / 60
+    results["seed_minutes"] = {str(k): v.get("minutes") for k, v in per_seed.items()}
+    _write_json(out / "results.json", results)
+    write_seeds_report(out, results)
+    return results
+
+
+def aggregate_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per (method, budget): every metric's mean, min, max and per-seed values over the seeds that have the row."""
+    keys = sorted({(r["method"], r["budget"]) for res in per_seed.values() for r in res["rows"]},
+                  key=lambda k: (METHODS.index(k[0]) if k[0] in METHODS else -1, -k[1]))
+    rows = []
+    for method, budget in keys:
+        found = {seed: next(r for r in res["rows"] if (r["method"], r["budget"]) == (method, budget))
+                 for seed, res in per_seed.items()
+                 if any((r["method"], r["budget"]) == (method, budget) for r in res["rows"])}
+        row: dict[str, Any] = {"method": method, "budget": budget, "seeds": sorted(found)}
+        for metric in SEED_METRICS:
+            values = {seed: r.get(metric) for seed, r in found.items()}
+            clean = [v for v in values.values() if v is not None and not math.isnan(v)]
+            row[metric] = ({"mean": statistics.fmean(clean), "min": min(clean), "max": max(clean),
+                            "per_seed": {str(k): v for k, v in values.items()}} if clean else None)
+        first = next(iter(found.values()))
+        row.update({"steps": first.get("steps"), "rule": first.get("rule", "")})
+        rows.append(row)
+    any_result = next(iter(per_seed.values()))
+    config = {k: v for k, v in any_result.get("config", {}).items() if k != "seed"}
+    return {"seeds": sorted(per_seed), "config": config, "size": any_result.get("size"),
+            "layout": any_result.get("layout"), "rows": rows}
+
+
+def _span(stat: dict[str, Any] | None, pct: bool = True) -> str:
+    if stat is None:
+        return "—"
+    return f"{_fmt(stat['mean'], pct)} ({_fmt(stat['min'], pct)}–{_fmt(stat['max'], pct)})"
+
+
+def write_seeds_report(out: Path, results: dict[str, Any]) -> None:
+    """`report.md` (mean (min–max) over seeds per method and budget, then every seed's describe accuracy) and
+    `pareto.png` (means with min-max bars)."""
+    seeds = results["seeds"]
+    config = results.get("config", {})
+    lines = ["# visprune see-task demo over seeds", "",
+             (f"Task `{config.get('task')}` {config.get('task_options') or ''}, size `{results.get('size')}`, "
+              f"seeds {', '.join(map(str, seeds))} (each seed: its own data, dense base, gate training and "
+              f"baselines); {results.get('minutes', 0):.1f} minutes on this machine. Cells: mean (min–max) over "
+              "seeds."), "",
+             ("| method | budget | visual FLOPs | describe token acc. | ask exact match | prefill speed-up | steps | "
+             "plan rule |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results["rows"]:
+        lines.append(f"| {r['method']} | {r['budget']:.0%} | {_span(r['visual_flops_ratio'])} | "
+                     f"{_span(r['describe_token_accuracy'])} | {_span(r['ask_exact_match'])} | "
+                     f"{_span(r['prefill_speedup'], pct=False)} | {r.get('steps', '')} | {r.get('rule', '')} |")
+    lines += ["", "Describe token accuracy per seed:", "",
+              "| method | budget | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in seeds) + " |"]
+    for r in results["rows"]:
+        per = (r["describe_token_accuracy"] or {}).get("per_seed", {})
+        lines.append(f"| {r['method']} | {r['budget']:.0%} | "
+                     + " | ".join(_fmt(per.get(str(s))) for s in seeds) + " |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    _pareto_seeds(out / "pareto.png", results["rows"], len(seeds))
+
+
+def _pareto_seeds(path: Path, rows: list[dict[str, Any]], num_seeds: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4), dpi=120)
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    for method in METHODS:
+        pts = sorted((r["visual_flops_ratio"]["mean"], r["describe_token_accuracy"]) for r in rows
+                     if r["method"] == method and r["describe_token_accuracy"] and r["visual_flops_ratio"])
+        if not pts:
+            continue
+        xs = [100 * x for x, _ in pts]
+        ys = [100 * a["mean"] for _, a in pts]
+        err = [[100 * (a["mean"] - a["min"]) for _, a in pts], [100 * (a["max"] - a["mean"]) for _, a in pts]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
+    if dense is not None and dense["describe_token_accuracy"]:
+        ax.axhline(100 * dense["describe_token_accuracy"]["mean"], color="grey", linestyle="--", label="dense")
+    ax.set_xlabel("visual FLOPs kept (% of dense, mean over seeds)")
+    ax.set_ylabel("describe token accuracy (%)")
+    ax.set_title(f"see-task over {num_seeds} seeds: mean, bars min-max")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _fmt(value: float | None, pct: bool = True) -> str:
     if value is None or math.isnan(value):
         return "—"
@@ -348,15 +540,21 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
     rows = sorted(results["rows"], key=lambda r: (METHODS.index(r["method"]) if r["method"] in METHODS else -1,
                                                   -r["budget"]))
     dense = next((r for r in rows if r["method"] == "dense"), None)
+    config = results.get("config", {})
     lines = ["# visprune see-task demo", "",
-             (f"Size `{results.get('size')}`; token layout {results.get('layout')}; "
-             f"{results.get('minutes', 0):.1f} minutes on this machine."), "",
-             "| method | budget | visual FLOPs | describe token acc. | ask exact match | prefill speed-up | note |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             (f"Task `{config.get('task')}` {config.get('task_options') or ''}, seed {config.get('seed')}, size "
+              f"`{results.get('size')}`; token layout {results.get('layout')}; "
+              f"{results.get('minutes', 0):.1f} minutes on this machine. Steps: training steps after the dense "
+              "base (visprune: its prune-training run + one recovery run; every plan baseline fine-tunes as many)."),
+             "",
+             ("| method | budget | visual FLOPs | describe token acc. | ask exact match | prefill speed-up | steps | "
+             "plan rule | note |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['budget']:.0%} | {_fmt(r['visual_flops_ratio'])} | "
                      f"{_fmt(r['describe_token_accuracy'])} | {_fmt(r['ask_exact_match'])} | "
-                     f"{_fmt(r['prefill_speedup'], pct=False)} | {r.get('note', '')} |")
+                     f"{_fmt(r['prefill_speedup'], pct=False)} | {r.get('steps', '')} | {r.get('rule', '')} | "
+                     f"{r.get('note', '')} |")
     if dense is not None:
         lines += ["", (f"Dense describe token accuracy {_fmt(dense['describe_token_accuracy'])}; a method keeps "
                       "`describe / dense` of it.")]
@@ -390,6 +588,7 @@ def _pareto(path: Path, rows: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
-__all__ = ["METHODS", "PLAN_BASELINES", "RECIPE_NAMES", "SIZES", "DemoConfig", "DemoSize", "DemoState", "finish_report",
-           "load_demo_recipe", "prepare_base", "prepare_data", "run_demo", "run_fastv", "run_plan_baseline",
-           "run_visprune", "write_report"]
+__all__ = ["CONFIG_FILE", "DEFAULT_TASK", "METHODS", "PLAN_BASELINES", "RECIPE_NAMES", "SIZES", "TASKS", "TASK_OPTIONS",
+           "DemoConfig", "DemoError", "DemoSize", "DemoState", "SeeTaskPreset", "aggregate_seeds", "claim_output",
+           "finish_report", "load_demo_recipe", "prepare_base", "prepare_data", "run_demo", "run_fastv",
+           "run_plan_baseline", "run_seeds", "run_visprune", "write_report", "write_seeds_report"]

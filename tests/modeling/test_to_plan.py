@@ -92,3 +92,83 @@ def test_score_is_the_probability_the_effective_gate_was_open():
                     layers=tuple(LayerPlan(heads=(2,) if l == 4 else (), mlp=False) for l in range(32)))
     plan = gates.to_plan(plan_fraction(gates, one_head) * 1.5)  # room for one head only
     assert [(l, layer.heads) for l, layer in enumerate(plan.layers) if layer.heads] == [(4, (2,))]
+
+
+def small_model_gates(seed):
+    """A small model where one visual MLP costs a large share of the visual FLOPs (as on the see-task base)."""
+    dims = TextDims(num_layers=4, hidden_size=128, num_heads=4, num_kv_heads=4, head_dim=32, intermediate_size=512)
+    gates = GateSet(dims, GateConfig(window=3), "llava", (6, 6))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in gates.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 3)
+    return gates
+
+
+def kept_units(plan):
+    return ({(l, h) for l, layer in enumerate(plan.layers) for h in layer.heads}
+            | {(l, "mlp") for l, layer in enumerate(plan.layers) if layer.mlp})
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("budget", [0.12, 0.25, 0.5])
+def test_fill_uses_the_budget_and_keeps_the_prefix(seed, budget):
+    """The fill rule keeps the prefix rule's units, stays within the budget, and leaves no unit out that
+    would still fit."""
+    gates = small_model_gates(seed)
+    prefix, filled = gates.to_plan(budget), gates.to_plan(budget, fill=True)
+    assert kept_units(prefix) <= kept_units(filled)
+    fraction = plan_fraction(gates, filled)
+    assert plan_fraction(gates, prefix) <= fraction <= budget
+    L, H = 4, 4
+    for l in range(L):
+        for unit in [*((l, h) for h in range(H)), (l, "mlp")]:
+            if unit in kept_units(filled):
+                continue
+            layers = [(set(layer.heads), layer.mlp) for layer in filled.layers]
+            if unit[1] == "mlp":
+                layers[l] = (layers[l][0], True)
+            else:
+                layers[l][0].add(unit[1])
+            from visprune.modeling import LayerPlan, Plan
+
+            trial = Plan("llava", 3, L, H, tuple(LayerPlan(heads=tuple(sorted(h)), mlp=m) for h, m in layers))
+            assert plan_fraction(gates, trial) > budget, (unit, budget)
+
+
+def test_fill_keeps_more_than_the_prefix_when_an_mlp_blocks_it():
+    """Ranked first after two heads, an MLP that does not fit ends the prefix plan; fill goes on with the heads."""
+    gates = small_model_gates(0)
+    with torch.no_grad():
+        for param in gates.parameters():
+            param.fill_(-5.0)
+        gates.router.log_alpha.fill_(5.0)
+        gates.head.log_alpha[0, :2] = 5.0
+        gates.mlp.log_alpha[0] = 4.0  # ranked third; one MLP is ~19% of this model's visual FLOPs
+        gates.head.log_alpha[1:, :] = 3.0
+    prefix, filled = gates.to_plan(0.12), gates.to_plan(0.12, fill=True)
+    assert kept_units(prefix) == {(0, 0), (0, 1)}
+    assert (0, "mlp") not in kept_units(filled) and len(kept_units(filled)) > 2
+    assert plan_fraction(gates, filled) > plan_fraction(gates, prefix)
+
+
+def test_candidate_plans_start_with_to_plan_are_distinct_and_within_budget():
+    gates = small_model_gates(3)
+    with torch.no_grad():
+        for param in gates.parameters():
+            param.mul_(0.3)  # uncertain gates: draws disagree with the ranking
+    plans = gates.candidate_plans(0.25, 6, fill=True, seed=1)
+    assert plans[0] == (gates.to_plan(0.25, fill=True), "scores")
+    assert len(plans) == 6 and len({p for p, _ in plans}) == 6
+    assert [s for _, s in plans[1:]] == sorted((s for _, s in plans[1:]), key=lambda s: int(s.split()[1]))
+    assert all(plan_fraction(gates, p) <= 0.25 for p, _ in plans)
+    assert gates.candidate_plans(0.25, 6, fill=True, seed=1) == plans  # seeded
+
+
+def test_candidate_plans_of_certain_gates_are_the_one_plan():
+    gates = small_model_gates(0)
+    with torch.no_grad():
+        for param in gates.parameters():
+            param.copy_(torch.sign(param) * 10.0)  # every gate surely open or surely closed
+    plans = gates.candidate_plans(1.0, 5)
+    assert len(plans) == 1

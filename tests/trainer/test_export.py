@@ -101,3 +101,40 @@ def test_harden_then_load_pruned_reproduces_in_memory_hardened_and_gated(checkpo
 def test_load_pruned_needs_a_plan(tmp_path):
     with pytest.raises(FileNotFoundError, match="pruning_plan.json"):
         load_pruned(tmp_path)
+
+
+def test_fill_rule_uses_more_of_the_budget_and_is_reported(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    prefix = harden(ckpt, tmp_path / "prefix", budget=0.25)
+    assert main(["harden", str(ckpt), "--out", str(tmp_path / "fill"), "--budget", "0.25", "--fill"]) == 0
+    assert "plan rule fill" in capsys.readouterr().out
+    filled = json.loads((tmp_path / "fill" / REPORT_FILE).read_text())
+    assert prefix["plan_rule"] == "prefix" and filled["plan_rule"] == "fill"
+    assert prefix["visual_flops"]["ratio"] <= filled["visual_flops"]["ratio"] <= 0.25
+
+
+def test_select_on_picks_the_lowest_loss_candidate_and_reports_every_one(checkpoint, tmp_path):
+    ckpt, recipe = checkpoint
+    argv = ["harden", str(ckpt), "--out", str(tmp_path / "sel"), "--budget", "0.25", "--fill",
+            "--select-on", recipe.data.path, "--select-images", recipe.data.image_folder, "--candidates", "4",
+            "--select-samples", "8"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "sel" / REPORT_FILE).read_text())
+    selection = report["plan_selection"]
+    assert report["plan_rule"] == "fill, selected" and selection["samples"] == 8
+    tried = selection["candidates"]
+    assert 1 <= len(tried) <= 4 and tried[0]["source"] == "scores"
+    assert all(t["visual_flops_ratio"] <= 0.25 for t in tried)
+    best = min(tried, key=lambda t: t["loss"])
+    assert selection["chosen"] == best["source"]
+    assert report["visual_flops"]["ratio"] == pytest.approx(best["visual_flops_ratio"])
+
+
+def test_select_on_bad_data_is_one_line(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{\"id\": 1")
+    assert main(["harden", str(ckpt), "--out", str(tmp_path / "x"), "--select-on", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.json" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,112 @@
+"""Gate-training variants on the see-task, per train seed: one demo's data and dense base, then for every
+variant and seed a visprune prune-training run (the demo's recipe and steps plus the variant's recipe
+overrides), hardened at each budget by the gates' own ranking and by `--select` candidates on the val split,
+scored on the test split before any recovery. Prints one Markdown table (per-seed describe token accuracy,
+then mean and min) and writes `OUT/variants.json`.
+
+Run: python benchmarks/seetask_gate_variants.py --out runs/variants [--task T] [--size quick]
+     [--seeds 0,1,2,3,4] [--variants default,slow-warmup] [--budgets 0.25,0.12]
+Every (variant, seed) run keeps its own folder, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from visprune.experiments.seetask import demo
+from visprune.trainer.eval.loading import load_for_eval, plan_flops
+from visprune.trainer.eval.teacher_forced import evaluate
+from visprune.trainer.export import harden
+from visprune.trainer.plan_select import PlanSelection
+
+# name -> (recipe overrides, what it changes); steps and paths are the demo's
+VARIANTS = {
+    "default": ([], "the demo's visprune recipe"),
+    "slow-warmup": (["budget.warmup_steps={steps}"], "the budget reaches its target at the last step, not half-way"),
+    "one-draw": (["gates.per_sample=false"], "one gate draw per batch instead of one per sample"),
+    "gate-lr-0.03": (["optim.gate_lr=0.03"], "gate learning rate 0.03 instead of 0.1"),
+    "no-distill": (["distill.enabled=false"], "no self-distillation from the dense model"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--task", default=demo.DEFAULT_TASK, choices=sorted(demo.TASKS))
+    parser.add_argument("--size", default="full", choices=sorted(demo.SIZES))
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the data and the dense base")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="train seeds of the gate runs")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--budgets", default="0.25,0.12")
+    parser.add_argument("--select", type=int, default=8, help="candidates of the selected plan")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    budgets = [float(b) for b in args.budgets.split(",")]
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    out = Path(args.out)
+    cfg = demo.DemoConfig(out=out / "shared", size=args.size, seed=args.data_seed, task=args.task)
+    demo.prepare_data(cfg, progress=False)
+    state = demo.prepare_base(cfg, progress=False)
+    dense = next(r for r in state.results["rows"] if r["method"] == "dense")["describe_token_accuracy"]
+    results_path = out / "variants.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}}
+    results.update({"task": args.task, "size": args.size, "data_seed": args.data_seed, "dense": dense})
+    data_dir, layout, scale = cfg.data_dir, state.layout, cfg.scale
+    for variant in variants:
+        overrides, _ = VARIANTS[variant]
+        for seed in seeds:
+            key = f"{variant}/seed-{seed}"
+            if key in results["runs"]:
+                continue
+            start = time.time()
+            run_cfg = demo.DemoConfig(out=cfg.out, size=args.size, seed=seed, task=args.task)
+            extra = [o.format(steps=scale.prune_steps) for o in overrides]
+            ckpt = demo._train_run(run_cfg, "visprune.yaml", out / "runs" / variant / f"seed-{seed}",
+                                   [f"budget.visual_flops={min(budgets)}",
+                                    f"budget.warmup_steps={max(1, int(0.5 * scale.prune_steps))}",
+                                    f"budget.system_tokens={layout.system}", f"budget.text_tokens={layout.text}",
+                                    f"window={cfg.window}", *extra])
+            run = {}
+            for budget in budgets:
+                for how, select in (("ranking", None), (f"best of {args.select}",
+                                                         PlanSelection(data_dir / "val.json", data_dir / "images",
+                                                                       candidates=args.select, seed=seed))):
+                    target = out / "models" / variant / f"seed-{seed}-{budget}-{how.replace(' ', '')}"
+                    harden(ckpt, target, budget=budget, overwrite=True, fill=True, select=select)
+                    model, processor = load_for_eval(target)
+                    scores = evaluate(model, processor, data_dir / "test.json", data_dir / "images", progress=False)
+                    run[f"{budget}/{how}"] = {"describe": scores["describe_token_accuracy"],
+                                              "ratio": plan_flops(model)["ratio"]}
+            run["minutes"] = (time.time() - start) / 60
+            results["runs"][key] = run
+            results_path.write_text(json.dumps(results, indent=1) + "\n")
+            print(key, {k: round(v["describe"], 4) for k, v in run.items() if k != "minutes"}, flush=True)
+    print_table(results, variants, seeds, budgets, args.select)
+
+
+def print_table(results: dict, variants: list[str], seeds: list[int], budgets: list[float], select: int) -> None:
+    dense = results["dense"]
+    print(f"\nTask `{results['task']}`, size `{results['size']}`, data seed {results['data_seed']}; dense describe "
+          f"token accuracy {dense:.1%}. Cells: describe token accuracy before recovery (share of dense).\n")
+    print("| variant | budget | plan | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | min |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in seeds) + " | --- | --- |")
+    for variant in variants:
+        for budget in budgets:
+            for how in ("ranking", f"best of {select}"):
+                values = [results["runs"].get(f"{variant}/seed-{s}", {}).get(f"{budget}/{how}", {}).get("describe")
+                          for s in seeds]
+                shown = [f"{v:.1%}" if v is not None else "—" for v in values]
+                clean = [v for v in values if v is not None]
+                tail = (f"{statistics.fmean(clean):.1%} | {min(clean):.1%}" if clean else "— | —")
+                print(f"| {variant} | {budget:.0%} | {how} | " + " | ".join(shown) + f" | {tail} |")
+
+
+if __name__ == "__main__":
+    main()
