@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from visprune.experiments.seetask import demo
@@ -26,6 +27,7 @@ from visprune.trainer.plan_select import PlanSelection
 # name -> (recipe overrides, what it changes); steps and paths are the demo's
 VARIANTS = {
     "default": ([], "the demo's visprune recipe"),
+    "lambda-lr-0.1": (["optim.lambda_lr=0.1"], "multiplier learning rate 0.1 instead of 0.5"),
     "slow-warmup": (["budget.warmup_steps={steps}"], "the budget reaches its target at the last step, not half-way"),
     "one-draw": (["gates.per_sample=false"], "one gate draw per batch instead of one per sample"),
     "gate-lr-0.03": (["optim.gate_lr=0.03"], "gate learning rate 0.03 instead of 0.1"),
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--budgets", default="0.25,0.12")
     parser.add_argument("--select", type=int, default=8, help="candidates of the selected plan")
+    parser.add_argument("--prune-steps", type=int, help="prune-training steps (default: the demo size's)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -51,6 +54,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     out = Path(args.out)
+    if args.prune_steps:
+        demo.SIZES[args.size] = replace(demo.SIZES[args.size], prune_steps=args.prune_steps)
     cfg = demo.DemoConfig(out=out / "shared", size=args.size, seed=args.data_seed, task=args.task)
     demo.prepare_data(cfg, progress=False)
     state = demo.prepare_base(cfg, progress=False)

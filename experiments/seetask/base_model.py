@@ -32,6 +32,7 @@ class BaseModelConfig:
     vision_feature_layer: int = -1  # the vision tower hidden state the projector reads (-(layers+1): patch embeddings only)
     text_hidden: int = 128
     text_layers: int = 4
+    text_intermediate: int | None = None  # the language model's MLP width (default 4 x text_hidden)
     heads: int = 4
     steps: int = 300
     batch_size: int = 64
@@ -49,7 +50,7 @@ def build_base_model(tokenizer, task: SeeTaskConfig, cfg: BaseModelConfig):
     vision = CLIPVisionConfig(image_size=task.image_size, patch_size=task.patch_size, hidden_size=cfg.vision_hidden,
                               intermediate_size=4 * cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
                               num_attention_heads=cfg.heads, projection_dim=cfg.vision_hidden)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate or 4 * cfg.text_hidden,
                        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
                        max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -77,7 +77,7 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(num_train=4000, num_test=400, base_steps=300, prune_steps=120, recovery_steps=120,
+    "full": DemoSize(num_train=4000, num_test=400, base_steps=300, prune_steps=80, recovery_steps=40,
                      batch_size=16, speed_repeats=5),
     "quick": DemoSize(num_train=1500, num_test=200, base_steps=150, prune_steps=30, recovery_steps=10,
                       batch_size=16, speed_repeats=3),

@@ -20,8 +20,11 @@ class SeeTaskPreset:
 TASKS = {
     "basic": SeeTaskPreset("3x3 grid, 6 px patches (2x2 visual tokens a cell), 4 colours x 3 shapes, 2-layer vision "
                            "tower"),
+    "fine": SeeTaskPreset("3x3 grid, 4 px patches (3x3 visual tokens a cell, 81 in all), 4 colours x 3 shapes; the "
+                          "projector reads the patch embeddings, so the language model's own layers must see the shapes",
+                          data={"patch_size": 4}, base={"vision_layers": 1, "vision_feature_layer": -2}),
 }
-DEFAULT_TASK = "basic"
+DEFAULT_TASK = "fine"
 TASK_OPTIONS = ("image_size", "grid", "patch_size", "num_colours", "num_shapes", "empty_fraction", "describe_fraction")
 
 
