@@ -28,6 +28,8 @@ from visprune.trainer.plan_select import PlanSelection
 VARIANTS = {
     "default": ([], "the demo's visprune recipe"),
     "lambda-lr-0.1": (["optim.lambda_lr=0.1"], "multiplier learning rate 0.1 instead of 0.5"),
+    "anneal": (["gates.temperature_start=0.667", "gates.temperature=0.1"],
+               "hard-concrete temperature annealed from 2/3 to 0.1: late draws are nearly the deterministic gates"),
     "slow-warmup": (["budget.warmup_steps={steps}"], "the budget reaches its target at the last step, not half-way"),
     "one-draw": (["gates.per_sample=false"], "one gate draw per batch instead of one per sample"),
     "gate-lr-0.03": (["optim.gate_lr=0.03"], "gate learning rate 0.03 instead of 0.1"),

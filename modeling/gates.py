@@ -47,12 +47,18 @@ class GateConfig:
     init_log_alpha: float = 2.0  # P(open) ~ 0.97 at the start: the gated model starts near the dense one
     backend: str = "auto"  # "sdpa", "flex", or "auto" (flex on CUDA when available, else sdpa)
     per_sample: bool = True  # training draws independent gates for every sample of a batch (else one draw)
+    temperature: float = 2.0 / 3.0  # hard-concrete temperature at the end of training (eval and hardening use it)
+    temperature_start: float | None = None  # anneal from this temperature at step 0 to `temperature`; None: constant
 
     def __post_init__(self) -> None:
         if self.window is not None and (self.window < 1 or self.window % 2 == 0):
             raise ValueError(f"window must be None or an odd positive integer, got {self.window}")
         if not math.isfinite(self.init_log_alpha):
             raise ValueError(f"init_log_alpha must be a finite number, got {self.init_log_alpha}")
+        for name in ("temperature", "temperature_start"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
@@ -81,9 +87,10 @@ class GateSet(nn.Module):
         self.dims, self.cfg, self.family, self.image_grid = dims, cfg, family, image_grid
         self.image_extras = image_extras  # further grids and non-grid tokens of an image (FLOPs model)
         L, H = dims.num_layers, dims.num_heads
-        self.head = HardConcreteGate((L, H), cfg.init_log_alpha) if cfg.heads else FixedGate(torch.ones(L, H))
-        self.router = HardConcreteGate((L,), cfg.init_log_alpha) if cfg.visual_skip else FixedGate(torch.ones(L))
-        self.mlp = HardConcreteGate((L,), cfg.init_log_alpha) if cfg.visual_mlp else FixedGate(torch.ones(L))
+        t = cfg.temperature
+        self.head = HardConcreteGate((L, H), cfg.init_log_alpha, t) if cfg.heads else FixedGate(torch.ones(L, H))
+        self.router = HardConcreteGate((L,), cfg.init_log_alpha, t) if cfg.visual_skip else FixedGate(torch.ones(L))
+        self.mlp = HardConcreteGate((L,), cfg.init_log_alpha, t) if cfg.visual_mlp else FixedGate(torch.ones(L))
         self.window = cfg.window
         self.mlp_channel_masks: dict[int, torch.Tensor] = {}
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its layout
@@ -231,6 +238,19 @@ class GateSet(nn.Module):
         extra_grids, non_grid = self.image_extras
         return ModelDims(name=self.family, family=self.family, image_grid=tuple(self.image_grid),
                          extra_grids=tuple(extra_grids), non_grid_tokens=non_grid, **asdict(self.dims))
+
+    def temperature_at(self, progress: float) -> float:
+        """The hard-concrete temperature at `progress` (0 = first step, 1 = last) of training: constant
+        `cfg.temperature`, or linear from `cfg.temperature_start` to it."""
+        start, end = self.cfg.temperature_start, self.cfg.temperature
+        if start is None:
+            return end
+        return start + (end - start) * min(1.0, max(0.0, progress))
+
+    def set_temperature(self, temperature: float) -> None:
+        for gate in (self.head, self.router, self.mlp):
+            if isinstance(gate, HardConcreteGate):
+                gate.temperature = float(temperature)
 
     def constrain_(self) -> None:
         for gate in (self.head, self.router, self.mlp):

@@ -27,9 +27,12 @@ class HardConcreteGate(nn.Module):
     parameters around its forward and backward, sees every use of `log_alpha`.
     """
 
-    def __init__(self, shape: tuple[int, ...], init_log_alpha: float = 3.0) -> None:
+    def __init__(self, shape: tuple[int, ...], init_log_alpha: float = 3.0, temperature: float = TEMPERATURE) -> None:
         super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.shape = tuple(shape)
+        self.temperature = float(temperature)  # beta of Louizos et al.; a trainer may anneal it
         self.log_alpha = nn.Parameter(torch.full(self.shape, float(init_log_alpha), dtype=torch.float32))
 
     def clamped_log_alpha(self) -> torch.Tensor:
@@ -50,7 +53,7 @@ class HardConcreteGate(nn.Module):
     def draw(self, u: torch.Tensor) -> torch.Tensor:
         """The gate value for uniform noise `u` in (0, 1) (broadcast against `shape`)."""
         u = u.to(self.log_alpha.device, torch.float32).clamp(_EPS, 1.0 - _EPS)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.clamped_log_alpha()) / TEMPERATURE)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.clamped_log_alpha()) / self.temperature)
         # stretch, then clip: exact 0/1 get mass (Louizos et al. 2018, eq. 10)
         return (s * (STRETCH_HIGH - STRETCH_LOW) + STRETCH_LOW).clamp(0.0, 1.0)
 
@@ -61,7 +64,7 @@ class HardConcreteGate(nn.Module):
 
     def prob_open(self) -> torch.Tensor:
         """P(z != 0) = sigmoid(log_alpha - T * log(-gamma / zeta)) (Louizos et al. 2018, eq. 12)."""
-        return torch.sigmoid(self.clamped_log_alpha() - TEMPERATURE * math.log(-STRETCH_LOW / STRETCH_HIGH))
+        return torch.sigmoid(self.clamped_log_alpha() - self.temperature * math.log(-STRETCH_LOW / STRETCH_HIGH))
 
     def forward(self, num_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, P(open)); in train mode `num_samples` draws z of shape (num_samples, *shape), in eval
@@ -69,7 +72,7 @@ class HardConcreteGate(nn.Module):
         return (self.sample(num_samples) if self.training else self.deterministic()), self.prob_open()
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}"
+        return f"shape={self.shape}, temperature={self.temperature:.3g}"
 
 
 class FixedGate(nn.Module):

@@ -128,6 +128,8 @@ class VispruneTrainer(Trainer):
 
     # -- loss ----------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and self.gates.cfg.temperature_start is not None:  # annealed: set before the draw
+            self.gates.set_temperature(self.gates.temperature_at(self.state.global_step / max(1, self.state.max_steps)))
         vision_anchor = self._vision_anchor(model, inputs)
         outputs = model(**inputs)
         lm_loss = outputs.loss
@@ -151,6 +153,8 @@ class VispruneTrainer(Trainer):
                 "lambda_1": self.controller.last_lambdas[0], "lambda_2": self.controller.last_lambdas[1],
                 "open_heads": float((effective > 0.5).sum()), "open_layers": float((probs.layer > 0.5).sum()),
             })
+            if self.gates.cfg.temperature_start is not None:
+                metrics["gate_temperature"] = self.gates.temperature_at(self.state.global_step / max(1, self.state.max_steps))
         if not bool(torch.isfinite(loss.detach())):
             # every gradient is made non-finite too (NaN * anything is NaN), so the optimizer step is skipped,
             # by NonFiniteGuard or by DeepSpeed's overflow check, on every rank alike; the graph is unchanged

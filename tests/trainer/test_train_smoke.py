@@ -166,3 +166,19 @@ def test_projector_and_full_fine_tuning(toy_inputs, tmp_path, lora, projector):
     else:
         lm = [n for n, _ in model.model.language_model.named_parameters()]
         assert len([n for n in trainable if "language_model" in n]) == len(lm)
+
+
+def test_annealed_temperature_is_logged_and_hardening_uses_the_final_one(toy_inputs, tmp_path):
+    from visprune.trainer.export import harden
+    from visprune.trainer.gate_state import stored_gate_config
+
+    recipe = toy_recipe(toy_inputs, tmp_path / "run", "train.max_steps=6", "budget.warmup_steps=3",
+                        "output.save_steps=6", "gates.temperature_start=1.5", "gates.temperature=0.3")
+    run_dir = train(recipe, resume="never")
+    state = json.loads((run_dir / "checkpoint-6" / "trainer_state.json").read_text())
+    temps = [e["visprune/gate_temperature"] for e in state["log_history"] if "visprune/gate_temperature" in e]
+    assert temps[0] == pytest.approx(1.5) and temps == sorted(temps, reverse=True) and temps[-1] > 0.3
+    stored = stored_gate_config(run_dir / "checkpoint-6" / GATES_FILE)
+    assert (stored.temperature, stored.temperature_start) == (0.3, 1.5)
+    report = harden(run_dir / "checkpoint-6", tmp_path / "out", budget=0.25)
+    assert report["visual_flops"]["ratio"] <= 0.25
