@@ -401,6 +401,7 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", progress: bool =
     """Run every stage for one seed; returns the results (also in `out/results.json`)."""
     cfg = DemoConfig(out=Path(out), size=size, budgets=tuple(budgets), seed=seed, task=task,
                      task_options=dict(task_options or {}), fill=fill, select=select)
+    claim_output(cfg)  # before any progress bar: a refused folder is one line
     start = time.time()
     stages = tqdm(total=3 + len(PLAN_BASELINES) + 1, desc="demo", disable=not progress, position=0)
     prepare_data(cfg, progress)
@@ -430,6 +431,9 @@ def run_seeds(out: str | Path, seeds: list[int] | tuple[int, ...], size: str = "
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
     out = Path(out)
+    for seed in seeds:  # every seed's folder is checked before anything runs
+        claim_output(DemoConfig(out=out / f"seed-{seed}", size=size, budgets=tuple(budgets), seed=seed, task=task,
+                                task_options=dict(task_options or {}), fill=fill, select=select))
     start = time.time()
     per_seed = {}
     for seed in tqdm(list(seeds), desc="seeds", disable=not progress, position=1):

@@ -136,3 +136,26 @@ def test_cli_refuses_an_impossible_task_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "multiple of grid" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_basic_task_is_the_generator_and_base_defaults_and_fine_is_the_demo_default():
+    from visprune.data_prep.seetask import SeeTaskConfig
+    from visprune.experiments.seetask.base_model import BaseModelConfig
+
+    basic = demo.DemoConfig(out=None, size="full", task="basic")
+    assert basic.seetask_config() == SeeTaskConfig(num_train=4000, num_val=100, num_test=400, seed=0)
+    assert basic.base_config() == BaseModelConfig(steps=demo.SIZES["full"].base_steps, seed=0)
+    fine = demo.DemoConfig(out=None, size="full")
+    assert fine.task == demo.DEFAULT_TASK == "fine"
+    assert fine.seetask_config().patch_grid == 9 and fine.base_config().vision_feature_layer == -2
+
+
+def test_cli_refuses_a_folder_of_another_demo_and_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "demo"
+    demo.claim_output(demo.DemoConfig(out=out, size="ci", seed=0))
+    (out / "results.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["demo", "--out", str(out), "--size", "ci", "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "other settings" in err and "choose another --out" in err and len(err.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
