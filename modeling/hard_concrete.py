@@ -46,9 +46,8 @@ class HardConcreteGate(nn.Module):
     def sample(self, num_samples: int | None = None) -> torch.Tensor:
         """One reparameterised draw z in [0, 1] (shape `shape`), or `num_samples` independent draws
         (shape `(num_samples, *shape)`); exact 0 and 1 have non-zero probability."""
-        log_alpha = self.clamped_log_alpha()
         size = self.shape if num_samples is None else (num_samples, *self.shape)
-        return self.draw(torch.rand(size, dtype=log_alpha.dtype, device=log_alpha.device))
+        return self.draw(torch.rand(size, dtype=torch.float32, device=self.log_alpha.device))
 
     def draw(self, u: torch.Tensor) -> torch.Tensor:
         """The gate value for uniform noise `u` in (0, 1) (broadcast against `shape`)."""

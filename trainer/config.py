@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from visprune.modeling import ModelDims, TokenLayout, default_layout
 from visprune.modeling.gates import GateConfig
 
 
@@ -69,6 +70,11 @@ class BudgetConfig:
         _check_int("budget.warmup_steps", self.warmup_steps, 0)
         _check_int("budget.system_tokens", self.system_tokens, 0)
         _check_int("budget.text_tokens", self.text_tokens, 0)
+
+    def layout(self, dims: ModelDims) -> TokenLayout:
+        """The token layout the budget is costed on (one image, `system_tokens` before it, `text_tokens` after):
+        what training pulls to the budget and hardening cuts at it."""
+        return default_layout(dims, system=self.system_tokens, text=self.text_tokens)
 
 
 @dataclass

@@ -70,11 +70,6 @@ def _load_full_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     logger.info("loaded %d tensors from %s (%d not in the model)", len(state), checkpoint, len(unexpected))
 
 
-def recipe_layout(gates: GateSet, recipe: Recipe) -> TokenLayout:
-    """The token layout the recipe's budget was trained under (`budget.system_tokens` / `text_tokens`)."""
-    return default_layout(gates.model_dims(), system=recipe.budget.system_tokens, text=recipe.budget.text_tokens)
-
-
 def build_report(gates: GateSet, plan: Plan, budget: float, layout: TokenLayout | None = None) -> dict[str, Any]:
 
     dims = gates.model_dims()
@@ -246,7 +241,7 @@ def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None,
     if plan_path is None and recipe.plan is not None:
         plan_path = recipe.plan  # a fixed-plan run exports its plan
     template = training_template_of(checkpoint, recipe, model, processor)
-    layout = recipe_layout(gates, recipe)
+    layout = recipe.budget.layout(gates.model_dims())
     selection = None
     if plan_path is None and select is not None:
         plan, selection = select_plan(model, gates, budget, fill, select, processor, template,

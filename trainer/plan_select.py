@@ -65,6 +65,8 @@ def select_plan(model: torch.nn.Module, gates: GateSet, budget: float, fill: boo
     collator = ChatCollator(processor, template, image_folder=selection.image_folder, max_length=max_length)
     batches = [collator([rows[i] for i in range(start, min(start + selection.batch_size, len(rows)))])
                for start in range(0, len(rows), selection.batch_size)]
+    counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in batches]  # scored tokens, as the loss counts
+    tokens = max(sum(counts), 1)
     dims = gates.model_dims()
     was_training = model.training
     model.eval()
@@ -72,13 +74,8 @@ def select_plan(model: torch.nn.Module, gates: GateSet, budget: float, fill: boo
     try:
         for plan, source in tqdm(candidates, desc="plan selection", disable=not progress, leave=False):
             apply_plan(model, plan)
-            total, tokens = 0.0, 0
             with torch.no_grad():
-                for batch in batches:
-                    count = int((batch["labels"][:, 1:] != -100).sum())
-                    total += float(model(**batch).loss) * count
-                    tokens += count
-            loss = total / max(tokens, 1)
+                loss = sum(float(model(**batch).loss) * count for batch, count in zip(batches, counts)) / tokens
             ratio = plan_report(dims, layout, plan)["visual_flops_ratio"]
             tried.append({"source": source, "loss": loss, "visual_flops_ratio": ratio, "plan": plan})
             logger.info("plan selection: %s loss %.4f (%.1f%% of the visual FLOPs)", source, loss, 100 * ratio)

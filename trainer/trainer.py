@@ -18,7 +18,7 @@ from transformers.trainer_callback import TrainerCallback
 from visprune.data_prep.prepared import check_prepared_matches
 from visprune.data_prep.records import DataError, build_dataset
 from visprune.data_prep.templates import ChatTemplate
-from visprune.modeling import GateSet, default_layout
+from visprune.modeling import GateSet
 from visprune.modeling.families import family_for
 
 from . import checkpoints as ckpt
@@ -77,8 +77,7 @@ class VispruneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.recipe, self.gates, self.controller, self.template = recipe, gates, controller, template
         dims = gates.model_dims()
-        layout = default_layout(dims, system=recipe.budget.system_tokens, text=recipe.budget.text_tokens)
-        self.expected_flops = ExpectedFlops(dims, layout, recipe.window)
+        self.expected_flops = ExpectedFlops(dims, recipe.budget.layout(dims), recipe.window)
         self.loss_is_scaled_for_ga = False  # every term is a per-micro-batch mean: the Trainer divides by GA
         self._metrics: dict[str, float] = {}
         self._metric_count = 0
@@ -128,8 +127,10 @@ class VispruneTrainer(Trainer):
 
     # -- loss ----------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        temperature = None
         if model.training and self.gates.cfg.temperature_start is not None:  # annealed: set before the draw
-            self.gates.set_temperature(self.gates.temperature_at(self.state.global_step / max(1, self.state.max_steps)))
+            temperature = self.gates.temperature_at(self.state.global_step / max(1, self.state.max_steps))
+            self.gates.set_temperature(temperature)
         vision_anchor = self._vision_anchor(model, inputs)
         outputs = model(**inputs)
         lm_loss = outputs.loss
@@ -153,8 +154,8 @@ class VispruneTrainer(Trainer):
                 "lambda_1": self.controller.last_lambdas[0], "lambda_2": self.controller.last_lambdas[1],
                 "open_heads": float((effective > 0.5).sum()), "open_layers": float((probs.layer > 0.5).sum()),
             })
-            if self.gates.cfg.temperature_start is not None:
-                metrics["gate_temperature"] = self.gates.temperature_at(self.state.global_step / max(1, self.state.max_steps))
+            if temperature is not None:
+                metrics["gate_temperature"] = temperature
         if not bool(torch.isfinite(loss.detach())):
             # every gradient is made non-finite too (NaN * anything is NaN), so the optimizer step is skipped,
             # by NonFiniteGuard or by DeepSpeed's overflow check, on every rank alike; the graph is unchanged

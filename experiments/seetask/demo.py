@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 from visprune.data_prep.collator import ChatCollator
+from visprune.data_prep.files import write_atomic
 from visprune.data_prep.records import build_dataset
 from visprune.data_prep.seetask import SeeTaskConfig, write_seetask
 from visprune.data_prep.templates import resolve_for_model
@@ -226,9 +227,7 @@ def _stage(name: str) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def load_demo_recipe(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
