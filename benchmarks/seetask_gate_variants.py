@@ -24,16 +24,20 @@ from visprune.trainer.eval.teacher_forced import evaluate
 from visprune.trainer.export import harden
 from visprune.trainer.plan_select import PlanSelection
 
-# name -> (recipe overrides, what it changes); steps and paths are the demo's
+# name -> (recipe overrides, what it changes); steps and paths are the demo's. The demo's recipe anneals the
+# temperature and adds the plan loss; "previous" is the recipe before those two, the base of the older variants.
+PREVIOUS = ["gates.temperature_start=null", "gates.temperature=0.667", "plan_loss.weight=0"]
 VARIANTS = {
-    "default": ([], "the demo's visprune recipe"),
-    "lambda-lr-0.1": (["optim.lambda_lr=0.1"], "multiplier learning rate 0.1 instead of 0.5"),
-    "anneal": (["gates.temperature_start=0.667", "gates.temperature=0.1"],
-               "hard-concrete temperature annealed from 2/3 to 0.1: late draws are nearly the deterministic gates"),
-    "slow-warmup": (["budget.warmup_steps={steps}"], "the budget reaches its target at the last step, not half-way"),
-    "one-draw": (["gates.per_sample=false"], "one gate draw per batch instead of one per sample"),
-    "gate-lr-0.03": (["optim.gate_lr=0.03"], "gate learning rate 0.03 instead of 0.1"),
-    "no-distill": (["distill.enabled=false"], "no self-distillation from the dense model"),
+    "default": ([], "the demo's visprune recipe: temperature annealed 2/3 -> 0.1, plan loss from half-way"),
+    "no-plan-loss": (["plan_loss.weight=0"], "annealing only"),
+    "constant-temperature": (["gates.temperature_start=null", "gates.temperature=0.667"], "the plan loss only"),
+    "previous": (PREVIOUS, "neither: constant temperature 2/3, no plan loss"),
+    "lambda-lr-0.1": ([*PREVIOUS, "optim.lambda_lr=0.1"], "previous, multiplier learning rate 0.1 instead of 0.5"),
+    "slow-warmup": ([*PREVIOUS, "budget.warmup_steps={steps}"],
+                    "previous, the budget reaches its target at the last step, not half-way"),
+    "one-draw": ([*PREVIOUS, "gates.per_sample=false"], "previous, one gate draw per batch instead of one per sample"),
+    "gate-lr-0.03": ([*PREVIOUS, "optim.gate_lr=0.03"], "previous, gate learning rate 0.03 instead of 0.1"),
+    "no-distill": ([*PREVIOUS, "distill.enabled=false"], "previous, no self-distillation from the dense model"),
 }
 
 

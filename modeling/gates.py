@@ -97,7 +97,9 @@ class GateSet(nn.Module):
         self._handles: list[Any] = []
         self._restore: dict[str, Any] = {}
         self._open_all = False
+        self._plan_request: tuple[float, TokenLayout | None, bool] | None = None  # see plan_forward
         self.last_probs: GateProbs | None = None  # P(open) of the latest forward, for the FLOPs constraint
+        self.last_plan: Plan | None = None  # the plan of the latest plan_forward forward
 
     def forward(self, batch_size: int = 1) -> GateValues:
         """This forward's effective gates, with a leading sample dimension N: one draw per sample
@@ -107,6 +109,8 @@ class GateSet(nn.Module):
         if self._open_all:
             ones = torch.ones(1, L, device=self.device)
             return GateValues(head=torch.ones(1, L, H, device=self.device), router=ones, mlp=ones)
+        if self._plan_request is not None:
+            return self._plan_values()
         num_samples = batch_size if self.cfg.per_sample else 1
         (g, p_g), (r, p_r), (m, p_m) = self.head(num_samples), self.router(num_samples), self.mlp(num_samples)
         self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions())
@@ -128,6 +132,37 @@ class GateSet(nn.Module):
             yield
         finally:
             self._open_all, self.window = saved
+
+    @contextlib.contextmanager
+    def plan_forward(self, budget: float, layout: TokenLayout | None = None, fill: bool = False) -> Iterator[None]:
+        """Within this context every forward runs the hardened plan of the gates as they are at that forward,
+        `to_plan(budget, layout, fill)`: effective gates exactly 0 or 1, shared by the batch, in train mode too.
+        Gradients reach `log_alpha` straight through: each 0/1 value carries the gradient of its effective
+        P(open) (P(r open) x P(g open)), so a loss computed here also says which units the plan should hold.
+        `last_probs` is left as the latest sampled forward set it; `last_plan` is the plan run."""
+        saved = self._plan_request
+        self._plan_request = (budget, layout, fill)
+        try:
+            yield
+        finally:
+            self._plan_request = saved
+
+    def _plan_values(self) -> GateValues:
+        budget, layout, fill = self._plan_request
+        L, H = self.dims.num_layers, self.dims.num_heads
+        # P(open) computed inside this forward, where ZeRO-3 has gathered the gate parameters
+        p_g, p_r, p_m = (gate.prob_open().float() for gate in (self.head, self.router, self.mlp))
+        plan = self._plan_from_scores(_scores_from_probs(p_g, p_r, p_m), budget, layout, fill)
+        self.last_plan = plan
+        hard = GateProbs.from_plan(plan, self.dims.intermediate_size)
+        device = p_g.device
+
+        def straight_through(value: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+            return value.to(device) + (prob - prob.detach())  # exactly the 0/1 value, the gradient of prob
+
+        return GateValues(head=straight_through(hard.head, p_r[:, None] * p_g).reshape(1, L, H),
+                          router=straight_through(hard.layer, p_r).reshape(1, L),
+                          mlp=straight_through(hard.mlp, p_r * p_m).reshape(1, L))
 
     def prob_open(self) -> GateProbs:
         """P(gate != 0) of the raw gates, for the expected-FLOPs model."""
@@ -269,13 +304,16 @@ def _unit_scores(gates: GateSet) -> list[tuple[float, int, int, int]]:
     Fixed gates have P(open) 0 or 1 (score -inf or the other gate's).
     """
 
-    def log_prob(gate) -> torch.Tensor:
-        return torch.log(gate.prob_open().detach().float().cpu())
+    return _scores_from_probs(gates.head.prob_open(), gates.router.prob_open(), gates.mlp.prob_open())
 
-    head, router, mlp = log_prob(gates.head), log_prob(gates.router), log_prob(gates.mlp)
+
+def _scores_from_probs(head_p: torch.Tensor, router_p: torch.Tensor, mlp_p: torch.Tensor
+                       ) -> list[tuple[float, int, int, int]]:
+    """`_unit_scores` from the P(open) tensors of the head (L, H), router (L) and MLP (L) gates."""
+    head, router, mlp = (torch.log(p.detach().float().cpu()) for p in (head_p, router_p, mlp_p))
     units = []
-    for layer_idx in range(gates.dims.num_layers):
-        for head_idx in range(gates.dims.num_heads):
+    for layer_idx in range(head.shape[0]):
+        for head_idx in range(head.shape[1]):
             units.append((float(router[layer_idx] + head[layer_idx, head_idx]), 0, layer_idx, head_idx))
         units.append((float(router[layer_idx] + mlp[layer_idx]), 1, layer_idx, -1))
     return units

@@ -107,6 +107,17 @@ class DistillConfig:
         _check_float("distill.temperature", self.temperature, "(", 0.0)
 
 
+@dataclass
+class PlanLossConfig:
+    weight: float = 0.0  # loss += weight * (LM loss [+ distillation] of the hardened plan at the current target)
+    start: float = 0.5  # from this fraction of max_steps on (0: every step)
+    fill: bool = True  # the plan by to_plan's fill rule (false: the prefix rule); match what harden will use
+
+    def __post_init__(self) -> None:
+        _check_float("plan_loss.weight", self.weight, "[", 0.0)
+        _check_float("plan_loss.start", self.start, "[", 0.0, 1.0)
+
+
 # transformers schedulers that need no scheduler kwargs and step every param group through a LambdaLR
 # (the trainer keeps the gates' and multipliers' learning rates constant through its lr_lambdas)
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -187,6 +198,7 @@ class Recipe:
     gates: GateConfig = field(default_factory=GateConfig)  # modeling's schema; its window is `window` above
     lora: LoraConfig | None = field(default_factory=LoraConfig)  # null: full fine-tuning of the LM
     distill: DistillConfig = field(default_factory=DistillConfig)
+    plan_loss: PlanLossConfig = field(default_factory=PlanLossConfig)  # a term on the plan hardening will keep
     optim: OptimConfig = field(default_factory=OptimConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 

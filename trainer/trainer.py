@@ -77,7 +77,8 @@ class VispruneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.recipe, self.gates, self.controller, self.template = recipe, gates, controller, template
         dims = gates.model_dims()
-        self.expected_flops = ExpectedFlops(dims, recipe.budget.layout(dims), recipe.window)
+        self.layout = recipe.budget.layout(dims)  # the token layout the budget is costed on
+        self.expected_flops = ExpectedFlops(dims, self.layout, recipe.window)
         self.loss_is_scaled_for_ga = False  # every term is a per-micro-batch mean: the Trainer divides by GA
         self._metrics: dict[str, float] = {}
         self._metric_count = 0
@@ -128,8 +129,9 @@ class VispruneTrainer(Trainer):
     # -- loss ----------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         temperature = None
+        progress = self.state.global_step / max(1, self.state.max_steps)
         if model.training and self.gates.cfg.temperature_start is not None:  # annealed: set before the draw
-            temperature = self.gates.temperature_at(self.state.global_step / max(1, self.state.max_steps))
+            temperature = self.gates.temperature_at(progress)
             self.gates.set_temperature(temperature)
         vision_anchor = self._vision_anchor(model, inputs)
         outputs = model(**inputs)
@@ -137,8 +139,9 @@ class VispruneTrainer(Trainer):
         loss = lm_loss + vision_anchor
         metrics: dict[str, float] = {"loss_lm": float(lm_loss.detach())}
 
-        if self.recipe.distill.enabled:
-            kl = self.distillation_loss(model, inputs, outputs.logits)
+        teacher_logits = self.teacher_logits(model, inputs) if self.recipe.distill.enabled else None
+        if teacher_logits is not None:
+            kl = self.distillation_loss(inputs, outputs.logits, teacher_logits)
             loss = loss + self.recipe.distill.weight * kl
             metrics["loss_distill"] = float(kl.detach())
 
@@ -156,6 +159,11 @@ class VispruneTrainer(Trainer):
             })
             if temperature is not None:
                 metrics["gate_temperature"] = temperature
+            plan_cfg = self.recipe.plan_loss
+            if model.training and plan_cfg.weight > 0 and progress >= plan_cfg.start:
+                plan_loss = self.plan_loss(model, inputs, teacher_logits)
+                loss = loss + plan_cfg.weight * plan_loss
+                metrics["loss_plan"] = float(plan_loss.detach())
         if not bool(torch.isfinite(loss.detach())):
             # every gradient is made non-finite too (NaN * anything is NaN), so the optimizer step is skipped,
             # by NonFiniteGuard or by DeepSpeed's overflow check, on every rank alike; the graph is unchanged
@@ -168,6 +176,18 @@ class VispruneTrainer(Trainer):
             self._metric_count += 1
         return (loss, outputs) if return_outputs else loss
 
+    def plan_loss(self, model, inputs, teacher_logits: torch.Tensor | None) -> torch.Tensor:
+        """The loss of the plan that hardening at the current target would keep (`GateSet.plan_forward`):
+        LM loss, plus the distillation term when it is on. Trains the adapters for the deterministic plan
+        that sampled gates only approximate, and (straight through) the gates towards a plan that works."""
+        budget = self.controller.target_at(self.state.global_step)
+        with self.gates.plan_forward(budget, self.layout, self.recipe.plan_loss.fill):
+            outputs = model(**inputs)
+        loss = outputs.loss
+        if teacher_logits is not None:
+            loss = loss + self.recipe.distill.weight * self.distillation_loss(inputs, outputs.logits, teacher_logits)
+        return loss
+
     def _vision_anchor(self, model, inputs) -> torch.Tensor:
         """A text-only batch still runs the vision tower (zero-weighted): ZeRO-3 hangs when ranks skip it."""
         if "pixel_values" in inputs:
@@ -178,15 +198,18 @@ class VispruneTrainer(Trainer):
         features = family.image_features(base, dummy)
         return 0.0 * torch.cat(list(features)).float().sum()
 
-    def distillation_loss(self, model, inputs, student_logits: torch.Tensor) -> torch.Tensor:
-        """KL(teacher || student) on answer tokens; the teacher is this model with adapters disabled
-        and every gate open (no second copy of the weights)."""
+    def teacher_logits(self, model, inputs) -> torch.Tensor:
+        """The dense teacher's logits: this model with adapters disabled and every gate open (no second copy of
+        the weights)."""
         peft_model = unwrap_model(model)  # the peft model, also inside a DeepSpeed engine
         if not hasattr(peft_model, "disable_adapter"):
             raise ValueError("distill.enabled needs LoRA (the teacher is the model with adapters disabled)")
-        temperature = self.recipe.distill.temperature
         with torch.no_grad(), peft_model.disable_adapter(), self.gates.open_all():
-            teacher_logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+            return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+
+    def distillation_loss(self, inputs, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) on answer tokens."""
+        temperature = self.recipe.distill.temperature
         answer = inputs["labels"][:, 1:] != -100  # logits at i predict token i + 1
         if not answer.any():
             return student_logits.sum() * 0.0

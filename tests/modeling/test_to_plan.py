@@ -172,3 +172,22 @@ def test_candidate_plans_of_certain_gates_are_the_one_plan():
             param.copy_(torch.sign(param) * 10.0)  # every gate surely open or surely closed
     plans = gates.candidate_plans(1.0, 5)
     assert len(plans) == 1
+
+
+def test_plan_forward_runs_to_plans_plan_with_gradients_straight_through():
+    gates = small_model_gates(3)
+    gates.train()
+    gates(batch_size=2)
+    sampled_probs = gates.last_probs
+    with gates.plan_forward(0.3, fill=True):
+        values = gates(batch_size=2)
+    plan = gates.to_plan(0.3, fill=True)
+    assert gates.last_plan == plan and gates.last_probs is sampled_probs
+    hard = GateProbs.from_plan(plan, gates.dims.intermediate_size)
+    assert values.head.shape == (1, 4, 4)  # one plan shared by the batch
+    assert torch.equal(values.head[0].detach(), hard.head) and torch.equal(values.router[0].detach(), hard.layer)
+    assert torch.equal(values.mlp[0].detach(), hard.mlp)
+    (values.head.sum() + values.mlp.sum()).backward()
+    assert gates.head.log_alpha.grad.abs().sum() > 0 and gates.router.log_alpha.grad.abs().sum() > 0
+    gates.zero_grad()
+    assert gates(batch_size=2).head.shape == (2, 4, 4)  # outside the context: sampled again

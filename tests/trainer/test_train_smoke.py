@@ -85,11 +85,12 @@ def test_distillation_kl_zero_for_dense_student_and_positive_otherwise(toy_input
     model.eval()
     with torch.no_grad(), model.disable_adapter(), trainer.gates.open_all():
         logits = model(**batch).logits
-    with torch.no_grad(), model.disable_adapter(), trainer.gates.open_all():
-        assert float(trainer.distillation_loss(model, batch, logits)) == pytest.approx(0.0, abs=1e-7)
-    with torch.no_grad():  # the student: window on, gates not all open, adapters on (B=0 init: still window)
+    with torch.no_grad():
+        teacher = trainer.teacher_logits(model, batch)
+        assert float(trainer.distillation_loss(batch, logits, teacher)) == pytest.approx(0.0, abs=1e-7)
+        # the student: window on, gates not all open, adapters on (B=0 init: still window)
         student = model(**batch).logits
-        assert float(trainer.distillation_loss(model, batch, student)) > 1e-6
+        assert float(trainer.distillation_loss(batch, student, teacher)) > 1e-6
 
 
 class StopAt(TrainerCallback):
@@ -182,3 +183,14 @@ def test_annealed_temperature_is_logged_and_hardening_uses_the_final_one(toy_inp
     assert (stored.temperature, stored.temperature_start) == (0.3, 1.5)
     report = harden(run_dir / "checkpoint-6", tmp_path / "out", budget=0.25)
     assert report["visual_flops"]["ratio"] <= 0.25
+
+
+def test_plan_loss_is_logged_from_its_start_and_trains(toy_inputs, tmp_path):
+    recipe = toy_recipe(toy_inputs, tmp_path / "run", "train.max_steps=6", "budget.warmup_steps=2",
+                        "output.save_steps=6", "plan_loss.weight=1.0", "plan_loss.start=0.5")
+    run_dir = train(recipe, resume="never")
+    state = json.loads((run_dir / "checkpoint-6" / "trainer_state.json").read_text())
+    logged = [e for e in state["log_history"] if "loss" in e]
+    with_plan = [e["step"] for e in logged if "visprune/loss_plan" in e]
+    assert with_plan == [4, 5, 6]  # progress 3/6 = 0.5 from the fourth step on
+    assert all(math.isfinite(e["visprune/loss_plan"]) for e in logged if "visprune/loss_plan" in e)
