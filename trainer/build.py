@@ -94,19 +94,30 @@ def check_model_path(path: str) -> None:
 
 
 def prepare_model(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, GateSet, SparsityController]:
-    """Freeze what is not trained, attach gates and the sparsity controller, add LoRA (peft).
+    """Attach gates and the sparsity controller, then `add_trainable` (freeze what is not trained, add LoRA).
 
     Trainable: LoRA adapters on the language model's linear layers (or the whole LM when
     `lora: null`), optionally the projector, the gates and the Lagrange multipliers. The family
     says where these are (`lora_target_regex`, `language_model`, `projector_paths`).
     """
-    family = family_for(model)
     gates = attach_gates(model, recipe.gates)
     if recipe.plan is not None:  # fixed gates: fine-tune under a given plan (baselines, re-training)
         apply_plan(model, Plan.from_json(recipe.plan))
     controller = SparsityController(recipe.budget.visual_flops, recipe.budget.warmup_steps)
     setattr(model, SPARSITY_ATTR, controller.to(next(model.parameters()).device))
 
+    model = add_trainable(model, recipe)
+    # peft freezes raw parameters it does not know; gates and λ are always trained
+    for param in list(gates.parameters()) + list(controller.parameters()):
+        param.requires_grad = True
+    return model, gates, controller
+
+
+def add_trainable(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """Freeze the model, then make trainable what the recipe trains: LoRA adapters on the language model's
+    linear layers (peft; the projector as a trained copy with `model.train_projector`) or, with `lora: null`,
+    the whole language model (and the projector). Returns the model (the peft model with LoRA)."""
+    family = family_for(model)
     for name, param in model.named_parameters():
         param.requires_grad = False
     projector = list(family.projector_paths()) if recipe.model.train_projector else []
@@ -127,10 +138,7 @@ def prepare_model(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, GateSet,
         for module in trained:
             for param in module.parameters():
                 param.requires_grad = True
-    # peft freezes raw parameters it does not know; gates and λ are always trained
-    for param in list(gates.parameters()) + list(controller.parameters()):
-        param.requires_grad = True
-    return model, gates, controller
+    return model
 
 
 def check_lora_targets(model: nn.Module, family: Any, targets: list[str]) -> None:

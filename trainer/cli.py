@@ -111,6 +111,14 @@ def run_train(args: argparse.Namespace) -> int:
     from visprune.trainer.trainer import train
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        from visprune.trainer.dry_run import dry_run, format_dry_run
+
+        report = dry_run(recipe, args.recipe, gpus=args.gpus)
+        print(json.dumps(report, indent=1) if args.json else format_dry_run(report))
+        return 0
+    if args.gpus is not None or args.json:
+        raise ValueError("--gpus and --json go with --dry-run (a real run takes its GPUs from torchrun / deepspeed)")
     try:
         run_dir = train(recipe, resume=args.resume, overwrite=args.overwrite)
     finally:
@@ -376,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --resume never: start the run folder clean (only what visprune wrote in it)")
     train.add_argument("--resume", default="auto",
                        help="auto (newest checkpoint in the run folder, default), never, or a checkpoint folder")
+    train.add_argument("--dry-run", action="store_true",
+                       help="train nothing: build the model from its config.json on the meta device (no weights), "
+                            "attach gates and LoRA, and print parameter counts, per-GPU memory and FLOPs per sample")
+    train.add_argument("--gpus", type=positive_int, help="with --dry-run: GPUs the run will use (default 1)")
+    train.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
     train.set_defaults(func=run_train)
 
     harden = sub.add_parser("harden", parents=[common],
