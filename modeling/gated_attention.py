@@ -105,35 +105,49 @@ def _check_lengths(ctx: VisualContext, query: torch.Tensor, key: torch.Tensor, l
 
 
 def visprune_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Gated attention with SDPA and an additive (B, H, Q, K) float mask; CPU/GPU, forward and backward.
+    """Gated attention with SDPA; CPU/GPU, forward and backward.
 
     query (B, H, Q, D), key/value (B, Hkv, K, D), attention_mask (B, 1, Q, K) bool from `visprune_mask`.
     Returns (B, Q, H, D) and no weights.
+
+    The window/causal/padding mask is one additive (B, 1, Q, K) tensor shared by every head and layer of the
+    forward. The head's log-gate reaches the scores as one extra query/key channel: every query gets 1, a visual
+    key log e[b, h] / scale (a text key 0), so score = scale * q.k + log e on visual keys, exactly the additive
+    rule of docs/design.md, without a per-head (B, H, Q, K) mask. The channel is padded to a multiple of 8 (fused
+    kernels' head sizes) with zeros, which add nothing.
     """
     ctx = _ctx_from(kwargs, module)
     layer_idx = module.layer_idx
     _check_lengths(ctx, query, key, layer_idx)
-    H, Q = query.shape[1], query.shape[2]
+    H, Q, D = query.shape[1], query.shape[2], query.shape[3]
     groups = H // key.shape[1]
-    if groups > 1:  # grouped-query attention: every query head reads its group's K/V
+    if groups > 1:  # grouped-query attention: every query head reads its group's K/V (the gate is per query head)
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
 
-    cache_key = ("allowed", Q)
+    low = torch.finfo(query.dtype).min
+    cache_key = ("base", Q, query.dtype)
     if cache_key not in ctx._cache:
         if attention_mask is None:
             raise RuntimeError("visprune_sdpa needs the boolean mask from its registered mask function")
-        ctx._cache[cache_key] = _window_allowed(ctx, attention_mask[:, 0].bool())
-    allowed = ctx._cache[cache_key]  # (B, Q, K)
+        allowed = _window_allowed(ctx, attention_mask[:, 0].bool())  # (B, Q, K)
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # a row without keys is zeroed in _finish
+        ctx._cache[cache_key] = torch.where(allowed, 0.0, low).to(query.dtype)[:, None]  # (B, 1, Q, K)
+    base = ctx._cache[cache_key]
 
-    low = torch.finfo(query.dtype).min
-    log_gate = ctx.log_head_gates(layer_idx, query.dtype)  # (N, H)
-    key_gate = torch.where(ctx.layout.visual_mask[:, None, None, :], log_gate[:, :, None, None],
-                           torch.zeros((), dtype=query.dtype, device=query.device))  # (B, H, 1, K)
-    base = torch.where(allowed, 0.0, low).to(query.dtype)[:, None]  # (B, 1, Q, K)
-    bias = (base + key_gate).clamp_min(low)  # (B, H, Q, K); rows without keys are zeroed in _finish
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
-    return _finish(ctx, layer_idx, out), None
+    scale = scaling if scaling is not None else D**-0.5
+    log_gate = ctx.log_head_gates(layer_idx, query.dtype)  # (N, H); closed gates: the dtype's lowest value
+    channel = (log_gate / scale).clamp_min(low)[:, :, None, None]  # finite, so a closed head scores ~low
+    B, K = key.shape[0], key.shape[2]
+    key_gate = torch.where(ctx.layout.visual_mask[:, None, :, None], channel,
+                           torch.zeros((), dtype=query.dtype, device=query.device))  # (B, H, K, 1)
+    pad = 8 - D % 8  # the gate channel and zeros up to the next multiple of 8
+    zeros = query.new_zeros(1, 1, 1, 1).expand(B, H, max(Q, K), pad - 1)
+    query = torch.cat([query, query.new_ones(1, 1, 1, 1).expand(B, H, Q, 1), zeros[:, :, :Q]], dim=-1)
+    key = torch.cat([key, key_gate.expand(B, H, K, 1), zeros[:, :, :K]], dim=-1)
+    value = torch.cat([value, query.new_zeros(1, 1, 1, 1).expand(B, H, K, pad)], dim=-1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=base, dropout_p=dropout, scale=scale)
+    return _finish(ctx, layer_idx, out[..., :D]), None
 
 
 def _flex_block_mask(ctx: VisualContext, Q: int, device: torch.device):

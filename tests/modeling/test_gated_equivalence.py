@@ -241,3 +241,48 @@ def test_training_draws_gates_per_sample(per_sample):
         logits = model(**twice).logits
         assert gates(batch_size=2).head.shape == (1, 3, 4)
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
+
+
+def _additive_mask_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The gated rule written as one additive (B, H, Q, K) mask (window/causal + log e on visual keys)."""
+    from visprune.modeling import gated_attention as ga
+
+    ctx = ga._ctx_from(kwargs, module)
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    allowed = ga._window_allowed(ctx, attention_mask[:, 0].bool())
+    low = torch.finfo(query.dtype).min
+    log_gate = ctx.log_head_gates(module.layer_idx, query.dtype)
+    key_gate = torch.where(ctx.layout.visual_mask[:, None, None, :], log_gate[:, :, None, None],
+                           torch.zeros((), dtype=query.dtype))
+    bias = (torch.where(allowed, 0.0, low).to(query.dtype)[:, None] + key_gate).clamp_min(low)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling)
+    return ga._finish(ctx, module.layer_idx, out), None
+
+
+@pytest.mark.parametrize("num_kv_heads, padding", [(4, "left"), (2, "right")])
+def test_gate_channel_equals_an_additive_mask_in_training_forward_and_backward(num_kv_heads, padding):
+    """Sampled per-sample gates in train mode: the log-gate channel gives the outputs and the gradients (gates,
+    LoRA-free weights) of the additive (B, H, Q, K) mask it replaces."""
+    from unittest import mock
+
+    from visprune.modeling import gated_attention as ga
+
+    results = []
+    for impl in (ga.visprune_sdpa_attention, _additive_mask_attention):
+        model, batch = tiny_llava(num_kv_heads=num_kv_heads), tiny_batch(padding=padding)
+        gates = attach_gates(model, GateConfig(window=3, init_log_alpha=0.5))
+        model.train()
+        torch.manual_seed(5)
+        from transformers import AttentionInterface
+
+        with mock.patch.dict(AttentionInterface._global_mapping, {ga.SDPA_NAME: impl}):
+            logits = model(**batch).logits
+        loss = valid_logits(logits, batch).float().pow(2).mean()
+        loss.backward()
+        q_proj = next(p.grad for n, p in model.named_parameters() if "layers.1." in n and "q_proj.weight" in n).clone()
+        results.append((valid_logits(logits, batch).detach(), gates.head.log_alpha.grad.clone(),
+                        gates.router.log_alpha.grad.clone(), q_proj))
+    for ours, theirs in zip(results[0], results[1]):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    assert results[0][1].abs().sum() > 0
