@@ -155,7 +155,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from visprune.trainer.eval.bench import format_bench, run_bench
 
     result = run_bench(model=args.model, layers=args.layers, plan_path=args.plan, budget=args.budget,
-                       repeats=args.repeats, seed=args.seed, device=args.device, progress=not args.json)
+                       repeats=args.repeats, seed=args.seed, device=args.device, progress=not args.json,
+                       compare=args.compare)
     print(json.dumps(result, indent=1) if args.json else format_bench(result))
     return 0
 
@@ -309,6 +310,16 @@ def _int_at_least(low: int):
 
 
 positive_int = _int_at_least(1)
+
+
+def _peer_list(text: str) -> tuple[str, ...]:
+    from visprune.trainer.eval.peers import PEERS
+
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in PEERS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct names from {', '.join(PEERS)}, got {_shorten(text)!r}")
+    return names
 non_negative_int = _int_at_least(0)
 
 
@@ -421,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each model (default 3)")
     bench.add_argument("--seed", type=non_negative_int, default=0)
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    bench.add_argument("--compare", type=_peer_list, default=(),
+                       help="comma-separated token-dropping peers timed beside dense and hardened, each at the visual "
+                            "FLOPs closest to the plan's: vtw (every visual token leaves after layer K), fastv (FastV's "
+                            "top visual tokens by the last token's attention)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=run_bench)
 

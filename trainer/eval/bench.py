@@ -16,17 +16,19 @@ from visprune.modeling import cache_nbytes
 from visprune.modeling.flops import plan_report
 
 from .bench_setup import build_bench
+from .peers import build_peer
 from .timing import time_alternating
 
 
 def run_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | None = None,
               budget: float | None = None, repeats: int = 3, seed: int = 0, device: str | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, compare: tuple[str, ...] = ()) -> dict[str, Any]:
     """Measure dense vs hardened prefill; returns the result dict (see module docstring).
 
     At most one of `plan_path` and `budget` (a synthetic plan of the full-depth model, default
     0.25) selects the plan; `layers` of its layers, spread evenly over the depth, are benchmarked,
-    and the result reports their own visual-FLOPs fraction.
+    and the result reports their own visual-FLOPs fraction. `compare` names token-dropping peers (`peers.PEERS`)
+    timed in the same alternation, each at the visual FLOPs closest to the hardened plan's.
     """
     from tqdm.auto import tqdm
 
@@ -35,15 +37,18 @@ def run_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | Non
     if plan_path is None and budget is None:
         budget = 0.25
     kv: dict[str, int] = {}  # KV-cache bytes after a timed prefill, per model
-    with tqdm(total=2 * repeats, desc="bench", disable=not progress) as bar:
-        def after(name: str, out: Any) -> None:
-            kv[name] = cache_nbytes(out.past_key_values)
-            bar.update(1)
-
-        times = time_alternating({"dense": setup.run_dense, "hardened": setup.run_hardened}, repeats, device, after)
-
     dims, layout, plan = setup.dims, setup.layout, setup.plan
     cost = plan_report(dims, layout, plan)
+    peers = {name: build_peer(setup, name, cost["visual_flops_ratio"]) for name in compare}
+    runs = {"dense": setup.run_dense, "hardened": setup.run_hardened, **{n: p.run for n, p in peers.items()}}
+    with tqdm(total=len(runs) * repeats, desc="bench", disable=not progress) as bar:
+        def after(name: str, out: Any) -> None:
+            cache = out[1] if isinstance(out, tuple) else out.past_key_values
+            kv[name] = cache_nbytes(cache)
+            bar.update(1)
+
+        times = time_alternating(runs, repeats, device, after)
+
     dense_flops, hard_flops = cost["dense"]["prefill_flops"], cost["plan"]["prefill_flops"]
     dense_ms = 1000 * statistics.median(times["dense"])
     hard_ms = 1000 * statistics.median(times["hardened"])
@@ -65,6 +70,9 @@ def run_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | Non
         "efficiency": measured / predicted, "dense_kv_bytes": kv["dense"], "hardened_kv_bytes": kv["hardened"],
         "dense_ms_all": [1000 * t for t in times["dense"]], "hardened_ms_all": [1000 * t for t in times["hardened"]],
         "dims": asdict(dims),
+        **({"peers": {n: {"ms": 1000 * statistics.median(times[n]), "visual_flops_ratio": p.visual_flops_ratio,
+                          "layer": p.layer, "visual_tokens_kept": p.keep, "kv_bytes": kv[n],
+                          "ms_all": [1000 * t for t in times[n]]} for n, p in peers.items()}} if peers else {}),
     }
 
 
@@ -97,6 +105,10 @@ def format_bench(result: dict[str, Any]) -> str:
         (f"KV cache after prefill  dense {result['dense_kv_bytes'] / 2**20:.1f} MiB   "
          f"hardened {result['hardened_kv_bytes'] / 2**20:.1f} MiB ({kv_ratio:.1%})"),
     ]
+    for name, peer in result.get("peers", {}).items():
+        lines.append(f"peer {name:<6} {peer['ms']:.1f} ms at {peer['visual_flops_ratio']:.2%} visual FLOPs (drops visual "
+                     f"tokens before layer {peer['layer']}, keeps {peer['visual_tokens_kept']}); hardened / peer time "
+                     f"{result['hardened_ms'] / peer['ms']:.2f}")
     return "\n".join(lines)
 
 
