@@ -42,6 +42,9 @@ from .plan import PLAN_FILE, LayerPlan, Plan
 
 HARDENED_KWARG = "visprune_hardened"
 HARDENED_ATTR = "visprune_plan"  # the applied Plan, on the transformers model
+# the attention kernel of hardened layers: "auto" (SDPA on CUDA, the merged fp32 softmax elsewhere), "sdpa", "merged"
+ATTENTION_KERNELS = ("auto", "sdpa", "merged")
+attention_kernel = "auto"
 _FAR = 1 << 62  # key position of padding slots: after every query
 
 
@@ -404,6 +407,13 @@ def _permute_heads(attn: nn.Module, heads: list[int], num_heads: int, group_size
     return new_heads, list(range(len(kept_groups)))
 
 
+def _use_sdpa(hidden: torch.Tensor) -> bool:
+    if attention_kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"hardened attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, "
+                         f"got {attention_kernel!r}")
+    return attention_kernel == "sdpa" or (attention_kernel == "auto" and hidden.is_cuda)
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device)
 
@@ -506,10 +516,13 @@ class HardenedDecoderLayer(nn.Module):
 
         qkv = self._project(h_text, h_vis, ctx.rotary(position_embeddings, B), rows)
         keys_text, keys_vis = self._keys(qkv, rows, past, cache, T)
-        o_text = self._text_attention(qkv.q_text, keys_text, keys_vis, text, past).to(hidden.dtype)
-        o_vis = None
-        if qkv.q_vis is not None:
-            o_vis = self._visual_attention(qkv, keys_text, keys_vis, rows, past).to(hidden.dtype)
+        if _use_sdpa(hidden):
+            o_text, o_vis = self._sdpa_attention(qkv, keys_text, keys_vis, rows, past)
+        else:
+            o_text = self._text_attention(qkv.q_text, keys_text, keys_vis, text, past).to(hidden.dtype)
+            o_vis = None
+            if qkv.q_vis is not None:
+                o_vis = self._visual_attention(qkv, keys_text, keys_vis, rows, past).to(hidden.dtype)
         h_text, h_vis = self._add_attention_output(h_text, h_vis, o_text, o_vis)
         h_text, h_vis = self._add_mlp(h_text, h_vis)
 
@@ -577,6 +590,24 @@ class HardenedDecoderLayer(nn.Module):
         return cache.append(new_text, new_vis, num_tokens)
 
     # ---- step 2: text attention -----------------------------------------------------------------------------
+    def _sdpa_attention(self, qkv: _Projected, keys_text, keys_vis, rows: ForwardRows, past: int):
+        """Steps 2 and 3 on fused SDPA kernels in the weights' dtype (`hardened_sdpa`)."""
+        from . import hardened_sdpa
+
+        rule = self.rule
+        scale = self.layer.self_attn.scaling
+        device = qkv.q_text.device
+        o_text = hardened_sdpa.text_attention(qkv.q_text, keys_text, keys_vis, rows.text, past,
+                                              _to_device(rule.head_idx, device), rule.group_size, scale,
+                                              self._per_head)
+        if qkv.q_vis is None:
+            return o_text, None
+        kept_group = None if rule.one_head_per_group else _to_device(rule.head_kept_group_idx, device)
+        o_vis = hardened_sdpa.visual_attention(qkv.q_vis, qkv.k_vis, qkv.v_vis, keys_text, keys_vis, rows.visual,
+                                               rows.window, past, _to_device(rule.head_group_idx, device), scale,
+                                               self._per_head, kept_group)
+        return o_text, o_vis.reshape(-1, len(rule.heads) * rule.head_dim)
+
     def _text_attention(self, q_text: torch.Tensor, keys_text: list[torch.Tensor], keys_vis: list[torch.Tensor] | None,
                         text: Rows, past: int) -> torch.Tensor:
         """Text queries (Nt, H, D) against the text keys (every head, causal) and the visual keys (kept heads,

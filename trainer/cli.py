@@ -156,7 +156,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     result = run_bench(model=args.model, layers=args.layers, plan_path=args.plan, budget=args.budget,
                        repeats=args.repeats, seed=args.seed, device=args.device, progress=not args.json,
-                       compare=args.compare)
+                       compare=args.compare, kernel=args.kernel)
     print(json.dumps(result, indent=1) if args.json else format_bench(result))
     return 0
 
@@ -432,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each model (default 3)")
     bench.add_argument("--seed", type=non_negative_int, default=0)
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    bench.add_argument("--kernel", choices=["auto", "sdpa", "merged"], default="auto",
+                       help="hardened attention: auto (sdpa on CUDA, merged elsewhere), sdpa (fused kernels in the "
+                            "weights' dtype) or merged (fp32 matmuls, one softmax)")
     bench.add_argument("--compare", type=_peer_list, default=(),
                        help="comma-separated token-dropping peers timed beside dense and hardened, each at the visual "
                             "FLOPs closest to the plan's: vtw (every visual token leaves after layer K), fastv (FastV's "

@@ -37,10 +37,20 @@ def closed_heads_with_mlp(window=5):
                         LayerPlan(heads=(0, 1, 2, 3), mlp=True)))
 
 
+@pytest.fixture(params=["merged", "sdpa"])
+def kernel(request, monkeypatch):
+    """Both attention kernels of the hardened layers: the fp32 merged softmax (CPU default) and fused SDPA in
+    the weights' dtype (the CUDA default), here on CPU."""
+    from visprune.modeling import hardened
+
+    monkeypatch.setattr(hardened, "attention_kernel", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("num_kv_heads, bias", [(4, False), (2, True), (1, False)])
 @pytest.mark.parametrize("window", [None, 3, 5])
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_random_plans_match_gated(num_kv_heads, bias, window, padding):
+def test_random_plans_match_gated(num_kv_heads, bias, window, padding, kernel):
     batch = tiny_batch(images_per_sample=(1, 2, 0), padding=padding)  # two images in one sample, a text-only one
     for seed in range(3):
         plan = random_plan(seed, window=window, channels=seed == 2)
@@ -51,7 +61,7 @@ def test_random_plans_match_gated(num_kv_heads, bias, window, padding):
 
 @pytest.mark.parametrize("plan_fn", [all_skipped, closed_heads_with_mlp, lambda: Plan.dense(3, 4, window=3),
                                      lambda: Plan.dense(3, 4)])
-def test_edge_plans_match_gated(plan_fn):
+def test_edge_plans_match_gated(plan_fn, kernel):
     plan = plan_fn()
     batch = tiny_batch(images_per_sample=(2, 1), padding="left")
     gated, hardened = gated_and_hardened(plan, num_kv_heads=2, bias=True)
@@ -68,14 +78,14 @@ def test_dense_plan_without_window_equals_base_model():
                                atol=ATOL, rtol=0)
 
 
-def test_text_only_batch():
+def test_text_only_batch(kernel):
     gated, hardened = gated_and_hardened(random_plan(1, window=3))
     batch = tiny_batch(images_per_sample=(0, 0))
     torch.testing.assert_close(valid_logits(logits(hardened, batch), batch),
                                valid_logits(logits(gated, batch), batch), atol=ATOL, rtol=0)
 
 
-def test_bf16_close_to_gated_and_finite():
+def test_bf16_close_to_gated_and_finite(kernel):
     plan = random_plan(0, window=3)
     batch = tiny_batch()
     gated, hardened = gated_and_hardened(plan, num_kv_heads=2, dtype=torch.bfloat16)
@@ -86,7 +96,7 @@ def test_bf16_close_to_gated_and_finite():
 
 
 @pytest.mark.parametrize("num_kv_heads, window", [(4, 3), (2, None)])
-def test_cached_greedy_decoding_equals_recomputation(num_kv_heads, window):
+def test_cached_greedy_decoding_equals_recomputation(num_kv_heads, window, kernel):
     plan = random_plan(3, window=window)
     gated, hardened = gated_and_hardened(plan, num_kv_heads)
     batch = tiny_batch(padding="left")
@@ -152,3 +162,12 @@ def test_gates_attached_are_detached_before_hardening():
     batch = tiny_batch()
     torch.testing.assert_close(valid_logits(logits(model, batch), batch), valid_logits(logits(reference, batch), batch),
                                atol=ATOL, rtol=0)
+
+
+def test_an_unknown_kernel_is_refused(monkeypatch):
+    from visprune.modeling import hardened
+
+    _, model = gated_and_hardened(random_plan(0, window=3))
+    monkeypatch.setattr(hardened, "attention_kernel", "flash")
+    with pytest.raises(ValueError, match="attention_kernel"):
+        logits(model, tiny_batch())

@@ -22,14 +22,27 @@ from .timing import time_alternating
 
 def run_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | None = None,
               budget: float | None = None, repeats: int = 3, seed: int = 0, device: str | None = None,
-              progress: bool = True, compare: tuple[str, ...] = ()) -> dict[str, Any]:
+              progress: bool = True, compare: tuple[str, ...] = (), kernel: str = "auto") -> dict[str, Any]:
     """Measure dense vs hardened prefill; returns the result dict (see module docstring).
 
     At most one of `plan_path` and `budget` (a synthetic plan of the full-depth model, default
     0.25) selects the plan; `layers` of its layers, spread evenly over the depth, are benchmarked,
     and the result reports their own visual-FLOPs fraction. `compare` names token-dropping peers (`peers.PEERS`)
-    timed in the same alternation, each at the visual FLOPs closest to the hardened plan's.
+    timed in the same alternation, each at the visual FLOPs closest to the hardened plan's. `kernel` is the
+    hardened attention kernel (`hardened.ATTENTION_KERNELS`; auto: SDPA on CUDA, the merged fp32 softmax elsewhere).
     """
+    from visprune.modeling import hardened
+
+    if kernel not in hardened.ATTENTION_KERNELS:
+        raise ValueError(f"--kernel must be one of {', '.join(hardened.ATTENTION_KERNELS)}, got {kernel!r}")
+    saved, hardened.attention_kernel = hardened.attention_kernel, kernel
+    try:
+        return _run_bench(model, layers, plan_path, budget, repeats, seed, device, progress, compare, kernel)
+    finally:
+        hardened.attention_kernel = saved
+
+
+def _run_bench(model, layers, plan_path, budget, repeats, seed, device, progress, compare, kernel) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,6 +72,7 @@ def run_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | Non
         "model": setup.full.name, "family": dims.family, "model_class": type(setup.dense).__name__,
         "attention_bias": setup.attention_bias(), "mrope_section": rope.get("mrope_section"),
         "layers": layers, "device": device, "dtype": str(setup.dense.dtype).replace("torch.", ""),
+        "hardened_kernel": ("sdpa" if device == "cuda" else "merged") if kernel == "auto" else kernel,
         "threads": torch.get_num_threads(), "repeats": repeats, "budget": budget, "plan": plan_path,
         "plan_layers": setup.picked,
         "layout": layout.to_dict(), "image_grids": [list(g) for g in setup.grids],
@@ -95,7 +109,8 @@ def format_bench(result: dict[str, Any]) -> str:
     kv_ratio = result["hardened_kv_bytes"] / result["dense_kv_bytes"] if result["dense_kv_bytes"] else float("nan")
     lines = [
         (f"{result['model']} ({_describe_model(result)}), {result['layers']} layer(s), {result['device']} "
-         f"{result['dtype']}, {result['threads']} thread(s), {result['repeats']} repeats; prompt "
+         f"{result['dtype']}, {result['threads']} thread(s), {result['repeats']} repeats, hardened attention "
+         f"{result['hardened_kernel']}; prompt "
          f"{_describe_prompt(result['layout'])}"),
         (f"plan: {result['visual_flops_ratio']:.2%} of dense visual FLOPs, window {result['window']}, "
          f"heads kept per layer {result['heads_kept_per_layer']}, MLP kept {result['mlp_kept_per_layer']}"),
