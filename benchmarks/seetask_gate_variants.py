@@ -24,14 +24,30 @@ from visprune.trainer.eval.teacher_forced import evaluate
 from visprune.trainer.export import harden
 from visprune.trainer.plan_select import PlanSelection
 
-# name -> (recipe overrides, what it changes); steps and paths are the demo's. The demo's recipe anneals the
-# temperature and adds the plan loss; "previous" is the recipe before those two, the base of the older variants.
-PREVIOUS = ["gates.temperature_start=null", "gates.temperature=0.667", "plan_loss.weight=0"]
+# name -> (recipe overrides, what it changes); steps and paths are the demo's (`demo.visprune_overrides`). The
+# demo's recipe anneals the temperature, adds the plan loss from a quarter of the run and, half-way, fixes the
+# best of 8 candidate plans on the val split (plan_select). "no-select" is the recipe before plan_select, the
+# base of the variants below it; "previous" the one before annealing and the plan loss, the base of the oldest.
+NO_SELECT = ["plan_select.at=null", "budget.warmup_steps={half}", "plan_loss.start=0.5"]
+PREVIOUS = [*NO_SELECT, "gates.temperature_start=null", "gates.temperature=0.667", "plan_loss.weight=0"]
 VARIANTS = {
-    "default": ([], "the demo's visprune recipe: temperature annealed 2/3 -> 0.1, plan loss from half-way"),
-    "no-plan-loss": (["plan_loss.weight=0"], "annealing only"),
-    "constant-temperature": (["gates.temperature_start=null", "gates.temperature=0.667"], "the plan loss only"),
-    "previous": (PREVIOUS, "neither: constant temperature 2/3, no plan loss"),
+    "default": ([], "the demo's visprune recipe: plan chosen half-way on val and trained fixed (plan_select)"),
+    "select-no-restart": (["plan_select.restart_lr=false"],
+                          "default, one learning-rate schedule over the whole run (no restart at the fix)"),
+    "select-no-plan-loss": (["plan_loss.weight=0"], "default without the plan loss"),
+    "select-16": (["plan_select.candidates=16", "plan_select.samples=100"],
+                  "default, choosing among 16 candidates on 100 val samples"),
+    "no-select": (NO_SELECT, ("no plan_select: the gates learn to the end, hardening takes their plan (or the best "
+                              "of 8 on val); budget reached and plan loss from half-way")),
+    "no-plan-loss": ([*NO_SELECT, "plan_loss.weight=0"], "no-select, annealing only"),
+    "constant-temperature": ([*NO_SELECT, "gates.temperature_start=null", "gates.temperature=0.667"],
+                             "no-select, the plan loss only"),
+    "plan-early": ([*NO_SELECT, "plan_loss.start=0.25"], "no-select, plan loss from a quarter of the run on"),
+    "plan-heavy": ([*NO_SELECT, "plan_loss.weight=3"], "no-select, plan loss weighted 3 instead of 1"),
+    "plan-choice-4": ([*NO_SELECT, "plan_loss.candidates=4"],
+                      "no-select, each plan-loss step trains the best of 4 candidate plans on its own batch"),
+    "plan-choice-8": ([*NO_SELECT, "plan_loss.candidates=8"], "the same with 8 candidates"),
+    "previous": (PREVIOUS, "neither annealing nor the plan loss: constant temperature 2/3"),
     "lambda-lr-0.1": ([*PREVIOUS, "optim.lambda_lr=0.1"], "previous, multiplier learning rate 0.1 instead of 0.5"),
     "slow-warmup": ([*PREVIOUS, "budget.warmup_steps={steps}"],
                     "previous, the budget reaches its target at the last step, not half-way"),
@@ -78,12 +94,9 @@ def main() -> None:
                 continue
             start = time.time()
             run_cfg = demo.DemoConfig(out=cfg.out, size=args.size, seed=seed, task=args.task)
-            extra = [o.format(steps=scale.prune_steps) for o in overrides]
+            extra = [o.format(steps=scale.prune_steps, half=max(1, int(0.5 * scale.prune_steps))) for o in overrides]
             ckpt = demo._train_run(run_cfg, "visprune.yaml", out / "runs" / variant / f"seed-{seed}",
-                                   [f"budget.visual_flops={min(budgets)}",
-                                    f"budget.warmup_steps={max(1, int(0.5 * scale.prune_steps))}",
-                                    f"budget.system_tokens={layout.system}", f"budget.text_tokens={layout.text}",
-                                    f"window={cfg.window}", *extra])
+                                   [*demo.visprune_overrides(cfg, layout, min(budgets)), *extra])
             run = {}
             for budget in budgets:
                 for how, select in (("ranking", None), (f"best of {args.select}",

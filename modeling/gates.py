@@ -26,7 +26,7 @@ from .families import (
 )
 from .flops import GateProbs, ModelDims, TokenLayout, default_layout, visual_flops
 from .gated_attention import CTX_KWARG, FLEX_NAME, SDPA_NAME, GateValues, VisualContext
-from .hard_concrete import FixedGate, HardConcreteGate
+from .hard_concrete import LOG_ALPHA_LIMIT, FixedGate, HardConcreteGate
 from .plan import LayerPlan, Plan
 
 GATES_ATTR = "visprune_gates"  # the GateSet's name as a submodule of the multimodal model
@@ -97,7 +97,7 @@ class GateSet(nn.Module):
         self._handles: list[Any] = []
         self._restore: dict[str, Any] = {}
         self._open_all = False
-        self._plan_request: tuple[float, TokenLayout | None, bool] | None = None  # see plan_forward
+        self._plan_request: tuple[float, TokenLayout | None, bool, Plan | None, bool] | None = None  # plan_forward
         self.last_probs: GateProbs | None = None  # P(open) of the latest forward, for the FLOPs constraint
         self.last_plan: Plan | None = None  # the plan of the latest plan_forward forward
 
@@ -134,25 +134,31 @@ class GateSet(nn.Module):
             self._open_all, self.window = saved
 
     @contextlib.contextmanager
-    def plan_forward(self, budget: float, layout: TokenLayout | None = None, fill: bool = False) -> Iterator[None]:
+    def plan_forward(self, budget: float, layout: TokenLayout | None = None, fill: bool = False,
+                     plan: Plan | None = None, record_probs: bool = False) -> Iterator[None]:
         """Within this context every forward runs the hardened plan of the gates as they are at that forward,
-        `to_plan(budget, layout, fill)`: effective gates exactly 0 or 1, shared by the batch, in train mode too.
-        Gradients reach `log_alpha` straight through: each 0/1 value carries the gradient of its effective
-        P(open) (P(r open) x P(g open)), so a loss computed here also says which units the plan should hold.
-        `last_probs` is left as the latest sampled forward set it; `last_plan` is the plan run."""
+        `to_plan(budget, layout, fill)`, or `plan` when given (e.g. one of `candidate_plans`): effective gates
+        exactly 0 or 1, shared by the batch, in train mode too. Gradients reach `log_alpha` straight through:
+        each 0/1 value carries the gradient of its effective P(open) (P(r open) x P(g open)), so a loss
+        computed here also says which units the plan should hold. `last_probs` is left as the latest sampled
+        forward set it (with `record_probs`: set to this forward's P(open), as a sampled forward does);
+        `last_plan` is the plan run."""
         saved = self._plan_request
-        self._plan_request = (budget, layout, fill)
+        self._plan_request = (budget, layout, fill, plan, record_probs)
         try:
             yield
         finally:
             self._plan_request = saved
 
     def _plan_values(self) -> GateValues:
-        budget, layout, fill = self._plan_request
+        budget, layout, fill, plan, record_probs = self._plan_request
         L, H = self.dims.num_layers, self.dims.num_heads
         # P(open) computed inside this forward, where ZeRO-3 has gathered the gate parameters
         p_g, p_r, p_m = (gate.prob_open().float() for gate in (self.head, self.router, self.mlp))
-        plan = self._plan_from_scores(_scores_from_probs(p_g, p_r, p_m), budget, layout, fill)
+        if record_probs:
+            self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions())
+        if plan is None:
+            plan = self._plan_from_scores(_scores_from_probs(p_g, p_r, p_m), budget, layout, fill)
         self.last_plan = plan
         hard = GateProbs.from_plan(plan, self.dims.intermediate_size)
         device = p_g.device
@@ -176,6 +182,26 @@ class GateSet(nn.Module):
         for layer_idx, mask in self.mlp_channel_masks.items():
             frac[layer_idx] = mask.float().mean()
         return frac
+
+    @torch.no_grad()
+    def commit_to(self, plan: Plan) -> None:
+        """Set every learnable gate's `log_alpha` to +-LOG_ALPHA_LIMIT by `plan`: a layer's router open when
+        the plan keeps any of its units, each head and MLP gate open when the plan keeps it. P(open) is then
+        about 1 or about e^-10, so `to_plan` at a budget that `plan` fills returns `plan` (as a fill plan
+        leaves no unit that still fits, the prefix rule does too), and the checkpoint hardens to it. Under
+        ZeRO-3 call it inside a gather of the gate parameters."""
+        L, H = self.dims.num_layers, self.dims.num_heads
+        if (plan.num_layers, plan.num_heads) != (L, H):
+            raise ValueError(f"commit_to: a plan for {plan.num_layers} x {plan.num_heads} heads, gates of {L} x {H}")
+        head = torch.full((L, H), -LOG_ALPHA_LIMIT)
+        router, mlp = torch.full((L,), -LOG_ALPHA_LIMIT), torch.full((L,), -LOG_ALPHA_LIMIT)
+        for layer_idx, layer in enumerate(plan.layers):
+            head[layer_idx, list(layer.heads)] = LOG_ALPHA_LIMIT
+            mlp[layer_idx] = LOG_ALPHA_LIMIT if layer.mlp else -LOG_ALPHA_LIMIT
+            router[layer_idx] = -LOG_ALPHA_LIMIT if layer.skipped else LOG_ALPHA_LIMIT
+        for gate, value in ((self.head, head), (self.router, router), (self.mlp, mlp)):
+            if isinstance(gate, HardConcreteGate):
+                gate.log_alpha.copy_(value.reshape(gate.log_alpha.shape).to(gate.log_alpha))
 
     def to_plan(self, budget: float, layout: TokenLayout | None = None, fill: bool = False) -> Plan:
         """Harden the gates: deterministic top-k by `log_alpha` under the visual-FLOPs budget.

@@ -112,10 +112,37 @@ class PlanLossConfig:
     weight: float = 0.0  # loss += weight * (LM loss [+ distillation] of the hardened plan at the current target)
     start: float = 0.5  # from this fraction of max_steps on (0: every step)
     fill: bool = True  # the plan by to_plan's fill rule (false: the prefix rule); match what harden will use
+    # > 1: each plan-loss step scores this many candidate plans on its own batch without gradients (the gates'
+    # plan and plans drawn from the gates, GateSet.candidate_plans) and trains the one with the lowest loss
+    candidates: int = 1
 
     def __post_init__(self) -> None:
         _check_float("plan_loss.weight", self.weight, "[", 0.0)
         _check_float("plan_loss.start", self.start, "[", 0.0, 1.0)
+        _check_int("plan_loss.candidates", self.candidates, 1, 64)
+
+
+@dataclass
+class PlanSelectConfig:
+    # at this fraction of max_steps (after the budget's warm-up): choose the plan by a validation pass and train
+    # it fixed to the last step (gates frozen to it); null: the gates learn to the end
+    at: float | None = None
+    candidates: int = 8  # the gates' own plan and up to candidates - 1 plans drawn from the gates
+    samples: int = 64  # scored on the first N samples of `data`
+    data: str | None = None  # held-out samples (LLaVA JSON or prepared folder; images in data.image_folder); null: data.path
+    restart_lr: bool = True  # the LoRA / LM learning-rate schedule (warm-up, decay) starts again at the fix
+
+    def __post_init__(self) -> None:
+        if self.at is not None:
+            _check_float("plan_select.at", self.at, "(", 0.0, 1.0, ")")
+        _check_int("plan_select.candidates", self.candidates, 1, 64)
+        _check_int("plan_select.samples", self.samples, 1, 100_000)
+        if self.data is not None:
+            _check_path("plan_select.data", self.data, "null or a non-empty path")
+
+    def step(self, max_steps: int) -> int | None:
+        """The optimizer step from which the plan is fixed (None: never)."""
+        return None if self.at is None else max(1, round(self.at * max_steps))
 
 
 # transformers schedulers that need no scheduler kwargs and step every param group through a LambdaLR
@@ -199,6 +226,7 @@ class Recipe:
     lora: LoraConfig | None = field(default_factory=LoraConfig)  # null: full fine-tuning of the LM
     distill: DistillConfig = field(default_factory=DistillConfig)
     plan_loss: PlanLossConfig = field(default_factory=PlanLossConfig)  # a term on the plan hardening will keep
+    plan_select: PlanSelectConfig = field(default_factory=PlanSelectConfig)  # choose the plan, then train it fixed
     optim: OptimConfig = field(default_factory=OptimConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -208,6 +236,14 @@ class Recipe:
         if self.plan is not None:
             _check_path("plan", self.plan, "null or a non-empty path")
         self.gates.window = self.window  # the gate config's window is the recipe's top-level key
+        fix_step = self.plan_select.step(self.train.max_steps)
+        if fix_step is not None:
+            if self.plan is not None:
+                raise ValueError("plan_select.at chooses a plan from learned gates; this recipe fixes one (plan): "
+                                 "set one of them to null")
+            if fix_step < self.budget.warmup_steps:
+                raise ValueError(f"plan_select.at {self.plan_select.at:g} chooses the plan at step {fix_step}, before "
+                                 f"the budget reaches its target (budget.warmup_steps {self.budget.warmup_steps})")
 
 
 def _is_int(value: Any) -> bool:

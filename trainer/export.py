@@ -31,13 +31,14 @@ from visprune.modeling import (
     detach_gates,
 )
 from visprune.modeling.flops import plan_report
+from visprune.modeling.plan import read_json_file
 
 from . import checkpoints as ckpt
 from .build import build_model
 from .config import Recipe, first_line, load_recipe
 from .gate_state import GATES_FILE, load_gate_state, stored_gate_config
 from .plan_select import PlanSelection, select_plan
-from .run_folder import FINAL_DIR, RECIPE_FILE, STATE_FILE
+from .run_folder import FINAL_DIR, PLAN_CHOICE_FILE, RECIPE_FILE, STATE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,17 @@ def stop_on_end_of_turn(generation_config: Any, processor: Any, template: ChatTe
     generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
 
 
+def _plan_choice(checkpoint: Path) -> dict[str, Any] | None:
+    """The checkpoint's `plan_select.json` (a run whose `plan_select` fixed its plan), or None."""
+    path = checkpoint / PLAN_CHOICE_FILE
+    if not path.is_file():
+        return None
+    choice = read_json_file(path, 16 << 20, "plan choice", HardenError)
+    if not isinstance(choice, dict) or not {"plan", "budget", "step"} <= choice.keys():
+        raise HardenError(f"{path}: not a plan choice visprune wrote (keys plan, budget, step)")
+    return choice
+
+
 def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None, plan_path: str | None = None,
            max_shard_size: str = "5GB", *, trust_remote_code: bool = False, overwrite: bool = False,
            fill: bool = False, select: PlanSelection | None = None) -> dict[str, Any]:
@@ -237,13 +249,20 @@ def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None,
     select_rows = select.rows() if select is not None and plan_path is None and recipe.plan is None else None
     out = Path(os.path.realpath(out))  # a symlinked `out` keeps pointing at the new folder
     model, gates, processor = _build_from_checkpoint(checkpoint, recipe, trust_remote_code)
+    choice = _plan_choice(checkpoint) if plan_path is None and recipe.plan is None else None
+    if choice is not None and budget is not None and abs(budget - choice["budget"]) > 1e-6:
+        raise HardenError(f"{checkpoint} trained one plan fixed from step {choice['step']} (plan_select) at the "
+                          f"budget {choice['budget']:.4g}: harden it at that budget (or give --plan)")
     budget = recipe.budget.visual_flops if budget is None else budget
     if plan_path is None and recipe.plan is not None:
         plan_path = recipe.plan  # a fixed-plan run exports its plan
     template = training_template_of(checkpoint, recipe, model, processor)
     layout = recipe.budget.layout(gates.model_dims())
     selection = None
-    if plan_path is None and select is not None:
+    if choice is not None:  # the plan training chose and then trained fixed (its gates are committed to it)
+        plan, rule = Plan.from_json(choice["plan"]), "selected in training"
+        selection = {k: v for k, v in choice.items() if k != "plan"}
+    elif plan_path is None and select is not None:
         plan, selection = select_plan(model, gates, budget, fill, select, processor, template,
                                       recipe.data.max_length, layout, rows=select_rows)
         rule = ("fill" if fill else "prefix") + ", selected"

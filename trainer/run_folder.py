@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 RECIPE_FILE = "recipe.yaml"
 FINAL_DIR = "final"  # RUN_DIR/final: the adapter (or model), gates and recipe after the last step
+PLAN_CHOICE_FILE = "plan_select.json"  # plan_select: the plan chosen and trained fixed, what was tried
 STATE_FILE = "visprune_state.json"  # skipped-step counters, beside trainer_state.json
 
 
@@ -31,7 +32,7 @@ DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
 NON_RESULT_KEYS = frozenset({"output.dir", "output.save_steps", "output.save_total_limit", "output.heatmap_steps",
                              "train.logging_steps", "train.max_steps", "train.stop_after_nonfinite",
                              "train.gradient_checkpointing", "data.num_workers"})
-PATH_KEYS = frozenset({"model.path", "data.path", "data.image_folder", "plan"})  # equal when they name one file
+PATH_KEYS = frozenset({"model.path", "data.path", "data.image_folder", "plan", "plan_select.data"})  # equal when they name one file
 
 
 class RunFolderError(RecipeError):
@@ -148,7 +149,7 @@ def check_run_folder(run_dir: Path, recipe: Recipe, resume: str, overwrite: bool
                              f"--resume {resume} the run there would be continued)")
     out = run_dir.resolve()
     for key, value in (("model.path", recipe.model.path), ("data.path", recipe.data.path),
-                       ("data.image_folder", recipe.data.image_folder)):
+                       ("data.image_folder", recipe.data.image_folder), ("plan_select.data", recipe.plan_select.data)):
         if value is not None and os.path.isdir(value) and _inside_or_equal(out, Path(value).resolve()):
             raise RunFolderError(f"output.dir {run_dir} is inside {key} {value}: a run folder never goes in its "
                                  "inputs; use another output.dir")
@@ -202,6 +203,7 @@ def decided_by_main_process(decide: Any) -> Any:
     return value
 
 
-__all__ = ["DEEPSPEED_CONFIG_FILE", "FINAL_DIR", "NON_RESULT_KEYS", "PATH_KEYS", "RECIPE_FILE", "STATE_FILE",
+__all__ = ["DEEPSPEED_CONFIG_FILE", "FINAL_DIR", "NON_RESULT_KEYS", "PATH_KEYS", "PLAN_CHOICE_FILE", "RECIPE_FILE",
+           "STATE_FILE",
            "TENSORBOARD_DIR", "RunFolderError", "check_run_folder", "clear_run_folder", "decided_by_main_process",
            "foreign_entries", "recipe_differences", "recorded_recipe", "wait_for_every_rank"]

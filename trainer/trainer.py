@@ -4,6 +4,7 @@ folder (builders in build.py, gate state in gate_state.py, the run folder's rule
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -13,13 +14,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import Trainer
+from transformers import Trainer, get_scheduler
 from transformers.trainer_callback import TrainerCallback
 from visprune.data_prep.prepared import check_prepared_matches
 from visprune.data_prep.records import DataError, build_dataset
 from visprune.data_prep.templates import ChatTemplate
-from visprune.modeling import GateSet
+from visprune.modeling import GateSet, Plan
 from visprune.modeling.families import family_for
+from visprune.modeling.flops import plan_report
 
 from . import checkpoints as ckpt
 from .build import (
@@ -32,6 +34,7 @@ from .build import (
 from .config import Recipe, save_recipe
 from .gate_state import (
     GATES_FILE,
+    _gathered,
     base_model_of,
     check_resume_fits,
     check_saved_tensors,
@@ -44,6 +47,7 @@ from .gate_state import (
 from .run_folder import (
     DEEPSPEED_CONFIG_FILE,
     FINAL_DIR,
+    PLAN_CHOICE_FILE,
     RECIPE_FILE,
     STATE_FILE,
     check_run_folder,
@@ -82,6 +86,10 @@ class VispruneTrainer(Trainer):
         self.loss_is_scaled_for_ga = False  # every term is a per-micro-batch mean: the Trainer divides by GA
         self._metrics: dict[str, float] = {}
         self._metric_count = 0
+        self.last_plan_source: str | None = None  # the candidate the latest plan-loss step trained (choose_plan)
+        self.fixed_plan: Plan | None = None  # plan_select: the plan trained fixed from plan_select.at on
+        self.fixed_budget = 1.0
+        self.plan_choice: dict | None = None  # what fix_plan tried and chose (plan_select.json)
         self._constant_lr_groups: list[int] = []
         self._staging_root: str | None = None
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
@@ -116,14 +124,29 @@ class VispruneTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The recipe's schedule (cosine + warm-up) for LoRA / LM weights; gates and λ keep a constant
-        learning rate so the constraint can act until the last step (as in CoFi)."""
+        learning rate so the constraint can act until the last step (as in CoFi), and 0 once `plan_select`
+        fixed the plan."""
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         lambdas = getattr(scheduler, "lr_lambdas", None)
         if lambdas is None or len(lambdas) != len(scheduler.optimizer.param_groups):
             raise RuntimeError(f"cannot give gates a constant learning rate with {type(scheduler).__name__}")
+        def gate_lr_factor(step: int) -> float:  # a function: LambdaLR's state_dict stores no trainer
+            return 0.0 if self.fixed_plan is not None else 1.0
+
         for idx in self._constant_lr_groups:
-            lambdas[idx] = _constant_lr
+            lambdas[idx] = gate_lr_factor
             scheduler.optimizer.param_groups[idx]["lr"] = scheduler.base_lrs[idx]
+        select = self.recipe.plan_select
+        fix_step = select.step(num_training_steps)
+        if fix_step is not None and select.restart_lr:  # the fixed-plan phase gets the schedule again, from its start
+            remaining = num_training_steps - fix_step
+            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            restart = get_scheduler(self.args.lr_scheduler_type, dummy, num_training_steps=remaining,
+                                    num_warmup_steps=self.args.get_warmup_steps(remaining)).lr_lambdas[0]
+            for idx, before in enumerate(lambdas):
+                if idx not in self._constant_lr_groups:
+                    lambdas[idx] = (lambda step, before=before:
+                                    restart(step - fix_step) if self.fixed_plan is not None else before(step))
         return scheduler
 
     # -- loss ----------------------------------------------------------------------------------------
@@ -133,8 +156,12 @@ class VispruneTrainer(Trainer):
         if model.training and self.gates.cfg.temperature_start is not None:  # annealed: set before the draw
             temperature = self.gates.temperature_at(progress)
             self.gates.set_temperature(temperature)
+        fix_step = self.recipe.plan_select.step(self.state.max_steps)
+        if model.training and self.fixed_plan is None and fix_step is not None and self.state.global_step >= fix_step:
+            self.fix_plan(model)
         vision_anchor = self._vision_anchor(model, inputs)
-        outputs = model(**inputs)
+        with self._fixed_plan_forward():
+            outputs = model(**inputs)
         lm_loss = outputs.loss
         loss = lm_loss + vision_anchor
         metrics: dict[str, float] = {"loss_lm": float(lm_loss.detach())}
@@ -149,6 +176,8 @@ class VispruneTrainer(Trainer):
         if probs is not None and self.gates.learnable():
             expected = self.expected_flops(probs)
             penalty = self.controller(expected, self.state.global_step)
+            if self.fixed_plan is not None:  # the plan is chosen: the constraint rests (kept in the graph, no effect)
+                penalty = penalty * 0.0
             loss = loss + penalty
             effective = probs.layer[:, None] * probs.head
             metrics.update({
@@ -160,10 +189,14 @@ class VispruneTrainer(Trainer):
             if temperature is not None:
                 metrics["gate_temperature"] = temperature
             plan_cfg = self.recipe.plan_loss
-            if model.training and plan_cfg.weight > 0 and progress >= plan_cfg.start:
+            if self.fixed_plan is not None:
+                metrics["plan_fixed"] = 1.0
+            elif model.training and plan_cfg.weight > 0 and progress >= plan_cfg.start:
                 plan_loss = self.plan_loss(model, inputs, teacher_logits)
                 loss = loss + plan_cfg.weight * plan_loss
                 metrics["loss_plan"] = float(plan_loss.detach())
+                if plan_cfg.candidates > 1:  # share of plan-loss steps that trained a drawn plan, not the gates' own
+                    metrics["plan_drawn"] = float(self.last_plan_source != "scores")
         if not bool(torch.isfinite(loss.detach())):
             # every gradient is made non-finite too (NaN * anything is NaN), so the optimizer step is skipped,
             # by NonFiniteGuard or by DeepSpeed's overflow check, on every rank alike; the graph is unchanged
@@ -180,13 +213,113 @@ class VispruneTrainer(Trainer):
         """The loss of the plan that hardening at the current target would keep (`GateSet.plan_forward`):
         LM loss, plus the distillation term when it is on. Trains the adapters for the deterministic plan
         that sampled gates only approximate, and (straight through) the gates towards a plan that works."""
+        cfg = self.recipe.plan_loss
         budget = self.controller.target_at(self.state.global_step)
-        with self.gates.plan_forward(budget, self.layout, self.recipe.plan_loss.fill):
+        plan = self.choose_plan(model, inputs, teacher_logits, budget) if cfg.candidates > 1 else None
+        with self.gates.plan_forward(budget, self.layout, cfg.fill, plan=plan):
             outputs = model(**inputs)
+        return self._plan_objective(inputs, outputs, teacher_logits)
+
+    def _plan_objective(self, inputs, outputs, teacher_logits: torch.Tensor | None) -> torch.Tensor:
         loss = outputs.loss
         if teacher_logits is not None:
             loss = loss + self.recipe.distill.weight * self.distillation_loss(inputs, outputs.logits, teacher_logits)
         return loss
+
+    def choose_plan(self, model, inputs, teacher_logits: torch.Tensor | None, budget: float) -> Plan:
+        """`plan_loss.candidates` > 1: the candidate plan at `budget` (`GateSet.candidate_plans`: the gates'
+        own plan, then plans drawn from the gates, seeded by the step) with the lowest plan objective on this
+        batch, scored without gradients. Under data parallelism the losses are summed over ranks first, so
+        every rank trains the same plan. Sets `last_plan_source` ("scores" or "draw N")."""
+        cfg = self.recipe.plan_loss
+        with _gathered(list(self.gates.parameters())):
+            candidates = self.gates.candidate_plans(budget, cfg.candidates, self.layout, fill=cfg.fill,
+                                                    seed=self.state.global_step)
+        device = inputs["input_ids"].device
+        losses = torch.zeros(len(candidates), device=device)
+        with torch.no_grad():
+            for idx, (plan, _) in enumerate(candidates):
+                with self.gates.plan_forward(budget, self.layout, cfg.fill, plan=plan):
+                    losses[idx] = self._plan_objective(inputs, model(**inputs), teacher_logits).float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(losses)
+        losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
+        best = int(torch.argmin(losses))
+        self.last_plan_source = candidates[best][1]
+        return candidates[best][0]
+
+    # -- plan_select: choose the plan by a validation pass, then train it fixed ------------------------
+    def _fixed_plan_forward(self):
+        """After `fix_plan`: forwards run the chosen plan as exact 0/1 gates (recording P(open) as a sampled
+        forward does); before: nothing changes."""
+        if self.fixed_plan is None:
+            return contextlib.nullcontext()
+        return self.gates.plan_forward(self.fixed_budget, self.layout, True, plan=self.fixed_plan, record_probs=True)
+
+    def fix_plan(self, model) -> Plan:
+        """`plan_select`: score the candidate plans at the current target (`GateSet.candidate_plans`, fill
+        rule: the gates' own plan and plans drawn from them) by their LM loss on the first
+        `plan_select.samples` samples of `plan_select.data` (default: the training data), without gradients,
+        summed over ranks; keep the lowest. Its gates are committed to it (`GateSet.commit_to`, so the
+        checkpoint hardens to this plan at this budget) and frozen (learning rate 0), and every later forward
+        runs it. The choice is saved in every checkpoint (`plan_select.json`) and restored on resume."""
+        cfg = self.recipe.plan_select
+        budget = self.controller.target_at(self.state.global_step)
+        with _gathered(list(self.gates.parameters())):
+            candidates = self.gates.candidate_plans(budget, cfg.candidates, self.layout, fill=True, seed=self.args.seed)
+        batches = self._selection_batches()
+        counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in batches]
+        device = batches[0]["input_ids"].device
+        losses = torch.zeros(len(candidates), device=device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for idx, (plan, _) in enumerate(candidates):
+                    with self.gates.plan_forward(budget, self.layout, True, plan=plan):
+                        total = sum(model(**batch).loss.float() * count for batch, count in zip(batches, counts))
+                    losses[idx] = total / max(sum(counts), 1)
+        finally:
+            model.train(was_training)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(losses)  # every rank keeps the same plan
+        losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
+        best = int(torch.argmin(losses))
+        plan = candidates[best][0]
+        dims = self.gates.model_dims()
+        self.plan_choice = {
+            "step": self.state.global_step, "budget": budget, "chosen": candidates[best][1],
+            "data": self.recipe.plan_select.data or self.recipe.data.path, "samples": sum(len(b["input_ids"]) for b in batches),
+            "candidates": [{"source": source, "loss": loss if math.isfinite(loss) else None,
+                            "visual_flops_ratio": plan_report(dims, self.layout, cand)["visual_flops_ratio"]}
+                           for (cand, source), loss in zip(candidates, losses.tolist())],
+            "plan": plan.to_dict()}
+        logger.info("step %d: plan fixed (%s of %d candidates, loss %.4f; %.1f%% of the visual FLOPs)",
+                    self.state.global_step, candidates[best][1], len(candidates), float(losses[best]),
+                    100 * self.plan_choice["candidates"][best]["visual_flops_ratio"])
+        self._commit(plan, budget)
+        return plan
+
+    def _commit(self, plan: Plan, budget: float) -> None:
+        with _gathered(list(self.gates.parameters())):
+            self.gates.commit_to(plan)
+            if self.gates.to_plan(budget, self.layout, fill=True) != plan:
+                raise RuntimeError("plan_select: the committed gates do not harden to the chosen plan")
+        self.fixed_plan, self.fixed_budget = plan, budget
+        scheduler = self.lr_scheduler
+        if self.optimizer is not None and scheduler is not None:  # this step already runs the fixed phase's rates:
+            for idx, group in enumerate(self.optimizer.param_groups):  # gates and multipliers 0, LoRA restarted
+                group["lr"] = scheduler.base_lrs[idx] * scheduler.lr_lambdas[idx](self.state.global_step)
+
+    def _selection_batches(self) -> list[dict[str, torch.Tensor]]:
+        cfg = self.recipe.plan_select
+        rows = build_dataset(cfg.data) if cfg.data is not None else self.train_dataset
+        if len(rows) == 0:
+            raise DataError(f"plan_select.data {cfg.data} holds no samples")
+        rows = [rows[i] for i in range(min(cfg.samples, len(rows)))]
+        size = self.args.per_device_train_batch_size
+        return [self._prepare_inputs(self.data_collator(rows[start:start + size]))
+                for start in range(0, len(rows), size)]
 
     def _vision_anchor(self, model, inputs) -> torch.Tensor:
         """A text-only batch still runs the vision tower (zero-weighted): ZeRO-3 hangs when ranks skip it."""
@@ -244,6 +377,8 @@ class VispruneTrainer(Trainer):
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             save_file(tensors, os.path.join(output_dir, GATES_FILE), metadata=gate_metadata(self.gates))
             save_recipe(self.recipe, os.path.join(output_dir, RECIPE_FILE))
+            if self.plan_choice is not None:
+                Path(output_dir, PLAN_CHOICE_FILE).write_text(json.dumps(self.plan_choice, indent=1) + "\n")
             if self.template is not None:
                 self.template.save(output_dir)
             check_saved_tensors(output_dir, expected_tensor_shapes(self.model), self.gates, self.controller)
@@ -301,6 +436,10 @@ class VispruneTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_gate_state(self.gates, self.controller, os.path.join(resume_from_checkpoint, GATES_FILE))
+        choice = Path(resume_from_checkpoint) / PLAN_CHOICE_FILE
+        if choice.is_file():  # the plan was fixed before this checkpoint: keep training it
+            self.plan_choice = json.loads(choice.read_text())
+            self._commit(Plan.from_json(self.plan_choice["plan"]), float(self.plan_choice["budget"]))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -319,10 +458,6 @@ class VispruneTrainer(Trainer):
         if flag.item():
             raise NonFiniteError(f"refusing to save non-finite weights at step {self.state.global_step}: "
                                  f"{bad[:5] or 'on another rank'}")
-
-
-def _constant_lr(step: int) -> float:
-    return 1.0
 
 
 class NonFiniteGuard(TrainerCallback):

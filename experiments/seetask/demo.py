@@ -1,7 +1,7 @@
 """`visprune demo`: the accuracy-vs-FLOPs experiment on the synthetic see-task, end to end on CPU.
 
-Stages: generate data -> train the dense base -> prune-train once (visprune: LoRA + gates +
-Lagrangian + distillation) -> harden at every budget -> the baselines at the same budgets (VTW,
+Stages: generate data -> train the dense base -> per budget, prune-train (visprune: LoRA + gates +
+Lagrangian + distillation, then the plan chosen on the val split trained fixed) and harden -> the baselines at the same budgets (VTW,
 YOPO heuristic, random plan: each fine-tuned with the same LoRA budget and its plan fixed; FastV:
 training-free) -> evaluate all on the test split -> `report.md`, `pareto.png`, `results.json`.
 Every stage writes its own folder and is skipped when its result exists (a crashed demo resumes).
@@ -39,7 +39,6 @@ from visprune.trainer.eval.loading import load_for_eval, plan_flops
 from visprune.trainer.eval.teacher_forced import evaluate
 from visprune.trainer.eval.timing import time_alternating
 from visprune.trainer.export import harden
-from visprune.trainer.plan_select import PlanSelection
 from visprune.trainer.trainer import train
 
 from .base_model import BASE_REPORT, BaseModelConfig, train_base
@@ -98,7 +97,8 @@ class DemoConfig:
     budgets: tuple[float, ...] = (0.5, 0.25, 0.12)
     window: int = 3
     fill: bool = True  # plans use their budget (`GateSet.to_plan(fill=True)`); False: the prefix rule
-    select: int = 8  # visprune's plan: the best of this many candidates on the val split (harden --select-on); 0: off
+    select: int = 8  # visprune: the plan chosen half-way among this many candidates on the val split, then trained
+    # fixed (the recipe's plan_select); 0 or 1: off (the gates learn to the end, hardening ranks them)
     seed: int = 0  # data, base, gate training and baselines all follow it
     task: str = DEFAULT_TASK  # a key of TASKS
     task_options: dict[str, Any] = field(default_factory=dict)  # SeeTaskConfig fields over the task's own
@@ -297,35 +297,46 @@ def prepare_base(cfg: DemoConfig, progress: bool = True) -> DemoState:
     return state
 
 
+def visprune_overrides(cfg: DemoConfig, layout: TokenLayout, budget: float) -> list[str]:
+    """The prune-training recipe's settings for one budget: the budget reached a quarter of the way in; with
+    `cfg.select` > 1, the plan chosen half-way among that many candidates on the val split and trained fixed
+    to the end (`plan_select`), else the gates learn to the end and hardening ranks them."""
+    steps = cfg.scale.prune_steps
+    extra = [f"budget.visual_flops={budget}", f"budget.warmup_steps={max(1, steps // 4)}",
+             f"budget.system_tokens={layout.system}", f"budget.text_tokens={layout.text}", f"window={cfg.window}"]
+    if cfg.select > 1:
+        return [*extra, f"plan_select.candidates={cfg.select}", f"plan_select.data={cfg.data_dir / 'val.json'}"]
+    return [*extra, "plan_select.at=null"]
+
+
 def run_visprune(state: DemoState) -> None:
-    """Stage 3: one prune-training run at the lowest budget; per budget, harden it, recover with LoRA
-    (plan fixed), harden again with the same plan and record the result."""
+    """Stage 3: per budget, one prune-training run (gates learned, then the chosen plan trained fixed), hardened;
+    LoRA recovery with the plan fixed, hardened again with the same plan; both recorded."""
     _stage("visprune")
     cfg, scale, layout = state.cfg, state.cfg.scale, state.layout
     todo = state.todo("visprune")
     if not todo:
         return
-    warmup = max(1, int(0.5 * scale.prune_steps))
-    ckpt = _train_run(cfg, "visprune.yaml", cfg.out / "runs" / "visprune",
-                      [f"budget.visual_flops={min(cfg.budgets)}", f"budget.warmup_steps={warmup}",
-                       f"budget.system_tokens={layout.system}", f"budget.text_tokens={layout.text}",
-                       f"window={cfg.window}"])
-    data_dir = cfg.data_dir
-    select = (PlanSelection(data_dir / "val.json", data_dir / "images", candidates=cfg.select, seed=cfg.seed)
-              if cfg.select > 1 else None)
-    rule = f"learned, {cfg.plan_rule}" + (f", best of {cfg.select} on val" if select else "")
-    for budget in tqdm(todo, desc="visprune harden + recover + eval", disable=not state.progress, leave=False):
+    fixed = max(1, round(0.5 * scale.prune_steps)) if cfg.select > 1 else 0
+    rule = f"learned, {cfg.plan_rule}" + (f", best of {cfg.select} on val half-way, then trained fixed"
+                                          if cfg.select > 1 else "")
+    phases = (f"{scale.prune_steps} prune-training steps ({scale.prune_steps - fixed} learning the gates, "
+              f"{fixed} with the chosen plan)" if fixed else f"{scale.prune_steps} prune-training steps")
+    for budget in tqdm(todo, desc="visprune prune + harden + recover + eval", disable=not state.progress,
+                       leave=False):
+        ckpt = _train_run(cfg, "visprune.yaml", cfg.out / "runs" / f"visprune-{budget}",
+                          visprune_overrides(cfg, layout, budget))
         hardened = cfg.out / "models" / f"visprune-{budget}-prerecovery"
-        harden(ckpt, hardened, budget=budget, overwrite=True, fill=cfg.fill, select=select)  # replaces its own export
-        state.record_hardened("visprune-pre", budget, hardened, "before recovery", steps=scale.prune_steps, rule=rule)
+        harden(ckpt, hardened, budget=budget, overwrite=True, fill=cfg.fill)  # replaces its own export
+        state.record_hardened("visprune-pre", budget, hardened, f"before recovery; {phases}", steps=scale.prune_steps,
+                              rule=rule)
         # recovery: LoRA fine-tuning of the hardened (merged) model with its plan fixed, as CoFi does
         recovered = _train_run(cfg, "finetune.yaml", cfg.out / "runs" / f"visprune-{budget}-recovery",
                                [f"model.path={hardened}", f"plan={hardened / PLAN_FILE}", f"window={cfg.window}"],
                                steps=scale.recovery_steps)
         target = cfg.out / "models" / f"visprune-{budget}"
         harden(recovered, target, budget=budget, plan_path=str(hardened / PLAN_FILE), overwrite=True)
-        state.record_hardened("visprune", budget, target,
-                              f"{scale.prune_steps} prune-training steps (shared) + {scale.recovery_steps} recovery",
+        state.record_hardened("visprune", budget, target, f"{phases} + {scale.recovery_steps} recovery",
                               steps=scale.prune_steps + scale.recovery_steps, rule=rule)
 
 

@@ -15,7 +15,7 @@ from visprune.trainer.config import load_recipe, recipe_to_dict, save_recipe
 def test_packaged_recipe_loads_and_round_trips(tmp_path, name):
     packaged = resources.files("visprune.experiments.seetask") / "recipes" / name
     assert packaged.is_file(), name
-    recipe = demo.load_demo_recipe(name, ["train.max_steps=7", f"output.dir={tmp_path / 'run'}"])
+    recipe = demo.load_demo_recipe(name, ["train.max_steps=7", "budget.warmup_steps=3", f"output.dir={tmp_path / 'run'}"])
     assert recipe.train.max_steps == 7 and recipe.output.dir == str(tmp_path / "run")
     assert recipe.model.family == "llava" and recipe.distributed.zero_stage == 0
     saved = tmp_path / "recipe.yaml"

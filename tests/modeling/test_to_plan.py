@@ -191,3 +191,30 @@ def test_plan_forward_runs_to_plans_plan_with_gradients_straight_through():
     assert gates.head.log_alpha.grad.abs().sum() > 0 and gates.router.log_alpha.grad.abs().sum() > 0
     gates.zero_grad()
     assert gates(batch_size=2).head.shape == (2, 4, 4)  # outside the context: sampled again
+
+
+def test_plan_forward_runs_a_given_plan_with_gradients_straight_through():
+    gates = small_model_gates(3)
+    gates.train()
+    plan = gates.candidate_plans(0.3, 4, fill=True, seed=2)[-1][0]
+    assert plan != gates.to_plan(0.3, fill=True)
+    with gates.plan_forward(0.3, fill=True, plan=plan, record_probs=True):
+        values = gates(batch_size=2)
+    assert gates.last_plan == plan and gates.last_probs is not None
+    hard = GateProbs.from_plan(plan, gates.dims.intermediate_size)
+    assert torch.equal(values.head[0].detach(), hard.head) and torch.equal(values.mlp[0].detach(), hard.mlp)
+    values.head.sum().backward()
+    assert gates.head.log_alpha.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gates_committed_to_a_fill_plan_harden_to_it_by_either_rule(seed):
+    gates = small_model_gates(seed)
+    plan = gates.candidate_plans(0.3, 6, fill=True, seed=seed)[-1][0]
+    gates.commit_to(plan)
+    assert gates.to_plan(0.3, fill=True) == plan and gates.to_plan(0.3, fill=False) == plan
+    assert gates.candidate_plans(0.3, 6, fill=True, seed=seed) == [(plan, "scores")]  # the draws agree
+    hard = GateProbs.from_plan(plan, gates.dims.intermediate_size)
+    probs = gates.prob_open()
+    effective = probs.layer[:, None] * probs.head  # P(open) is the plan's 0/1 to within 1e-3
+    assert torch.allclose(effective, hard.head, atol=1e-3) and torch.allclose(probs.mlp * probs.layer, hard.mlp, atol=1e-3)

@@ -172,10 +172,25 @@ def test_wrong_type(tmp_path, dotted, value, expected):
     ("model.dtype", "fp16"),
     ("train.max_steps", 0),
     ("lora.rank", 0),
+    ("plan_loss.candidates", 0),
+    ("plan_select.at", 1.0),
+    ("plan_select.candidates", 65),
+    ("plan_select.samples", 0),
 ])
 def test_bad_value(tmp_path, dotted, value):
     message = load_error(write_recipe(tmp_path, with_value(dotted, value)))
     assert dotted in message and str(value) in message
+
+
+def test_plan_select_before_the_budget_is_reached_or_with_a_fixed_plan_is_refused(tmp_path):
+    recipe = with_value("plan_select.at", 0.2)
+    recipe["budget"]["warmup_steps"] = 5
+    assert "plan_select.at 0.2 chooses the plan at step 2, before the budget reaches its target" in load_error(
+        write_recipe(tmp_path, recipe))
+    recipe = with_value("plan_select.at", 0.5)
+    recipe["plan"] = "plan.json"
+    assert "set one of them to null" in load_error(write_recipe(tmp_path, recipe))
+    assert load_recipe(write_recipe(tmp_path, with_value("plan_select.at", 0.5))).plan_select.step(10) == 5
 
 
 def test_int_accepted_for_float(tmp_path):

@@ -194,3 +194,88 @@ def test_plan_loss_is_logged_from_its_start_and_trains(toy_inputs, tmp_path):
     with_plan = [e["step"] for e in logged if "visprune/loss_plan" in e]
     assert with_plan == [4, 5, 6]  # progress 3/6 = 0.5 from the fourth step on
     assert all(math.isfinite(e["visprune/loss_plan"]) for e in logged if "visprune/loss_plan" in e)
+
+
+def test_plan_loss_candidates_train_the_lowest_loss_candidate(toy_inputs, tmp_path, monkeypatch):
+    from visprune.trainer.trainer import VispruneTrainer
+
+    chosen: list[tuple[str, list[float]]] = []
+    original = VispruneTrainer.choose_plan
+
+    def spy(self, model, inputs, teacher_logits, budget):
+        plan = original(self, model, inputs, teacher_logits, budget)
+        candidates = self.gates.candidate_plans(budget, self.recipe.plan_loss.candidates, self.layout,
+                                                fill=True, seed=self.state.global_step)
+        losses = []
+        with torch.no_grad():
+            for candidate, _ in candidates:
+                with self.gates.plan_forward(budget, self.layout, True, plan=candidate):
+                    losses.append(float(self._plan_objective(inputs, model(**inputs), teacher_logits)))
+        assert plan in [c for c, _ in candidates]
+        assert losses[[c for c, _ in candidates].index(plan)] == pytest.approx(min(losses), rel=1e-4)
+        chosen.append((self.last_plan_source, losses))
+        return plan
+
+    monkeypatch.setattr(VispruneTrainer, "choose_plan", spy)
+    recipe = toy_recipe(toy_inputs, tmp_path / "run", "train.max_steps=4", "budget.warmup_steps=2",
+                        "output.save_steps=4", "plan_loss.weight=1.0", "plan_loss.start=0.5",
+                        "plan_loss.candidates=3")
+    run_dir = train(recipe, resume="never")
+    assert len(chosen) == 2  # steps 3 and 4
+    assert all(len(losses) >= 1 for _, losses in chosen)
+    state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    drawn = [e["visprune/plan_drawn"] for e in state["log_history"] if "visprune/plan_drawn" in e]
+    assert len(drawn) == 2 and all(0.0 <= d <= 1.0 for d in drawn)
+
+
+def test_plan_select_fixes_the_best_candidate_and_trains_it_to_the_end(toy_inputs, tmp_path):
+    from visprune.modeling import Plan
+    from visprune.trainer.export import HardenError, harden
+    from visprune.trainer.run_folder import PLAN_CHOICE_FILE
+
+    recipe = toy_recipe(toy_inputs, tmp_path / "run", "train.max_steps=6", "budget.warmup_steps=3",
+                        "output.save_steps=2", "budget.visual_flops=0.25", "plan_select.at=0.5",
+                        "plan_select.candidates=4", "plan_select.samples=6")
+    run_dir = train(recipe, resume="never")
+    assert not (run_dir / "checkpoint-2" / PLAN_CHOICE_FILE).exists()  # chosen at the start of step 4
+    choice = json.loads((run_dir / "final" / PLAN_CHOICE_FILE).read_text())
+    assert choice["step"] == 3 and choice["budget"] == pytest.approx(0.25) and choice["samples"] == 6
+    losses = [c["loss"] for c in choice["candidates"]]
+    assert 1 <= len(losses) <= 4 and all(math.isfinite(x) for x in losses)
+    chosen = next(c for c in choice["candidates"] if c["source"] == choice["chosen"])
+    assert chosen["loss"] == min(losses) and chosen["visual_flops_ratio"] <= 0.25
+    plan = Plan.from_json(choice["plan"])
+    # committed and frozen: the gates of every later checkpoint are the plan's, at +-10
+    gates = [load_file(run_dir / name / GATES_FILE)["gates.head.log_alpha"] for name in ("checkpoint-4", "final")]
+    assert torch.equal(gates[0], gates[1]) and set(gates[1].abs().flatten().tolist()) == {10.0}
+    state = json.loads((run_dir / "checkpoint-6" / "trainer_state.json").read_text())
+    fixed = [e["step"] for e in state["log_history"] if e.get("visprune/plan_fixed")]
+    assert fixed == [4, 5, 6]
+    logged = {e["step"]: e for e in state["log_history"] if "visprune/lr_gates" in e}
+    assert all(logged[step]["visprune/lr_gates"] == 0.0 for step in (4, 5, 6))
+    rates = [logged[step]["learning_rate"] for step in (3, 4, 5, 6)]  # as transformers logs them
+    assert rates[2] > rates[0] > rates[1] >= 0.0 and rates[3] < rates[2]  # decay, restart for the fixed plan, decay
+    report = harden(run_dir / "final", tmp_path / "out")
+    assert report["plan_rule"] == "selected in training"
+    assert Plan.from_json(tmp_path / "out" / "pruning_plan.json") == plan
+    with pytest.raises(HardenError, match="harden it at that budget"):
+        harden(run_dir / "final", tmp_path / "out2", budget=0.5)
+
+
+def test_plan_select_is_kept_by_a_resumed_run(toy_inputs, tmp_path):
+    import shutil
+
+    from visprune.trainer.run_folder import PLAN_CHOICE_FILE
+
+    overrides = ["train.max_steps=6", "budget.warmup_steps=2", "output.save_steps=4", "budget.visual_flops=0.25",
+                 "plan_select.at=0.5", "plan_select.candidates=3", "plan_select.samples=4"]
+    straight = train(toy_recipe(toy_inputs, tmp_path / "straight", *overrides), resume="never")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    for name in ("checkpoint-6", "final"):  # a crash after step 4
+        shutil.rmtree(resumed / name, ignore_errors=True)
+    train(toy_recipe(toy_inputs, resumed, *overrides), resume="auto")
+    a, b = (json.loads((run / "final" / PLAN_CHOICE_FILE).read_text()) for run in (straight, resumed))
+    assert a == b
+    for key, tensor in load_file(straight / "final" / GATES_FILE).items():
+        torch.testing.assert_close(load_file(resumed / "final" / GATES_FILE)[key], tensor, atol=0, rtol=0)
