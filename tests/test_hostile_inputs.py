@@ -125,6 +125,49 @@ def test_a_tampered_checkpoint_is_refused_before_it_is_read(world, tmp_path, env
     assert tree_digest(checkpoint) == before and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("content, fragment", [
+    ("{", "plan_select.json: not valid JSON"),
+    ('{"plan": 1}', "keys plan, budget, step"),
+    (json.dumps({"plan": {"format": "visprune-plan/1", "family": "llava", "window": 5, "num_layers": 3,
+                          "num_heads": 4, "layers": [{"heads": [9], "mlp": True}] + [{"heads": [], "mlp": False}] * 2},
+                 "budget": 0.5, "step": 1}), "heads[0] = 9"),
+    ("huge", "at most"),
+])
+def test_a_broken_or_hostile_plan_choice_is_refused(world, tmp_path, env, content, fragment):
+    """`plan_select.json` in a checkpoint (its marker re-written, as an attacker would): harden names the file
+    in one line and writes nothing."""
+    from visprune.trainer import checkpoints as ckpt
+
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    shutil.copytree(world["checkpoint"], checkpoint)
+    choice = checkpoint / "plan_select.json"
+    if content == "huge":
+        choice.write_text('{"plan": "' + "x" * (17 << 20) + '"}')
+    else:
+        choice.write_text(content)
+    ckpt.write_marker(checkpoint, 2)
+    before = tree_digest(checkpoint)
+    assert_refused(run_cli("harden", checkpoint, "--out", tmp_path / "out", env=env), fragment)
+    assert tree_digest(checkpoint) == before and not (tmp_path / "out").exists()
+
+
+def test_a_plan_fixed_in_training_hardens_only_at_its_budget(world, tmp_path, env):
+    from visprune.trainer import checkpoints as ckpt
+
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    shutil.copytree(world["checkpoint"], checkpoint)
+    plan = json.loads((world["export"] / "pruning_plan.json").read_text())
+    (checkpoint / "plan_select.json").write_text(json.dumps({"plan": plan, "budget": 0.5, "step": 1}))
+    ckpt.write_marker(checkpoint, 2)
+    assert_refused(run_cli("harden", checkpoint, "--out", tmp_path / "out", "--budget", "0.25", env=env),
+                   "harden it at that budget")
+    assert not (tmp_path / "out").exists()
+    result = run_cli("harden", checkpoint, "--out", tmp_path / "out", "--budget", "0.5", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "pruning_plan.json").read_text())["layers"] == plan["layers"]
+    assert json.loads((tmp_path / "out" / "pruning_report.json").read_text())["plan_rule"] == "selected in training"
+
+
 # ---- nothing a user made is lost --------------------------------------------------------------------------
 
 def test_harden_never_writes_over_a_folder_it_did_not_write(world, tmp_path, env):
@@ -213,6 +256,20 @@ def test_recipe_values_that_cannot_train_are_refused(world, tmp_path, env):
     duplicate.write_text(Path(TOY_RECIPE).read_text() + "window: 5\n")
     assert_refused(run_cli("train", duplicate, env=env), "window")
     assert tree_digest(world["model"]) == before and not (tmp_path / "run").exists()
+
+
+def test_plan_select_data_that_cannot_be_read_is_refused_before_training(world, tmp_path, env):
+    broken = tmp_path / "val.json"
+    broken.write_text('[{"id": "a", "conversations": ')
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    before = tree_digest(world["model"], Path(world["inputs"]["data"]).parent)
+    for data, fragment in ((tmp_path / "missing.json", "missing.json"), (broken, "val.json"), (empty, "empty.json")):
+        out = tmp_path / f"run-{data.stem}"
+        assert_refused(run_cli(*recipe_args(world, out, "plan_select.at=0.5", f"plan_select.data={data}"), env=env),
+                       fragment)
+        assert not list(out.glob("checkpoint-*"))
+    assert tree_digest(world["model"], Path(world["inputs"]["data"]).parent) == before
 
 
 def test_a_plan_of_another_family_and_a_config_without_layers(world, tmp_path, env):

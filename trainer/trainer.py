@@ -90,6 +90,7 @@ class VispruneTrainer(Trainer):
         self.fixed_plan: Plan | None = None  # plan_select: the plan trained fixed from plan_select.at on
         self.fixed_budget = 1.0
         self.plan_choice: dict | None = None  # what fix_plan tried and chose (plan_select.json)
+        self.selection_rows = None  # plan_select.data, read when training starts (`train`)
         self._constant_lr_groups: list[int] = []
         self._staging_root: str | None = None
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
@@ -313,9 +314,7 @@ class VispruneTrainer(Trainer):
 
     def _selection_batches(self) -> list[dict[str, torch.Tensor]]:
         cfg = self.recipe.plan_select
-        rows = build_dataset(cfg.data) if cfg.data is not None else self.train_dataset
-        if len(rows) == 0:
-            raise DataError(f"plan_select.data {cfg.data} holds no samples")
+        rows = self.train_dataset if cfg.data is None else self.selection_rows or build_dataset(cfg.data)
         rows = [rows[i] for i in range(min(cfg.samples, len(rows)))]
         size = self.args.per_device_train_batch_size
         return [self._prepare_inputs(self.data_collator(rows[start:start + size]))
@@ -645,10 +644,16 @@ def train(recipe: Recipe, resume: str = "auto", overwrite: bool = False) -> Path
     if args.should_save:
         collator.template.save(run_dir)
     processor.chat_template = collator.template.source  # checkpoints' processor files prompt as training did
+    selection_rows = None
+    if recipe.plan_select.at is not None and recipe.plan_select.data is not None:
+        selection_rows = build_dataset(recipe.plan_select.data)  # a bad file fails now, not half-way through the run
+        if len(selection_rows) == 0:
+            raise DataError(f"plan_select.data {recipe.plan_select.data} holds no samples")
     model, gates, controller = prepare_model(model, recipe)
     trainer = VispruneTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                               processing_class=processor, recipe=recipe, gates=gates, controller=controller,
                               template=collator.template)
+    trainer.selection_rows = selection_rows
     final, staging = run_dir / FINAL_DIR, run_dir / ckpt.STAGING_DIR / FINAL_DIR
     if checkpoint:
         done = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0)

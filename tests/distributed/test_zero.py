@@ -77,3 +77,23 @@ def test_zero_train_checkpoint_resume(toy_inputs, tmp_path, stage):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=f"{name}: {key}")
+
+
+def test_zero3_plan_select_chooses_one_plan_for_both_ranks_and_commits_it(toy_inputs, tmp_path):
+    """plan_select under ZeRO-3: candidates drawn from gathered gates, losses summed over ranks, the gates
+    committed through a gather, frozen afterwards; the checkpoint hardens to the chosen plan."""
+    import json
+
+    from visprune.modeling import Plan
+    from visprune.trainer.export import harden
+
+    run = tmp_path / "run"
+    torchrun_train(toy_inputs, run, "distributed.zero_stage=3", "train.max_steps=4", "plan_select.at=0.5",
+                   "plan_select.candidates=3", "plan_select.samples=4")
+    choice = json.loads((run / "checkpoint-4" / "plan_select.json").read_text())
+    assert choice["step"] == 2 and len(choice["candidates"]) >= 1
+    gates = [load_file(run / name / "gates.safetensors")["gates.head.log_alpha"] for name in ("checkpoint-4", "final")]
+    assert torch.equal(gates[0], gates[1]) and set(gates[0].abs().flatten().tolist()) == {10.0}
+    torch.testing.assert_close(gates[0], engine_state(run / "checkpoint-4")["gates.head.log_alpha"], atol=0, rtol=0)
+    harden(run / "final", tmp_path / "out")
+    assert Plan.from_json(tmp_path / "out" / "pruning_plan.json") == Plan.from_json(choice["plan"])
