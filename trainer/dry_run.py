@@ -229,7 +229,8 @@ def flops_per_sample(recipe: Recipe, config: Any, vision_params: int) -> dict[st
     Language model: the dense prefill FLOPs plus the LM head (2 x hidden x vocab per token) for the forward;
     backward ~1x forward with LoRA (input gradients only; the frozen weights get none) or 2x in full fine-tuning;
     +1x forward recomputed with gradient checkpointing; +1x forward for the distillation teacher; the plan loss
-    adds its forward, backward and recompute from `plan_loss.start` on. Vision tower: forward only,
+    adds its forward, backward and recompute from `plan_loss.start` on (until `plan_select.at`, when set; its
+    one-off scoring of candidate plans is left out). Vision tower: forward only,
     2 x its parameters per patch.
     """
     dims = dims_from_config(config)
@@ -243,7 +244,9 @@ def flops_per_sample(recipe: Recipe, config: Any, vision_params: int) -> dict[st
     recompute = forward if recipe.train.gradient_checkpointing else 0.0
     step = forward + backward + recompute
     teacher = forward if recipe.distill.enabled else 0.0
-    plan = step * (1.0 - recipe.plan_loss.start) if recipe.plan_loss.weight > 0 else 0.0
+    # the plan loss runs from plan_loss.start on, until plan_select fixes the plan (then the one forward is the plan)
+    plan_end = 1.0 if recipe.plan_select.at is None else recipe.plan_select.at
+    plan = step * max(0.0, plan_end - recipe.plan_loss.start) if recipe.plan_loss.weight > 0 else 0.0
     patches = sum(rows * cols for rows, cols in layout.grids)
     vision = 2 * vision_params * patches
     total = step + teacher + plan + vision

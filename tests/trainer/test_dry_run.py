@@ -48,6 +48,23 @@ def test_llava_7b_counts_are_the_hand_computed_ones():
     assert report["deepspeed_config"]["zero_optimization"]["stage"] == 2
 
 
+def test_the_plan_loss_is_costed_until_plan_select_fixes_the_plan():
+    from transformers import AutoConfig
+    from visprune.trainer.dry_run import flops_per_sample
+
+    path = REPO / "recipes/llava-1.5-7b/flops25.yaml"
+    config = AutoConfig.from_pretrained(REPO / "recipes/llava-1.5-7b")
+    base = ["plan_loss.weight=0", "distill.enabled=false"]
+    plain = flops_per_sample(load_recipe(path, base), config, 0)
+    forward = plain["language_model_forward"]
+    step = plain["flops_per_sample"]  # forward + backward (+ recompute), nothing else
+    to_end = flops_per_sample(load_recipe(path, [*base, "plan_loss.weight=1", "plan_loss.start=0.25"]), config, 0)
+    fixed = flops_per_sample(load_recipe(path, [*base, "plan_loss.weight=1", "plan_loss.start=0.25",
+                                                "plan_select.at=0.5", "budget.warmup_steps=0"]), config, 0)
+    assert to_end["flops_per_sample"] == pytest.approx(step * 1.75, rel=1e-6)
+    assert fixed["flops_per_sample"] == pytest.approx(step * 1.25, rel=1e-6) and forward < step
+
+
 @pytest.mark.parametrize("gpus", [1, 8, 64])
 def test_full_fine_tuning_states_equal_deepspeeds_estimators(gpus):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
