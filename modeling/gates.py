@@ -153,8 +153,8 @@ class GateSet(nn.Module):
     def _plan_values(self) -> GateValues:
         budget, layout, fill, plan, record_probs = self._plan_request
         L, H = self.dims.num_layers, self.dims.num_heads
-        # P(open) computed inside this forward, where ZeRO-3 has gathered the gate parameters
-        p_g, p_r, p_m = (gate.prob_open().float() for gate in (self.head, self.router, self.mlp))
+        # P(open) through each gate module's own forward, so that ZeRO-3 gathers its parameters first
+        p_g, p_r, p_m = (gate(probs_only=True)[1].float() for gate in (self.head, self.router, self.mlp))
         if record_probs:
             self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions())
         if plan is None:
@@ -183,25 +183,31 @@ class GateSet(nn.Module):
             frac[layer_idx] = mask.float().mean()
         return frac
 
-    @torch.no_grad()
-    def commit_to(self, plan: Plan) -> None:
-        """Set every learnable gate's `log_alpha` to +-LOG_ALPHA_LIMIT by `plan`: a layer's router open when
-        the plan keeps any of its units, each head and MLP gate open when the plan keeps it. P(open) is then
-        about 1 or about e^-10, so `to_plan` at a budget that `plan` fills returns `plan` (as a fill plan
-        leaves no unit that still fits, the prefix rule does too), and the checkpoint hardens to it. Under
-        ZeRO-3 call it inside a gather of the gate parameters."""
+    def committed_log_alpha(self, plan: Plan) -> dict[str, torch.Tensor]:
+        """`log_alpha` of every learnable gate committed to `plan` (CPU float32, by parameter name): +-LOG_ALPHA_LIMIT,
+        a layer's router open when the plan keeps any of its units, each head and MLP gate open when the plan
+        keeps it. P(open) is then about 1 or about e^-10, so `to_plan` at a budget that `plan` fills returns
+        `plan` (a fill plan leaves no unit that still fits, so the prefix rule does too)."""
         L, H = self.dims.num_layers, self.dims.num_heads
         if (plan.num_layers, plan.num_heads) != (L, H):
-            raise ValueError(f"commit_to: a plan for {plan.num_layers} x {plan.num_heads} heads, gates of {L} x {H}")
+            raise ValueError(f"a plan for {plan.num_layers} x {plan.num_heads} heads, gates of {L} x {H}")
         head = torch.full((L, H), -LOG_ALPHA_LIMIT)
         router, mlp = torch.full((L,), -LOG_ALPHA_LIMIT), torch.full((L,), -LOG_ALPHA_LIMIT)
         for layer_idx, layer in enumerate(plan.layers):
             head[layer_idx, list(layer.heads)] = LOG_ALPHA_LIMIT
             mlp[layer_idx] = LOG_ALPHA_LIMIT if layer.mlp else -LOG_ALPHA_LIMIT
             router[layer_idx] = -LOG_ALPHA_LIMIT if layer.skipped else LOG_ALPHA_LIMIT
-        for gate, value in ((self.head, head), (self.router, router), (self.mlp, mlp)):
-            if isinstance(gate, HardConcreteGate):
-                gate.log_alpha.copy_(value.reshape(gate.log_alpha.shape).to(gate.log_alpha))
+        return {f"{name}.log_alpha": value.reshape(getattr(self, name).shape)  # (ZeRO-3 empties log_alpha.shape)
+                for name, value in (("head", head), ("router", router), ("mlp", mlp))
+                if isinstance(getattr(self, name), HardConcreteGate)}
+
+    @torch.no_grad()
+    def commit_to(self, plan: Plan) -> None:
+        """Write `committed_log_alpha(plan)` into the gates (under ZeRO-3, inside a gather of the gate
+        parameters), so the gates harden to `plan`."""
+        for name, value in self.committed_log_alpha(plan).items():
+            param = getattr(self, name.split(".")[0]).log_alpha
+            param.copy_(value.to(param))
 
     def to_plan(self, budget: float, layout: TokenLayout | None = None, fill: bool = False) -> Plan:
         """Harden the gates: deterministic top-k by `log_alpha` under the visual-FLOPs budget.

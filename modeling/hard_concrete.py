@@ -65,9 +65,13 @@ class HardConcreteGate(nn.Module):
         """P(z != 0) = sigmoid(log_alpha - T * log(-gamma / zeta)) (Louizos et al. 2018, eq. 12)."""
         return torch.sigmoid(self.clamped_log_alpha() - self.temperature * math.log(-STRETCH_LOW / STRETCH_HIGH))
 
-    def forward(self, num_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, num_samples: int | None = None, probs_only: bool = False
+                ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(z, P(open)); in train mode `num_samples` draws z of shape (num_samples, *shape), in eval
-        mode z is the deterministic gate (shape `shape`) whatever `num_samples` is."""
+        mode z is the deterministic gate (shape `shape`) whatever `num_samples` is. `probs_only`: (None,
+        P(open)) without a draw; called through the module so ZeRO-3 gathers `log_alpha` first."""
+        if probs_only:
+            return None, self.prob_open()
         return (self.sample(num_samples) if self.training else self.deterministic()), self.prob_open()
 
     def extra_repr(self) -> str:
@@ -94,8 +98,9 @@ class FixedGate(nn.Module):
     def constrain_(self) -> None:
         return None
 
-    def forward(self, num_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.values, self.prob_open()
+    def forward(self, num_samples: int | None = None, probs_only: bool = False
+                ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return (None if probs_only else self.values), self.prob_open()
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}"

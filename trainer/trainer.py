@@ -88,7 +88,7 @@ class VispruneTrainer(Trainer):
         self._metric_count = 0
         self.last_plan_source: str | None = None  # the candidate the latest plan-loss step trained (choose_plan)
         self.fixed_plan: Plan | None = None  # plan_select: the plan trained fixed from plan_select.at on
-        self.fixed_budget = 1.0
+        self.fixed_budget = self.fixed_ratio = 1.0
         self.plan_choice: dict | None = None  # what fix_plan tried and chose (plan_select.json)
         self.selection_rows = None  # plan_select.data, read when training starts (`train`)
         self._constant_lr_groups: list[int] = []
@@ -190,8 +190,11 @@ class VispruneTrainer(Trainer):
             if temperature is not None:
                 metrics["gate_temperature"] = temperature
             plan_cfg = self.recipe.plan_loss
-            if self.fixed_plan is not None:
-                metrics["plan_fixed"] = 1.0
+            if self.fixed_plan is not None:  # what runs is the plan (under DeepSpeed the frozen gates keep their
+                layers = self.fixed_plan.layers  # values from before the fix: the plan, not they, is logged)
+                metrics.update({"plan_fixed": 1.0, "expected_visual_flops": self.fixed_ratio,
+                                "open_heads": float(sum(len(layer.heads) for layer in layers)),
+                                "open_layers": float(sum(not layer.skipped for layer in layers))})
             elif model.training and plan_cfg.weight > 0 and progress >= plan_cfg.start:
                 plan_loss = self.plan_loss(model, inputs, teacher_logits)
                 loss = loss + plan_cfg.weight * plan_loss
@@ -307,6 +310,7 @@ class VispruneTrainer(Trainer):
             if self.gates.to_plan(budget, self.layout, fill=True) != plan:
                 raise RuntimeError("plan_select: the committed gates do not harden to the chosen plan")
         self.fixed_plan, self.fixed_budget = plan, budget
+        self.fixed_ratio = plan_report(self.gates.model_dims(), self.layout, plan)["visual_flops_ratio"]
         scheduler = self.lr_scheduler
         if self.optimizer is not None and scheduler is not None:  # this step already runs the fixed phase's rates:
             for idx, group in enumerate(self.optimizer.param_groups):  # gates and multipliers 0, LoRA restarted
@@ -372,6 +376,10 @@ class VispruneTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
         tensors = gate_state_dict(self.gates, self.controller)  # collective under ZeRO-3
+        if self.fixed_plan is not None:  # committed to the plan (under DeepSpeed the optimizer's master copy of
+            # the frozen gates keeps their values at the fix; the forwards run the plan itself)
+            tensors.update({f"gates.{name}": value for name, value in
+                            self.gates.committed_log_alpha(self.fixed_plan).items()})
         if self.args.should_save:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             save_file(tensors, os.path.join(output_dir, GATES_FILE), metadata=gate_metadata(self.gates))

@@ -249,8 +249,10 @@ def test_plan_select_fixes_the_best_candidate_and_trains_it_to_the_end(toy_input
     gates = [load_file(run_dir / name / GATES_FILE)["gates.head.log_alpha"] for name in ("checkpoint-4", "final")]
     assert torch.equal(gates[0], gates[1]) and set(gates[1].abs().flatten().tolist()) == {10.0}
     state = json.loads((run_dir / "checkpoint-6" / "trainer_state.json").read_text())
-    fixed = [e["step"] for e in state["log_history"] if e.get("visprune/plan_fixed")]
-    assert fixed == [4, 5, 6]
+    fixed = [e for e in state["log_history"] if e.get("visprune/plan_fixed")]
+    assert [e["step"] for e in fixed] == [4, 5, 6]
+    assert all(e["visprune/expected_visual_flops"] == pytest.approx(chosen["visual_flops_ratio"], abs=1e-6)
+               and e["visprune/open_heads"] == sum(len(layer.heads) for layer in plan.layers) for e in fixed)
     logged = {e["step"]: e for e in state["log_history"] if "visprune/lr_gates" in e}
     assert all(logged[step]["visprune/lr_gates"] == 0.0 for step in (4, 5, 6))
     rates = [logged[step]["learning_rate"] for step in (3, 4, 5, 6)]  # as transformers logs them
