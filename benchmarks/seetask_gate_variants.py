@@ -1,6 +1,7 @@
 """Gate-training variants on the see-task, per train seed: one demo's data and dense base, then for every
 variant and seed a visprune prune-training run (the demo's recipe and steps plus the variant's recipe
-overrides), hardened at each budget by the gates' own ranking and by `--select` candidates on the val split,
+overrides; one per budget when the variant fixes its plan half-way, `plan_select`), hardened at each budget by
+the gates' own ranking and by `--select` candidates on the val split (a run that fixed its plan exports it),
 scored on the test split before any recovery. Prints one Markdown table (per-seed describe token accuracy,
 then mean and min) and writes `OUT/variants.json`.
 
@@ -95,10 +96,15 @@ def main() -> None:
             start = time.time()
             run_cfg = demo.DemoConfig(out=cfg.out, size=args.size, seed=seed, task=args.task)
             extra = [o.format(steps=scale.prune_steps, half=max(1, int(0.5 * scale.prune_steps))) for o in overrides]
-            ckpt = demo._train_run(run_cfg, "visprune.yaml", out / "runs" / variant / f"seed-{seed}",
-                                   [*demo.visprune_overrides(cfg, layout, min(budgets)), *extra])
-            run = {}
-            for budget in budgets:
+            base = [*demo.visprune_overrides(cfg, layout, min(budgets)), *extra]
+            # a run that fixes its plan (plan_select) trains one budget: one run per budget then, else one in all
+            per_budget = demo.load_demo_recipe("visprune.yaml", base).plan_select.at is not None
+            run, ckpt = {}, None
+            for budget in sorted(budgets):
+                if ckpt is None or per_budget:
+                    folder = f"seed-{seed}" if budget == min(budgets) else f"seed-{seed}-{budget}"
+                    ckpt = demo._train_run(run_cfg, "visprune.yaml", out / "runs" / variant / folder,
+                                           [*base, f"budget.visual_flops={budget}"])
                 for how, select in (("ranking", None), (f"best of {args.select}",
                                                          PlanSelection(data_dir / "val.json", data_dir / "images",
                                                                        candidates=args.select, seed=seed))):
