@@ -286,14 +286,15 @@ class VispruneTrainer(Trainer):
         finally:
             model.train(was_training)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(losses)  # every rank keeps the same plan
+            torch.distributed.all_reduce(losses)  # every rank keeps the same plan (each scored the same samples)
+            losses = losses / torch.distributed.get_world_size()
         losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
         best = int(torch.argmin(losses))
         plan = candidates[best][0]
         dims = self.gates.model_dims()
         self.plan_choice = {
             "step": self.state.global_step, "budget": budget, "chosen": candidates[best][1],
-            "data": self.recipe.plan_select.data or self.recipe.data.path, "samples": sum(len(b["input_ids"]) for b in batches),
+            "data": cfg.data or self.recipe.data.path, "samples": sum(len(b["input_ids"]) for b in batches),
             "candidates": [{"source": source, "loss": loss if math.isfinite(loss) else None,
                             "visual_flops_ratio": plan_report(dims, self.layout, cand)["visual_flops_ratio"]}
                            for (cand, source), loss in zip(candidates, losses.tolist())],
