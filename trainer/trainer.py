@@ -88,7 +88,8 @@ class VispruneTrainer(Trainer):
         self._metric_count = 0
         self.last_plan_source: str | None = None  # the candidate the latest plan-loss step trained (choose_plan)
         self.fixed_plan: Plan | None = None  # plan_select: the plan trained fixed from plan_select.at on
-        self.fixed_budget = self.fixed_ratio = 1.0
+        self.fixed_budget = 1.0
+        self.fixed_metrics: dict[str, float] = {}  # what the fixed plan logs every step (set once, by _commit)
         self.plan_choice: dict | None = None  # what fix_plan tried and chose (plan_select.json)
         self.selection_rows = None  # plan_select.data, read when training starts (`train`)
         self._constant_lr_groups: list[int] = []
@@ -191,10 +192,7 @@ class VispruneTrainer(Trainer):
                 metrics["gate_temperature"] = temperature
             plan_cfg = self.recipe.plan_loss
             if self.fixed_plan is not None:  # what runs is the plan (under DeepSpeed the frozen gates keep their
-                layers = self.fixed_plan.layers  # values from before the fix: the plan, not they, is logged)
-                metrics.update({"plan_fixed": 1.0, "expected_visual_flops": self.fixed_ratio,
-                                "open_heads": float(sum(len(layer.heads) for layer in layers)),
-                                "open_layers": float(sum(not layer.skipped for layer in layers))})
+                metrics.update(self.fixed_metrics)  # values from before the fix: the plan, not they, is logged)
             elif model.training and plan_cfg.weight > 0 and progress >= plan_cfg.start:
                 plan_loss = self.plan_loss(model, inputs, teacher_logits)
                 loss = loss + plan_cfg.weight * plan_loss
@@ -233,24 +231,33 @@ class VispruneTrainer(Trainer):
     def choose_plan(self, model, inputs, teacher_logits: torch.Tensor | None, budget: float) -> Plan:
         """`plan_loss.candidates` > 1: the candidate plan at `budget` (`GateSet.candidate_plans`: the gates'
         own plan, then plans drawn from the gates, seeded by the step) with the lowest plan objective on this
-        batch, scored without gradients. Under data parallelism the losses are summed over ranks first, so
+        batch, scored without gradients. Under data parallelism the losses are averaged over ranks first, so
         every rank trains the same plan. Sets `last_plan_source` ("scores" or "draw N")."""
         cfg = self.recipe.plan_loss
-        with _gathered(list(self.gates.parameters())):
-            candidates = self.gates.candidate_plans(budget, cfg.candidates, self.layout, fill=cfg.fill,
-                                                    seed=self.state.global_step)
-        device = inputs["input_ids"].device
-        losses = torch.zeros(len(candidates), device=device)
-        with torch.no_grad():
-            for idx, (plan, _) in enumerate(candidates):
-                with self.gates.plan_forward(budget, self.layout, cfg.fill, plan=plan):
-                    losses[idx] = self._plan_objective(inputs, model(**inputs), teacher_logits).float()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(losses)
-        losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
+        candidates = self._candidates(budget, cfg.candidates, cfg.fill, seed=self.state.global_step)
+        losses = self._score_plans(candidates, budget, cfg.fill, inputs["input_ids"].device,
+                                   lambda: self._plan_objective(inputs, model(**inputs), teacher_logits))
         best = int(torch.argmin(losses))
         self.last_plan_source = candidates[best][1]
         return candidates[best][0]
+
+    def _candidates(self, budget: float, count: int, fill: bool, seed: int) -> list[tuple[Plan, str]]:
+        with _gathered(list(self.gates.parameters())):
+            return self.gates.candidate_plans(budget, count, self.layout, fill=fill, seed=seed)
+
+    def _score_plans(self, candidates: list[tuple[Plan, str]], budget: float, fill: bool, device: torch.device,
+                     loss_of) -> torch.Tensor:
+        """`loss_of()` (no gradients) with each candidate run as exact 0/1 gates; averaged over ranks so every rank
+        picks the same plan; a non-finite loss counts as +inf."""
+        losses = torch.zeros(len(candidates), device=device)
+        with torch.no_grad():
+            for idx, (plan, _) in enumerate(candidates):
+                with self.gates.plan_forward(budget, self.layout, fill, plan=plan):
+                    losses[idx] = loss_of().float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(losses)
+            losses = losses / torch.distributed.get_world_size()
+        return torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
 
     # -- plan_select: choose the plan by a validation pass, then train it fixed ------------------------
     def _fixed_plan_forward(self):
@@ -269,26 +276,19 @@ class VispruneTrainer(Trainer):
         runs it. The choice is saved in every checkpoint (`plan_select.json`) and restored on resume."""
         cfg = self.recipe.plan_select
         budget = self.controller.target_at(self.state.global_step)
-        with _gathered(list(self.gates.parameters())):
-            candidates = self.gates.candidate_plans(budget, cfg.candidates, self.layout, fill=True, seed=self.args.seed)
+        candidates = self._candidates(budget, cfg.candidates, True, seed=self.args.seed)
         batches = self._selection_batches()
         counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in batches]
-        device = batches[0]["input_ids"].device
-        losses = torch.zeros(len(candidates), device=device)
+
+        def held_out_loss() -> torch.Tensor:  # per scored token, as the LM loss counts them
+            return sum(model(**batch).loss.float() * count for batch, count in zip(batches, counts)) / max(sum(counts), 1)
+
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
-                for idx, (plan, _) in enumerate(candidates):
-                    with self.gates.plan_forward(budget, self.layout, True, plan=plan):
-                        total = sum(model(**batch).loss.float() * count for batch, count in zip(batches, counts))
-                    losses[idx] = total / max(sum(counts), 1)
+            losses = self._score_plans(candidates, budget, True, batches[0]["input_ids"].device, held_out_loss)
         finally:
             model.train(was_training)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(losses)  # every rank keeps the same plan (each scored the same samples)
-            losses = losses / torch.distributed.get_world_size()
-        losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
         best = int(torch.argmin(losses))
         plan = candidates[best][0]
         dims = self.gates.model_dims()
@@ -311,7 +311,11 @@ class VispruneTrainer(Trainer):
             if self.gates.to_plan(budget, self.layout, fill=True) != plan:
                 raise RuntimeError("plan_select: the committed gates do not harden to the chosen plan")
         self.fixed_plan, self.fixed_budget = plan, budget
-        self.fixed_ratio = plan_report(self.gates.model_dims(), self.layout, plan)["visual_flops_ratio"]
+        self.fixed_metrics = {
+            "plan_fixed": 1.0,
+            "expected_visual_flops": plan_report(self.gates.model_dims(), self.layout, plan)["visual_flops_ratio"],
+            "open_heads": float(sum(len(layer.heads) for layer in plan.layers)),
+            "open_layers": float(sum(not layer.skipped for layer in plan.layers))}
         scheduler = self.lr_scheduler
         if self.optimizer is not None and scheduler is not None:  # this step already runs the fixed phase's rates:
             for idx, group in enumerate(self.optimizer.param_groups):  # gates and multipliers 0, LoRA restarted

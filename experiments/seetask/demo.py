@@ -1,9 +1,9 @@
 """`visprune demo`: the accuracy-vs-FLOPs experiment on the synthetic see-task, end to end on CPU.
 
 Stages: generate data -> train the dense base -> per budget, prune-train (visprune: LoRA + gates +
-Lagrangian + distillation, then the plan chosen on the val split trained fixed) and harden -> the baselines at the same budgets (VTW,
-YOPO heuristic, random plan: each fine-tuned with the same LoRA budget and its plan fixed; FastV:
-training-free) -> evaluate all on the test split -> `report.md`, `pareto.png`, `results.json`.
+Lagrangian + distillation, then the plan chosen on the val split trained fixed) and harden -> the
+baselines at the same budgets (VTW, YOPO heuristic, random plan: each fine-tuned with the same LoRA
+budget and its plan fixed; FastV: training-free) -> evaluate all on the test split -> `report.md`, `pareto.png`, `results.json`.
 Every stage writes its own folder and is skipped when its result exists (a crashed demo resumes).
 The two training recipes ship with this package (`recipes/`); the demo fills in paths and steps.
 
@@ -317,7 +317,9 @@ def run_visprune(state: DemoState) -> None:
     todo = state.todo("visprune")
     if not todo:
         return
-    fixed = max(1, round(0.5 * scale.prune_steps)) if cfg.select > 1 else 0
+    fix_at = load_demo_recipe("visprune.yaml", [*visprune_overrides(cfg, layout, min(todo)),
+                                                f"train.max_steps={scale.prune_steps}"]).plan_select.step(scale.prune_steps)
+    fixed = 0 if fix_at is None else scale.prune_steps - fix_at
     rule = f"learned, {cfg.plan_rule}" + (f", best of {cfg.select} on val half-way, then trained fixed"
                                           if cfg.select > 1 else "")
     phases = (f"{scale.prune_steps} prune-training steps ({scale.prune_steps - fixed} learning the gates, "
