@@ -26,18 +26,38 @@ from visprune.trainer.export import harden
 from visprune.trainer.plan_select import PlanSelection
 
 # name -> (recipe overrides, what it changes); steps and paths are the demo's (`demo.visprune_overrides`). The
-# demo's recipe anneals the temperature, adds the plan loss from a quarter of the run and, half-way, fixes the
-# best of 8 candidate plans on the val split (plan_select). "no-select" is the recipe before plan_select, the
-# base of the variants below it; "previous" the one before annealing and the plan loss, the base of the oldest.
+# demo's recipe anneals the temperature, adds the plan loss from a quarter of the run and, at 37.5% of it, scores
+# 8 candidate plans on the val split, trains the best 3 in turn for 15% of the run and fixes the best of them
+# (plan_select). "trial-half" scores the candidates half-way instead, the base of the trial-* variants;
+# "no-trial-half" fixes the best candidate at once, half-way, the base of the select-* variants; "no-select" is
+# the recipe before plan_select, the base of the variants below it; "previous" the one before annealing and the
+# plan loss, the base of the oldest.
+NO_TRIAL = ["plan_select.finalists=1", "plan_select.trial=0"]
+HALF = ["plan_select.at=0.5"]
 NO_SELECT = ["plan_select.at=null", "budget.warmup_steps={half}", "plan_loss.start=0.5"]
 PREVIOUS = [*NO_SELECT, "gates.temperature_start=null", "gates.temperature=0.667", "plan_loss.weight=0"]
 VARIANTS = {
-    "default": ([], "the demo's visprune recipe: plan chosen half-way on val and trained fixed (plan_select)"),
-    "select-no-restart": (["plan_select.restart_lr=false"],
-                          "default, one learning-rate schedule over the whole run (no restart at the fix)"),
-    "select-no-plan-loss": (["plan_loss.weight=0"], "default without the plan loss"),
-    "select-16": (["plan_select.candidates=16", "plan_select.samples=100"],
-                  "default, choosing among 16 candidates on 100 val samples"),
+    "default": ([], ("the demo's visprune recipe: at step 30 of 80, the best 3 of 8 candidate plans on val trained "
+                     "in turn for 12 steps, the best of them on val trained fixed to the end (plan_select)")),
+    "no-trial": (NO_TRIAL, "default without finalists: the best candidate on val fixed at once, at step 30"),
+    "trial-half": (HALF, "default, the candidates scored half-way (step 40)"),
+    "trial-3-short": ([*HALF, "plan_select.trial=0.075"], "trial-half, the finalists trained 6 steps instead of 12"),
+    "trial-2": ([*HALF, "plan_select.finalists=2", "plan_select.trial=0.1"],
+                "trial-half, the best 2 candidates for 8 steps"),
+    "trial-4": ([*HALF, "plan_select.finalists=4", "plan_select.trial=0.2"],
+                "trial-half, the best 4 candidates for 16 steps"),
+    "trial-8-8": ([*HALF, "plan_select.finalists=8", "plan_select.trial=0.3"],
+                  "trial-half, all 8 candidates for 24 steps"),
+    "trial-16-4": ([*HALF, "plan_select.candidates=16", "plan_select.finalists=4", "plan_select.trial=0.2"],
+                   "trial-half, the best 4 of 16 candidates for 16 steps"),
+    "trial-16-6": ([*HALF, "plan_select.candidates=16", "plan_select.finalists=6", "plan_select.trial=0.3"],
+                   "trial-half, the best 6 of 16 candidates for 24 steps"),
+    "no-trial-half": ([*NO_TRIAL, *HALF], "the best candidate on val fixed at once, half-way (the previous default)"),
+    "select-no-restart": ([*NO_TRIAL, *HALF, "plan_select.restart_lr=false"],
+                          "no-trial-half, one learning-rate schedule over the whole run (no restart at the fix)"),
+    "select-no-plan-loss": ([*NO_TRIAL, *HALF, "plan_loss.weight=0"], "no-trial-half without the plan loss"),
+    "select-16": ([*NO_TRIAL, *HALF, "plan_select.candidates=16", "plan_select.samples=100"],
+                  "no-trial-half, choosing among 16 candidates on 100 val samples"),
     "no-select": (NO_SELECT, ("no plan_select: the gates learn to the end, hardening takes their plan (or the best "
                               "of 8 on val); budget reached and plan loss from half-way")),
     "no-plan-loss": ([*NO_SELECT, "plan_loss.weight=0"], "no-select, annealing only"),

@@ -132,6 +132,7 @@ def test_a_tampered_checkpoint_is_refused_before_it_is_read(world, tmp_path, env
                           "num_heads": 4, "layers": [{"heads": [9], "mlp": True}] + [{"heads": [], "mlp": False}] * 2},
                  "budget": 0.5, "step": 1}), "heads[0] = 9"),
     ("huge", "at most"),
+    (json.dumps({"finalists": [], "budget": 0.5, "step": 1}), "no plan was chosen yet; harden a later checkpoint"),
 ])
 def test_a_broken_or_hostile_plan_choice_is_refused(world, tmp_path, env, content, fragment):
     """`plan_select.json` in a checkpoint (its marker re-written, as an attacker would): harden names the file
@@ -149,6 +150,37 @@ def test_a_broken_or_hostile_plan_choice_is_refused(world, tmp_path, env, conten
     before = tree_digest(checkpoint)
     assert_refused(run_cli("harden", checkpoint, "--out", tmp_path / "out", env=env), fragment)
     assert tree_digest(checkpoint) == before and not (tmp_path / "out").exists()
+
+
+STOPPED_RUN = ("output.save_steps=1", "output.save_total_limit=2")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("[1, 2]", "not a plan choice visprune wrote"),
+    (json.dumps({"finalists": [{"source": "scores"}], "budget": 0.5, "step": 1}), "not a plan choice visprune wrote"),
+    (json.dumps({"finalists": [], "budget": 0.5, "step": 1}), "no plan, or a budget outside"),
+    (json.dumps({"plan": {"format": "visprune-plan/1", "family": "llava", "window": 5, "num_layers": 3,
+                          "num_heads": 4, "layers": [{"heads": [9], "mlp": True}] + [{"heads": [], "mlp": False}] * 2},
+                 "chosen": "scores", "budget": 0.5, "step": 1}), "heads[0] = 9"),
+    ("huge", "at most"),
+])
+def test_resuming_from_a_broken_or_hostile_plan_choice_is_refused(world, tmp_path, env, content, fragment):
+    """`plan_select.json` in the checkpoint a run resumes from (marker re-written): one line, nothing written."""
+    from visprune.trainer import checkpoints as ckpt
+    from visprune.trainer.cli import main
+
+    run = tmp_path / "run"  # stopped after step 1 (a run folder records where it is: built in place, not copied)
+    assert main(recipe_args(world, run, *STOPPED_RUN)) == 0
+    for name in ("checkpoint-2", "final"):
+        shutil.rmtree(run / name)
+    checkpoint = run / "checkpoint-1"
+    choice = checkpoint / "plan_select.json"
+    choice.write_text('{"plan": "' + "x" * (17 << 20) + '"}' if content == "huge" else content)
+    ckpt.write_marker(checkpoint, 1)
+    before = tree_digest(run)
+    assert_refused(run_cli(*recipe_args(world, run, *STOPPED_RUN), env=env), "plan_select.json", fragment)
+    assert tree_digest(run) == before
+
 
 
 def test_a_plan_fixed_in_training_hardens_only_at_its_budget(world, tmp_path, env):

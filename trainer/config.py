@@ -131,6 +131,10 @@ class PlanSelectConfig:
     samples: int = 64  # scored on the first N samples of `data`
     data: str | None = None  # held-out samples (LLaVA JSON or prepared folder; images in data.image_folder); null: data.path
     restart_lr: bool = True  # the LoRA / LM learning-rate schedule (warm-up, decay) starts again at the fix
+    # > 1: the best `finalists` candidates are trained in turn (one per optimizer step, gates frozen) for `trial`
+    # x max_steps steps, scored again on `data`, and the best of them is fixed; 1: the best candidate is fixed at once
+    finalists: int = 1
+    trial: float = 0.0
 
     def __post_init__(self) -> None:
         if self.at is not None:
@@ -139,10 +143,21 @@ class PlanSelectConfig:
         _check_int("plan_select.samples", self.samples, 1, 100_000)
         if self.data is not None:
             _check_path("plan_select.data", self.data, "null or a non-empty path")
+        _check_int("plan_select.finalists", self.finalists, 1, self.candidates)
+        _check_float("plan_select.trial", self.trial, "[", 0.0, 1.0, ")")
+        if (self.finalists > 1) != (self.trial > 0):
+            raise ValueError(f"plan_select.finalists {self.finalists} and plan_select.trial {self.trial:g}: finalists "
+                             "above 1 are trained for a share (trial > 0) of max_steps before one is fixed; set both "
+                             "(e.g. 3 and 0.15) or neither (1 and 0)")
 
     def step(self, max_steps: int) -> int | None:
-        """The optimizer step from which the plan is fixed (None: never)."""
+        """The optimizer step at which the candidates are scored and the gates frozen (None: never); the plan is
+        fixed then, or `trial_steps` later when finalists are trained first."""
         return None if self.at is None else max(1, round(self.at * max_steps))
+
+    def trial_steps(self, max_steps: int) -> int:
+        """Optimizer steps the finalists are trained in turn before one is fixed (0: none)."""
+        return 0 if self.finalists == 1 else round(self.trial * max_steps)
 
 
 # transformers schedulers that need no scheduler kwargs and step every param group through a LambdaLR
@@ -244,6 +259,14 @@ class Recipe:
             if fix_step < self.budget.warmup_steps:
                 raise ValueError(f"plan_select.at {self.plan_select.at:g} chooses the plan at step {fix_step}, before "
                                  f"the budget reaches its target (budget.warmup_steps {self.budget.warmup_steps})")
+            select, steps = self.plan_select, self.train.max_steps
+            if select.finalists > 1 and select.trial_steps(steps) < select.finalists:
+                raise ValueError(f"plan_select.trial {select.trial:g} of train.max_steps {steps} is "
+                                 f"{select.trial_steps(steps)} steps for {select.finalists} finalists: give each "
+                                 "at least one step")
+            if fix_step + select.trial_steps(steps) >= steps:
+                raise ValueError(f"plan_select.trial {select.trial:g} ({select.trial_steps(steps)} steps from step "
+                                 f"{fix_step}) leaves no step of train.max_steps {steps} to train the chosen plan")
 
 
 def _is_int(value: Any) -> bool:

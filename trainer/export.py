@@ -207,6 +207,9 @@ def _plan_choice(checkpoint: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     choice = read_json_file(path, 16 << 20, "plan choice", HardenError)
+    if isinstance(choice, dict) and "finalists" in choice and "plan" not in choice:
+        raise HardenError(f"{checkpoint} was saved while plan_select trained its finalists in turn (from step "
+                          f"{choice.get('step')}): no plan was chosen yet; harden a later checkpoint (or give --plan)")
     if not isinstance(choice, dict) or not {"plan", "budget", "step"} <= choice.keys():
         raise HardenError(f"{path}: not a plan choice visprune wrote (keys plan, budget, step)")
     return choice
@@ -248,11 +251,11 @@ def harden(checkpoint: str | Path, out: str | Path, budget: float | None = None,
     check_output_folder(out, checkpoint, recipe, overwrite)
     select_rows = select.rows() if select is not None and plan_path is None and recipe.plan is None else None
     out = Path(os.path.realpath(out))  # a symlinked `out` keeps pointing at the new folder
-    model, gates, processor = _build_from_checkpoint(checkpoint, recipe, trust_remote_code)
     choice = _plan_choice(checkpoint) if plan_path is None and recipe.plan is None else None
     if choice is not None and budget is not None and abs(budget - choice["budget"]) > 1e-6:
         raise HardenError(f"{checkpoint} trained one plan fixed from step {choice['step']} (plan_select) at the "
                           f"budget {choice['budget']:.4g}: harden it at that budget (or give --plan)")
+    model, gates, processor = _build_from_checkpoint(checkpoint, recipe, trust_remote_code)
     budget = recipe.budget.visual_flops if budget is None else budget
     if plan_path is None and recipe.plan is not None:
         plan_path = recipe.plan  # a fixed-plan run exports its plan

@@ -22,6 +22,7 @@ from visprune.data_prep.templates import ChatTemplate
 from visprune.modeling import GateSet, Plan
 from visprune.modeling.families import family_for
 from visprune.modeling.flops import plan_report
+from visprune.modeling.plan import read_json_file
 
 from . import checkpoints as ckpt
 from .build import (
@@ -89,8 +90,9 @@ class VispruneTrainer(Trainer):
         self.last_plan_source: str | None = None  # the candidate the latest plan-loss step trained (choose_plan)
         self.fixed_plan: Plan | None = None  # plan_select: the plan trained fixed from plan_select.at on
         self.fixed_budget = 1.0
-        self.fixed_metrics: dict[str, float] = {}  # what the fixed plan logs every step (set once, by _commit)
+        self._plan_metric_cache: dict[Plan, dict[str, float]] = {}  # what a fixed plan logs (`_plan_metrics`)
         self.plan_choice: dict | None = None  # what fix_plan tried and chose (plan_select.json)
+        self.trial_plans: list[tuple[Plan, str]] | None = None  # plan_select.finalists, trained in turn until one is fixed
         self.selection_rows = None  # plan_select.data, read when training starts (`train`)
         self._constant_lr_groups: list[int] = []
         self._staging_root: str | None = None
@@ -133,7 +135,7 @@ class VispruneTrainer(Trainer):
         if lambdas is None or len(lambdas) != len(scheduler.optimizer.param_groups):
             raise RuntimeError(f"cannot give gates a constant learning rate with {type(scheduler).__name__}")
         def gate_lr_factor(step: int) -> float:  # a function: LambdaLR's state_dict stores no trainer
-            return 0.0 if self.fixed_plan is not None else 1.0
+            return 0.0 if self.plans_fixed() else 1.0
 
         for idx in self._constant_lr_groups:
             lambdas[idx] = gate_lr_factor
@@ -148,7 +150,7 @@ class VispruneTrainer(Trainer):
             for idx, before in enumerate(lambdas):
                 if idx not in self._constant_lr_groups:
                     lambdas[idx] = (lambda step, before=before:
-                                    restart(step - fix_step) if self.fixed_plan is not None else before(step))
+                                    restart(step - fix_step) if self.plans_fixed() else before(step))
         return scheduler
 
     # -- loss ----------------------------------------------------------------------------------------
@@ -159,8 +161,11 @@ class VispruneTrainer(Trainer):
             temperature = self.gates.temperature_at(progress)
             self.gates.set_temperature(temperature)
         fix_step = self.recipe.plan_select.step(self.state.max_steps)
-        if model.training and self.fixed_plan is None and fix_step is not None and self.state.global_step >= fix_step:
+        if model.training and not self.plans_fixed() and fix_step is not None and self.state.global_step >= fix_step:
             self.fix_plan(model)
+        if (model.training and self.trial_plans is not None
+                and self.state.global_step >= fix_step + self.recipe.plan_select.trial_steps(self.state.max_steps)):
+            self.end_trial(model)
         vision_anchor = self._vision_anchor(model, inputs)
         with self._fixed_plan_forward():
             outputs = model(**inputs)
@@ -178,7 +183,7 @@ class VispruneTrainer(Trainer):
         if probs is not None and self.gates.learnable():
             expected = self.expected_flops(probs)
             penalty = self.controller(expected, self.state.global_step)
-            if self.fixed_plan is not None:  # the plan is chosen: the constraint rests (kept in the graph, no effect)
+            if self.plans_fixed():  # the plan is chosen: the constraint rests (kept in the graph, no effect)
                 penalty = penalty * 0.0
             loss = loss + penalty
             effective = probs.layer[:, None] * probs.head
@@ -191,8 +196,8 @@ class VispruneTrainer(Trainer):
             if temperature is not None:
                 metrics["gate_temperature"] = temperature
             plan_cfg = self.recipe.plan_loss
-            if self.fixed_plan is not None:  # what runs is the plan (under DeepSpeed the frozen gates keep their
-                metrics.update(self.fixed_metrics)  # values from before the fix: the plan, not they, is logged)
+            if self.plans_fixed():  # what runs is the plan (under DeepSpeed the frozen gates keep their
+                metrics.update(self._plan_metrics(self._running_plan()))  # values from before the fix: the plan, not they, is logged)
             elif model.training and plan_cfg.weight > 0 and progress >= plan_cfg.start:
                 plan_loss = self.plan_loss(model, inputs, teacher_logits)
                 loss = loss + plan_cfg.weight * plan_loss
@@ -260,23 +265,93 @@ class VispruneTrainer(Trainer):
         return torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
 
     # -- plan_select: choose the plan by a validation pass, then train it fixed ------------------------
-    def _fixed_plan_forward(self):
-        """After `fix_plan`: forwards run the chosen plan as exact 0/1 gates (recording P(open) as a sampled
-        forward does); before: nothing changes."""
-        if self.fixed_plan is None:
-            return contextlib.nullcontext()
-        return self.gates.plan_forward(self.fixed_budget, self.layout, True, plan=self.fixed_plan, record_probs=True)
+    def plans_fixed(self) -> bool:
+        """From `plan_select.at` on: the gates are frozen and every forward runs one plan (a finalist in its
+        trial, then the chosen plan)."""
+        return self.fixed_plan is not None or self.trial_plans is not None
 
-    def fix_plan(self, model) -> Plan:
-        """`plan_select`: score the candidate plans at the current target (`GateSet.candidate_plans`, fill
-        rule: the gates' own plan and plans drawn from them) by their LM loss on the first
+    def _running_plan(self) -> Plan | None:
+        """The plan this optimizer step trains: the chosen one, or in the trial the finalists in turn."""
+        if self.trial_plans is None:
+            return self.fixed_plan
+        turn = self.state.global_step - self.plan_choice["step"]
+        return self.trial_plans[turn % len(self.trial_plans)][0]
+
+    def _plan_metrics(self, plan: Plan) -> dict[str, float]:
+        """What a step logs once the plan runs fixed: the plan's FLOPs and units, and whether it is a finalist
+        on trial (`plan_trial`) or the chosen plan (`plan_fixed`)."""
+        if plan not in self._plan_metric_cache:
+            self._plan_metric_cache[plan] = {
+                "expected_visual_flops": plan_report(self.gates.model_dims(), self.layout, plan)["visual_flops_ratio"],
+                "open_heads": float(sum(len(layer.heads) for layer in plan.layers)),
+                "open_layers": float(sum(not layer.skipped for layer in plan.layers))}
+        phase = "plan_trial" if self.trial_plans is not None else "plan_fixed"
+        return {**self._plan_metric_cache[plan], phase: 1.0}
+
+    def _fixed_plan_forward(self):
+        """From `plan_select.at` on: forwards run the plan of this step (`_running_plan`) as exact 0/1 gates
+        (recording P(open) as a sampled forward does); before: nothing changes."""
+        plan = self._running_plan()
+        if plan is None:
+            return contextlib.nullcontext()
+        return self.gates.plan_forward(self.fixed_budget, self.layout, True, plan=plan, record_probs=True)
+
+    def fix_plan(self, model) -> None:
+        """`plan_select` at its step: score the candidate plans at the current target (`GateSet.candidate_plans`,
+        fill rule: the gates' own plan and plans drawn from them) by their LM loss on the first
         `plan_select.samples` samples of `plan_select.data` (default: the training data), without gradients,
-        summed over ranks; keep the lowest. Its gates are committed to it (`GateSet.commit_to`, so the
-        checkpoint hardens to this plan at this budget) and frozen (learning rate 0), and every later forward
-        runs it. The choice is saved in every checkpoint (`plan_select.json`) and restored on resume."""
+        averaged over ranks, and freeze the gates (learning rate 0). With `finalists` 1 the lowest is fixed at
+        once (`_commit`); otherwise the best `finalists` are trained in turn for `trial_steps` steps and then
+        scored again (`end_trial`). The choice is saved in every checkpoint (`plan_select.json`) and restored
+        on resume."""
         cfg = self.recipe.plan_select
         budget = self.controller.target_at(self.state.global_step)
         candidates = self._candidates(budget, cfg.candidates, True, seed=self.args.seed)
+        losses = self._held_out_losses(model, candidates, budget)
+        dims = self.gates.model_dims()
+        self.plan_choice = {
+            "step": self.state.global_step, "budget": budget, "data": cfg.data or self.recipe.data.path,
+            "samples": len(self._selection_samples()),
+            "candidates": [{"source": source, "loss": loss if math.isfinite(loss) else None,
+                            "visual_flops_ratio": plan_report(dims, self.layout, cand)["visual_flops_ratio"]}
+                           for (cand, source), loss in zip(candidates, losses.tolist())]}
+        order = [int(i) for i in torch.argsort(losses, stable=True)]
+        if cfg.finalists == 1:
+            self.plan_choice["chosen"] = candidates[order[0]][1]
+            self.plan_choice["plan"] = candidates[order[0]][0].to_dict()
+            logger.info("step %d: plan fixed (%s of %d candidates, loss %.4f; %.1f%% of the visual FLOPs)",
+                        self.state.global_step, candidates[order[0]][1], len(candidates), float(losses[order[0]]),
+                        100 * self.plan_choice["candidates"][order[0]]["visual_flops_ratio"])
+            self._commit(candidates[order[0]][0], budget)
+            return
+        finalists = [candidates[i] for i in order[:cfg.finalists]]
+        if len(finalists) == 1:  # the gates draw no other plan at this budget: nothing to try
+            self.plan_choice.update({"chosen": finalists[0][1], "plan": finalists[0][0].to_dict()})
+            self._commit(finalists[0][0], budget)
+            return
+        self.plan_choice["finalists"] = [{"source": source, "plan": plan.to_dict()} for plan, source in finalists]
+        logger.info("step %d: %s of %d candidates trained in turn for %d steps (plan_select.finalists)",
+                    self.state.global_step, ", ".join(source for _, source in finalists), len(candidates),
+                    cfg.trial_steps(self.state.max_steps))
+        self._start_trial(finalists, budget)
+
+    def end_trial(self, model) -> None:
+        """After `plan_select.trial_steps`: score the finalists again on the held-out samples and fix the best."""
+        finalists, budget = self.trial_plans, self.fixed_budget
+        losses = self._held_out_losses(model, finalists, budget)
+        best = int(torch.argmin(losses))
+        for entry, loss in zip(self.plan_choice["finalists"], losses.tolist()):
+            entry["loss_after_trial"] = loss if math.isfinite(loss) else None
+        self.plan_choice.update({"chosen": finalists[best][1], "trial_end": self.state.global_step,
+                                 "plan": finalists[best][0].to_dict()})
+        logger.info("step %d: plan fixed (%s of %d finalists, loss %.4f after %d trial steps)", self.state.global_step,
+                    finalists[best][1], len(finalists), float(losses[best]),
+                    self.recipe.plan_select.trial_steps(self.state.max_steps))
+        self.trial_plans = None
+        self._commit(finalists[best][0], budget)
+
+    def _held_out_losses(self, model, candidates: list[tuple[Plan, str]], budget: float) -> torch.Tensor:
+        """Each candidate's LM loss per scored token on the selection batches, in eval mode, averaged over ranks."""
         batches = self._selection_batches()
         counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in batches]
 
@@ -286,24 +361,13 @@ class VispruneTrainer(Trainer):
         was_training = model.training
         model.eval()
         try:
-            losses = self._score_plans(candidates, budget, True, batches[0]["input_ids"].device, held_out_loss)
+            return self._score_plans(candidates, budget, True, batches[0]["input_ids"].device, held_out_loss)
         finally:
             model.train(was_training)
-        best = int(torch.argmin(losses))
-        plan = candidates[best][0]
-        dims = self.gates.model_dims()
-        self.plan_choice = {
-            "step": self.state.global_step, "budget": budget, "chosen": candidates[best][1],
-            "data": cfg.data or self.recipe.data.path, "samples": sum(len(b["input_ids"]) for b in batches),
-            "candidates": [{"source": source, "loss": loss if math.isfinite(loss) else None,
-                            "visual_flops_ratio": plan_report(dims, self.layout, cand)["visual_flops_ratio"]}
-                           for (cand, source), loss in zip(candidates, losses.tolist())],
-            "plan": plan.to_dict()}
-        logger.info("step %d: plan fixed (%s of %d candidates, loss %.4f; %.1f%% of the visual FLOPs)",
-                    self.state.global_step, candidates[best][1], len(candidates), float(losses[best]),
-                    100 * self.plan_choice["candidates"][best]["visual_flops_ratio"])
-        self._commit(plan, budget)
-        return plan
+
+    def _start_trial(self, finalists: list[tuple[Plan, str]], budget: float) -> None:
+        self.trial_plans, self.fixed_budget = finalists, budget
+        self._apply_phase_rates()
 
     def _commit(self, plan: Plan, budget: float) -> None:
         with _gathered(list(self.gates.parameters())):
@@ -311,21 +375,23 @@ class VispruneTrainer(Trainer):
             if self.gates.to_plan(budget, self.layout, fill=True) != plan:
                 raise RuntimeError("plan_select: the committed gates do not harden to the chosen plan")
         self.fixed_plan, self.fixed_budget = plan, budget
-        self.fixed_metrics = {
-            "plan_fixed": 1.0,
-            "expected_visual_flops": plan_report(self.gates.model_dims(), self.layout, plan)["visual_flops_ratio"],
-            "open_heads": float(sum(len(layer.heads) for layer in plan.layers)),
-            "open_layers": float(sum(not layer.skipped for layer in plan.layers))}
+        self._apply_phase_rates()
+
+    def _apply_phase_rates(self) -> None:
+        """This step already runs the fixed phase's rates: gates and multipliers 0, LoRA restarted."""
         scheduler = self.lr_scheduler
-        if self.optimizer is not None and scheduler is not None:  # this step already runs the fixed phase's rates:
-            for idx, group in enumerate(self.optimizer.param_groups):  # gates and multipliers 0, LoRA restarted
+        if self.optimizer is not None and scheduler is not None:
+            for idx, group in enumerate(self.optimizer.param_groups):
                 group["lr"] = scheduler.base_lrs[idx] * scheduler.lr_lambdas[idx](self.state.global_step)
 
-    def _selection_batches(self) -> list[dict[str, torch.Tensor]]:
+    def _selection_samples(self) -> list:
+        """The first `plan_select.samples` samples of `plan_select.data` (or of the training data)."""
         cfg = self.recipe.plan_select
         rows = self.train_dataset if cfg.data is None else self.selection_rows or build_dataset(cfg.data)
-        rows = [rows[i] for i in range(min(cfg.samples, len(rows)))]
-        size = self.args.per_device_train_batch_size
+        return [rows[i] for i in range(min(cfg.samples, len(rows)))]
+
+    def _selection_batches(self) -> list[dict[str, torch.Tensor]]:
+        rows, size = self._selection_samples(), self.args.per_device_train_batch_size
         return [self._prepare_inputs(self.data_collator(rows[start:start + size]))
                 for start in range(0, len(rows), size)]
 
@@ -448,10 +514,27 @@ class VispruneTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_gate_state(self.gates, self.controller, os.path.join(resume_from_checkpoint, GATES_FILE))
-        choice = Path(resume_from_checkpoint) / PLAN_CHOICE_FILE
-        if choice.is_file():  # the plan was fixed before this checkpoint: keep training it
-            self.plan_choice = json.loads(choice.read_text())
-            self._commit(Plan.from_json(self.plan_choice["plan"]), float(self.plan_choice["budget"]))
+        path = Path(resume_from_checkpoint) / PLAN_CHOICE_FILE
+        if path.is_file():  # the plan was fixed (or its finalists chosen) before this checkpoint: keep training it
+            choice = read_json_file(path, 16 << 20, "plan choice", ckpt.CheckpointError)
+            try:
+                budget = float(choice["budget"])
+                plans = ([(Plan.from_json(choice["plan"]), str(choice["chosen"]))] if "plan" in choice else
+                         [(Plan.from_json(entry["plan"]), str(entry["source"])) for entry in choice["finalists"]])
+                dims = self.gates.model_dims()
+                for plan, _ in plans:
+                    plan.validate_for(dims.num_layers, dims.num_heads, dims.intermediate_size, family=dims.family)
+            except (TypeError, KeyError, ValueError) as err:
+                raise ckpt.CheckpointError(f"{path}: not a plan choice visprune wrote ({type(err).__name__}: "
+                                           f"{err})") from None
+            if not plans or not 0.0 < budget <= 1.0:
+                raise ckpt.CheckpointError(f"{path}: not a plan choice visprune wrote (no plan, or a budget "
+                                           "outside (0, 1])")
+            self.plan_choice = choice
+            if "plan" in choice:
+                self._commit(plans[0][0], budget)
+            else:
+                self._start_trial(plans, budget)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -299,14 +299,21 @@ def prepare_base(cfg: DemoConfig, progress: bool = True) -> DemoState:
 
 def visprune_overrides(cfg: DemoConfig, layout: TokenLayout, budget: float) -> list[str]:
     """The prune-training recipe's settings for one budget: the budget reached a quarter of the way in; with
-    `cfg.select` > 1, the plan chosen half-way among that many candidates on the val split and trained fixed
-    to the end (`plan_select`), else the gates learn to the end and hardening ranks them."""
+    `cfg.select` > 1, the plan chosen in the run among that many candidates on the val split (the best few of
+    them trained in turn first, when the run is long enough) and trained fixed to the end (`plan_select`),
+    else the gates learn to the end and hardening ranks them."""
     steps = cfg.scale.prune_steps
     extra = [f"budget.visual_flops={budget}", f"budget.warmup_steps={max(1, steps // 4)}",
              f"budget.system_tokens={layout.system}", f"budget.text_tokens={layout.text}", f"window={cfg.window}"]
-    if cfg.select > 1:
-        return [*extra, f"plan_select.candidates={cfg.select}", f"plan_select.data={cfg.data_dir / 'val.json'}"]
-    return [*extra, "plan_select.at=null"]
+    if cfg.select <= 1:
+        return [*extra, "plan_select.at=null"]
+    extra += [f"plan_select.candidates={cfg.select}", f"plan_select.data={cfg.data_dir / 'val.json'}"]
+    select = load_demo_recipe("visprune.yaml").plan_select
+    finalists = min(select.finalists, cfg.select)
+    fix_at = select.step(steps)
+    if fix_at is not None and finalists > 1 and not finalists <= round(select.trial * steps) < steps - fix_at:
+        return [*extra, "plan_select.finalists=1", "plan_select.trial=0"]  # a run too short to try finalists (ci)
+    return [*extra, f"plan_select.finalists={finalists}"]
 
 
 def run_visprune(state: DemoState) -> None:
@@ -317,13 +324,17 @@ def run_visprune(state: DemoState) -> None:
     todo = state.todo("visprune")
     if not todo:
         return
-    fix_at = load_demo_recipe("visprune.yaml", [*visprune_overrides(cfg, layout, min(todo)),
-                                                f"train.max_steps={scale.prune_steps}"]).plan_select.step(scale.prune_steps)
-    fixed = 0 if fix_at is None else scale.prune_steps - fix_at
-    rule = f"learned, {cfg.plan_rule}" + (f", best of {cfg.select} on val half-way, then trained fixed"
+    select = load_demo_recipe("visprune.yaml", [*visprune_overrides(cfg, layout, min(todo)),
+                                                f"train.max_steps={scale.prune_steps}"]).plan_select
+    fix_at = select.step(scale.prune_steps)
+    trial = select.trial_steps(scale.prune_steps) if fix_at is not None else 0
+    fixed = 0 if fix_at is None else scale.prune_steps - fix_at - trial
+    finalists = f", the best {select.finalists} trained {trial} steps in turn and scored again" if trial else ""
+    rule = f"learned, {cfg.plan_rule}" + (f", best of {cfg.select} on val half-way{finalists}, then trained fixed"
                                           if cfg.select > 1 else "")
-    phases = (f"{scale.prune_steps} prune-training steps ({scale.prune_steps - fixed} learning the gates, "
-              f"{fixed} with the chosen plan)" if fixed else f"{scale.prune_steps} prune-training steps")
+    trained = f"{trial} training the best {select.finalists} candidates in turn, " if trial else ""
+    phases = (f"{scale.prune_steps} prune-training steps ({fix_at} learning the gates, {trained}"
+              f"{fixed} with the chosen plan)" if fix_at is not None else f"{scale.prune_steps} prune-training steps")
     for budget in tqdm(todo, desc="visprune prune + harden + recover + eval", disable=not state.progress,
                        leave=False):
         ckpt = _train_run(cfg, "visprune.yaml", cfg.out / "runs" / f"visprune-{budget}",

@@ -80,21 +80,24 @@ def test_zero_train_checkpoint_resume(toy_inputs, tmp_path, stage):
 
 
 def test_zero3_plan_select_chooses_one_plan_for_both_ranks_and_commits_it(toy_inputs, tmp_path):
-    """plan_select under ZeRO-3: candidates drawn from gathered gates, losses summed over ranks, one plan for both
-    ranks; the saved gates are committed to it and stay so; the checkpoint hardens to the chosen plan."""
+    """plan_select under ZeRO-3: candidates drawn from gathered gates, losses averaged over ranks, two finalists
+    trained in turn and scored again, one plan for both ranks; the saved gates are committed to it and stay so;
+    the checkpoint hardens to the chosen plan."""
     import json
 
     from visprune.modeling import Plan
     from visprune.trainer.export import harden
 
     run = tmp_path / "run"
-    torchrun_train(toy_inputs, run, "distributed.zero_stage=3", "train.max_steps=4", "plan_select.at=0.5",
-                   "plan_select.candidates=3", "plan_select.samples=4")
-    choice = json.loads((run / "checkpoint-4" / "plan_select.json").read_text())
-    assert choice["step"] == 2 and len(choice["candidates"]) >= 1
-    gates = [load_file(run / name / "gates.safetensors")["gates.head.log_alpha"] for name in ("checkpoint-4", "final")]
+    torchrun_train(toy_inputs, run, "distributed.zero_stage=3", "train.max_steps=6", "plan_select.at=0.5",
+                   "plan_select.candidates=3", "plan_select.samples=4", "plan_select.finalists=2",
+                   "plan_select.trial=0.34")
+    choice = json.loads((run / "checkpoint-6" / "plan_select.json").read_text())
+    assert choice["step"] == 3 and choice["trial_end"] == 5 and len(choice["candidates"]) >= 2
+    assert all(isinstance(entry["loss_after_trial"], float) for entry in choice["finalists"])
+    gates = [load_file(run / name / "gates.safetensors")["gates.head.log_alpha"] for name in ("checkpoint-6", "final")]
     assert torch.equal(gates[0], gates[1]) and set(gates[0].abs().flatten().tolist()) == {10.0}
-    for key, tensor in load_file(run / "checkpoint-4" / "adapter_model.safetensors").items():  # adapters: DeepSpeed's
-        torch.testing.assert_close(tensor, engine_state(run / "checkpoint-4")[key], atol=0, rtol=0)
+    for key, tensor in load_file(run / "checkpoint-6" / "adapter_model.safetensors").items():  # adapters: DeepSpeed's
+        torch.testing.assert_close(tensor, engine_state(run / "checkpoint-6")[key], atol=0, rtol=0)
     harden(run / "final", tmp_path / "out")
     assert Plan.from_json(tmp_path / "out" / "pruning_plan.json") == Plan.from_json(choice["plan"])

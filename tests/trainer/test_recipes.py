@@ -176,6 +176,10 @@ def test_wrong_type(tmp_path, dotted, value, expected):
     ("plan_select.at", 1.0),
     ("plan_select.candidates", 65),
     ("plan_select.samples", 0),
+    ("plan_select.finalists", 0),
+    ("plan_select.finalists", 9),  # more than plan_select.candidates (8)
+    ("plan_select.trial", -0.1),
+    ("plan_select.trial", 1.0),
 ])
 def test_bad_value(tmp_path, dotted, value):
     message = load_error(write_recipe(tmp_path, with_value(dotted, value)))
@@ -191,6 +195,21 @@ def test_plan_select_before_the_budget_is_reached_or_with_a_fixed_plan_is_refuse
     recipe["plan"] = "plan.json"
     assert "set one of them to null" in load_error(write_recipe(tmp_path, recipe))
     assert load_recipe(write_recipe(tmp_path, with_value("plan_select.at", 0.5))).plan_select.step(10) == 5
+
+
+def test_plan_select_finalists_need_a_trial_that_fits_the_run(tmp_path):
+    def recipe_with(**select):  # MINIMAL: 10 steps, the plan scored at step 5
+        recipe = with_value("plan_select.at", 0.5)
+        recipe["plan_select"].update(select)
+        return write_recipe(tmp_path, recipe)
+
+    assert "set both (e.g. 3 and 0.15) or neither" in load_error(recipe_with(finalists=3))
+    assert "set both (e.g. 3 and 0.15) or neither" in load_error(recipe_with(trial=0.2))
+    assert "is 2 steps for 3 finalists: give each at least one step" in load_error(recipe_with(finalists=3, trial=0.2))
+    assert ("plan_select.trial 0.5 (5 steps from step 5) leaves no step of train.max_steps 10"
+            in load_error(recipe_with(finalists=2, trial=0.5)))
+    select = load_recipe(recipe_with(finalists=2, trial=0.4)).plan_select
+    assert (select.finalists, select.trial_steps(10), select.step(10)) == (2, 4, 5)
 
 
 def test_int_accepted_for_float(tmp_path):

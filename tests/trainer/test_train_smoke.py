@@ -264,6 +264,53 @@ def test_plan_select_fixes_the_best_candidate_and_trains_it_to_the_end(toy_input
         harden(run_dir / "final", tmp_path / "out2", budget=0.5)
 
 
+def test_plan_select_trains_its_finalists_in_turn_then_fixes_the_best_and_resumes_mid_trial(toy_inputs, tmp_path):
+    import shutil
+
+    from visprune.modeling import Plan
+    from visprune.trainer.export import HardenError, harden
+    from visprune.trainer.run_folder import PLAN_CHOICE_FILE
+
+    overrides = ["train.max_steps=8", "budget.warmup_steps=3", "output.save_steps=2", "budget.visual_flops=0.25",
+                 "plan_select.at=0.5", "plan_select.candidates=4", "plan_select.samples=6",
+                 "plan_select.finalists=2", "plan_select.trial=0.25"]
+    run_dir = train(toy_recipe(toy_inputs, tmp_path / "run", *overrides), resume="never")
+    # scored at the start of step 5; steps 5 and 6 train the two finalists in turn; fixed from step 7
+    mid = json.loads((run_dir / "checkpoint-6" / PLAN_CHOICE_FILE).read_text())
+    assert mid["step"] == 4 and "plan" not in mid and len(mid["finalists"]) == 2
+    with pytest.raises(HardenError, match="no plan was chosen yet; harden a later checkpoint"):
+        harden(run_dir / "checkpoint-6", tmp_path / "mid")
+    assert not (tmp_path / "mid").exists()
+    choice = json.loads((run_dir / "final" / PLAN_CHOICE_FILE).read_text())
+    assert choice["trial_end"] == 6 and {e["source"] for e in choice["finalists"]} <= {
+        c["source"] for c in choice["candidates"]}
+    by_loss = sorted(choice["candidates"], key=lambda c: c["loss"])
+    assert [e["source"] for e in choice["finalists"]] == [c["source"] for c in by_loss[:2]]
+    after = {e["source"]: e["loss_after_trial"] for e in choice["finalists"]}
+    assert choice["chosen"] == min(after, key=after.get)
+    finalists = [Plan.from_json(e["plan"]) for e in choice["finalists"]]
+    plan = Plan.from_json(choice["plan"])
+    assert plan == finalists[[e["source"] for e in choice["finalists"]].index(choice["chosen"])]
+    state = json.loads((run_dir / "checkpoint-8" / "trainer_state.json").read_text())
+    logs = {e["step"]: e for e in state["log_history"] if "visprune/lr_gates" in e}
+    assert [step for step, e in logs.items() if e.get("visprune/plan_trial")] == [5, 6]
+    assert [step for step, e in logs.items() if e.get("visprune/plan_fixed")] == [7, 8]
+    assert all(logs[step]["visprune/lr_gates"] == 0.0 for step in (5, 6, 7, 8))
+    for step, trained in ((5, finalists[0]), (6, finalists[1]), (7, plan)):
+        assert logs[step]["visprune/open_heads"] == sum(len(layer.heads) for layer in trained.layers)
+    report = harden(run_dir / "final", tmp_path / "out")
+    assert report["plan_rule"] == "selected in training" and report["plan_selection"]["chosen"] == choice["chosen"]
+    assert Plan.from_json(tmp_path / "out" / "pruning_plan.json") == plan
+    resumed = tmp_path / "resumed"  # a crash after step 6 (mid-trial checkpoint): the same finalists, the same choice
+    shutil.copytree(run_dir, resumed)
+    for name in ("checkpoint-8", "final"):
+        shutil.rmtree(resumed / name)
+    train(toy_recipe(toy_inputs, resumed, *overrides), resume="auto")
+    assert json.loads((resumed / "final" / PLAN_CHOICE_FILE).read_text()) == choice
+    for key, tensor in load_file(run_dir / "final" / GATES_FILE).items():
+        torch.testing.assert_close(load_file(resumed / "final" / GATES_FILE)[key], tensor, atol=0, rtol=0)
+
+
 def test_plan_select_is_kept_by_a_resumed_run(toy_inputs, tmp_path):
     import shutil
 
