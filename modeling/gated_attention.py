@@ -24,13 +24,15 @@ LOG_GATE_FLOOR = 1e-6  # training: log(max(e, eps)) keeps gradients finite where
 
 class GateValues(NamedTuple):
     """Effective gates of one forward, float32: `head` e = r*g (N, L, H), `router` r (N, L), `mlp`
-    u = r*m (N, L); N is the batch size when every sample has its own draw (training), else 1.
+    u = r*m (N, L), and with channel gates `channels` c (N, L, B), the share of each block of the visual
+    MLP's intermediate channels; N is the batch size when every sample has its own draw (training), else 1.
 
     A NamedTuple so that DeepSpeed ZeRO-3 finds the tensors in the GateSet's output."""
 
     head: torch.Tensor
     router: torch.Tensor
     mlp: torch.Tensor
+    channels: torch.Tensor | None = None
 
 
 @dataclass
@@ -42,6 +44,7 @@ class VisualContext:
     window: int | None
     training: bool
     mlp_channel_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (I,) bool
+    channel_block: int | None = None  # channels per block of `gates.channels` (GateSet.channel_block)
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # layer-independent masks
 
     def log_head_gates(self, layer_idx: int, dtype: torch.dtype) -> torch.Tensor:

@@ -42,6 +42,9 @@ class GateConfig:
     heads: bool = True  # head gates g[l, h]
     visual_skip: bool = True  # visual-skip routers r[l]
     visual_mlp: bool = True  # visual MLP gates m[l]
+    # channel gates c[l, b] over blocks of this many intermediate channels of the visual MLP (the last block of a
+    # layer may be smaller); None: the visual MLP is kept or dropped whole (docs/design.md, learned MLP channels)
+    mlp_channel_block: int | None = None
     # neighbour window w (w x w on the grid); None = ordinary causal attention; a recipe's top-level `window`
     window: int | None = field(default=5, metadata={"recipe_key": "window"})
     init_log_alpha: float = 2.0  # P(open) ~ 0.97 at the start: the gated model starts near the dense one
@@ -61,6 +64,9 @@ class GateConfig:
                 raise ValueError(f"{name} must be a positive number, got {value}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        block = self.mlp_channel_block
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+            raise ValueError(f"mlp_channel_block must be null or a positive integer, got {block!r}")
 
 
 def _pick_backend(backend: str, model: nn.Module) -> str:
@@ -91,6 +97,12 @@ class GateSet(nn.Module):
         self.head = HardConcreteGate((L, H), cfg.init_log_alpha, t) if cfg.heads else FixedGate(torch.ones(L, H))
         self.router = HardConcreteGate((L,), cfg.init_log_alpha, t) if cfg.visual_skip else FixedGate(torch.ones(L))
         self.mlp = HardConcreteGate((L,), cfg.init_log_alpha, t) if cfg.visual_mlp else FixedGate(torch.ones(L))
+        block = cfg.mlp_channel_block
+        self.channel_block = None if block is None else min(block, dims.intermediate_size)
+        # c[l, b]: None without channel gates (kept out of the module tree, so checkpoints without them load)
+        self.channels = (None if block is None else
+                         HardConcreteGate((L, math.ceil(dims.intermediate_size / self.channel_block)),
+                                          cfg.init_log_alpha, t))
         self.window = cfg.window
         self.mlp_channel_masks: dict[int, torch.Tensor] = {}
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its layout
@@ -113,9 +125,11 @@ class GateSet(nn.Module):
             return self._plan_values()
         num_samples = batch_size if self.cfg.per_sample else 1
         (g, p_g), (r, p_r), (m, p_m) = self.head(num_samples), self.router(num_samples), self.mlp(num_samples)
-        self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions())
+        c, p_c = self.channels(num_samples) if self.channels is not None else (None, None)
+        self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions(p_c))
         g, r, m = g.reshape(-1, L, H), r.reshape(-1, L), m.reshape(-1, L)  # (N, L, H), (N, L): N = 1 or batch
-        return GateValues(head=r[:, :, None] * g, router=r, mlp=r * m)
+        return GateValues(head=r[:, :, None] * g, router=r, mlp=r * m,
+                          channels=None if c is None else c.reshape(-1, *self.channels.shape))
 
     @property
     def device(self) -> torch.device:
@@ -155,10 +169,11 @@ class GateSet(nn.Module):
         L, H = self.dims.num_layers, self.dims.num_heads
         # P(open) through each gate module's own forward, so that ZeRO-3 gathers its parameters first
         p_g, p_r, p_m = (gate(probs_only=True)[1].float() for gate in (self.head, self.router, self.mlp))
+        p_c = self.channels(probs_only=True)[1].float() if self.channels is not None else None
         if record_probs:
-            self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions())
+            self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions(p_c))
         if plan is None:
-            plan = self._plan_from_scores(_scores_from_probs(p_g, p_r, p_m), budget, layout, fill)
+            plan = self._plan_from_scores(_scores_from_probs(p_g, p_r, p_m, p_c), budget, layout, fill)
         self.last_plan = plan
         hard = GateProbs.from_plan(plan, self.dims.intermediate_size)
         device = p_g.device
@@ -166,16 +181,51 @@ class GateSet(nn.Module):
         def straight_through(value: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
             return value.to(device) + (prob - prob.detach())  # exactly the 0/1 value, the gradient of prob
 
+        channels = None
+        if p_c is not None:
+            channels = straight_through(self.plan_blocks(plan), p_c).reshape(1, *self.channels.shape)
         return GateValues(head=straight_through(hard.head, p_r[:, None] * p_g).reshape(1, L, H),
                           router=straight_through(hard.layer, p_r).reshape(1, L),
-                          mlp=straight_through(hard.mlp, p_r * p_m).reshape(1, L))
+                          mlp=straight_through(hard.mlp, p_r * p_m).reshape(1, L), channels=channels)
+
+    def block_sizes(self) -> torch.Tensor:
+        """(B,) channels in each block of the channel gates (the last may be smaller)."""
+        size, block = self.dims.intermediate_size, self.channel_block
+        return torch.tensor([min(block, size - start) for start in range(0, size, block)], dtype=torch.float32)
+
+    def plan_blocks(self, plan: Plan) -> torch.Tensor:
+        """(L, B) 0/1: the channel blocks `plan` keeps for visual rows (all of a layer whose MLP is kept
+        whole, none of a dropped one). Raises ValueError when a plan keeps part of a block."""
+        L, block = self.dims.num_layers, self.channel_block
+        blocks = torch.zeros(self.channels.shape)
+        for layer_idx, layer in enumerate(plan.layers[:L]):
+            if not layer.mlp:
+                continue
+            if layer.mlp_channels is None:
+                blocks[layer_idx] = 1.0
+                continue
+            kept = set(layer.mlp_channels)
+            for b in range(blocks.shape[1]):
+                inside = set(range(b * block, min((b + 1) * block, self.dims.intermediate_size)))
+                if inside <= kept:
+                    blocks[layer_idx, b] = 1.0
+                elif inside & kept:
+                    raise ValueError(f"layer {layer_idx} of the plan keeps part of channel block {b} "
+                                     f"(gates.mlp_channel_block {block}): not a plan of these channel gates")
+        return blocks
 
     def prob_open(self) -> GateProbs:
         """P(gate != 0) of the raw gates, for the expected-FLOPs model."""
+        p_c = self.channels.prob_open() if self.channels is not None else None
         return GateProbs(head=self.head.prob_open(), layer=self.router.prob_open(), mlp=self.mlp.prob_open(),
-                         mlp_channels=self._channel_fractions())
+                         mlp_channels=self._channel_fractions(p_c))
 
-    def _channel_fractions(self) -> torch.Tensor | None:
+    def _channel_fractions(self, p_c: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(L,) expected share of MLP channels visual rows keep: from the channel gates' P(open) (`p_c`,
+        weighted by block size), or from fixed channel masks; None when neither exists."""
+        if p_c is not None:
+            sizes = self.block_sizes().to(p_c.device)
+            return (p_c.float() * sizes).sum(dim=-1) / float(self.dims.intermediate_size)
         if not self.mlp_channel_masks:
             return None
         frac = torch.ones(self.dims.num_layers)
@@ -197,9 +247,11 @@ class GateSet(nn.Module):
             head[layer_idx, list(layer.heads)] = LOG_ALPHA_LIMIT
             mlp[layer_idx] = LOG_ALPHA_LIMIT if layer.mlp else -LOG_ALPHA_LIMIT
             router[layer_idx] = -LOG_ALPHA_LIMIT if layer.skipped else LOG_ALPHA_LIMIT
+        values = [("head", head), ("router", router), ("mlp", mlp)]
+        if self.channels is not None:
+            values.append(("channels", self.plan_blocks(plan) * 2 * LOG_ALPHA_LIMIT - LOG_ALPHA_LIMIT))
         return {f"{name}.log_alpha": value.reshape(getattr(self, name).shape)  # (ZeRO-3 empties log_alpha.shape)
-                for name, value in (("head", head), ("router", router), ("mlp", mlp))
-                if isinstance(getattr(self, name), HardConcreteGate)}
+                for name, value in values if isinstance(getattr(self, name), HardConcreteGate)}
 
     @torch.no_grad()
     def commit_to(self, plan: Plan) -> None:
@@ -212,8 +264,10 @@ class GateSet(nn.Module):
     def to_plan(self, budget: float, layout: TokenLayout | None = None, fill: bool = False) -> Plan:
         """Harden the gates: deterministic top-k by `log_alpha` under the visual-FLOPs budget.
 
-        Units are the visual heads (l, h) and visual MLPs (l); a unit's score is the log-probability
-        that its effective gate is open, log P(r[l] != 0) + log P(g[l,h] != 0) (MLP: m[l]), from the
+        Units are the visual heads (l, h) and visual MLPs (l), or with channel gates the MLP's channel
+        blocks (l, b); a unit's score is the log-probability that its effective gate is open,
+        log P(r[l] != 0) + log P(g[l,h] != 0) (MLP: + log P(m[l]) instead; block: + log P(m[l]) +
+        log P(c[l,b])), from the
         log_alphas: the hierarchy holds (no unit outranks its layer's router) and a strong head in a
         layer the router kept open part of the time ranks by how often training used it. Units are
         added in score order while the plan's visual FLOPs (the one FLOPs model, with this GateSet's
@@ -237,7 +291,7 @@ class GateSet(nn.Module):
         """Up to `count` distinct plans at `budget`: first `to_plan`'s, then plans that draws of the gates make.
 
         A draw samples every hard-concrete gate once, as training does; its units rank by their drawn effective
-        value r[l]*g[l,h] (MLP: r[l]*m[l]), ties broken by `to_plan`'s score, and are hardened by the same rule.
+        value r[l]*g[l,h] (MLP: r[l]*m[l]; channel block: r[l]*m[l]*c[l,b]), ties broken by `to_plan`'s score, and are hardened by the same rule.
         These are the plans training actually exercised; a short validation pass can pick among them
         (`visprune harden --select-on`). Returns (plan, source) pairs, source "scores" or "draw N".
         """
@@ -252,7 +306,7 @@ class GateSet(nn.Module):
                 break
             values = {}
             drawn = {}
-            for name in ("head", "router", "mlp"):
+            for name in ("head", "router", "mlp") + (("channels",) if self.channels is not None else ()):
                 gate = getattr(self, name)
                 if isinstance(gate, HardConcreteGate):
                     u = torch.rand(gate.shape, generator=gen).clamp(1e-6, 1 - 1e-6)
@@ -260,7 +314,8 @@ class GateSet(nn.Module):
                 else:
                     drawn[name] = gate.values.detach().float().cpu()
             for (kind, layer_idx, head_idx), score in base.items():
-                own = drawn["head"][layer_idx, head_idx] if kind == 0 else drawn["mlp"][layer_idx]
+                own = (drawn["head"][layer_idx, head_idx] if kind == 0 else drawn["mlp"][layer_idx] if kind == 1
+                       else drawn["mlp"][layer_idx] * drawn["channels"][layer_idx, head_idx])
                 value = float(drawn["router"][layer_idx] * own)
                 values[(kind, layer_idx, head_idx)] = math.log(max(value, 1e-6)) + 1e-6 * max(score, -1e6)
             plan = self._plan_from_scores([(v, *unit) for unit, v in values.items()], budget, layout, fill)
@@ -281,22 +336,38 @@ class GateSet(nn.Module):
         limit = budget * float(visual_flops(dims, layout))
         head = torch.zeros(L, H)
         mlp = torch.zeros(L)
-        for _, kind, layer_idx, head_idx in order:
+        sizes = self.block_sizes() if self.channels is not None else None
+        blocks = torch.zeros(self.channels.shape) if self.channels is not None else None  # kind 2 units (l, b)
+        for _, kind, layer_idx, unit_idx in order:
             trial_head, trial_mlp = head.clone(), mlp.clone()
+            trial_blocks = blocks.clone() if blocks is not None else None
             if kind == 0:
-                trial_head[layer_idx, head_idx] = 1.0
+                trial_head[layer_idx, unit_idx] = 1.0
+            elif kind == 1:
+                trial_mlp[layer_idx] = 1.0
             else:
+                trial_blocks[layer_idx, unit_idx] = 1.0
                 trial_mlp[layer_idx] = 1.0
             router = ((trial_head.sum(dim=1) > 0) | (trial_mlp > 0)).float()
-            cost = float(visual_flops(dims, layout, GateProbs(trial_head, router, trial_mlp), self.window))
+            channels = None if sizes is None else (trial_blocks * sizes).sum(dim=1) / float(sizes.sum())
+            cost = float(visual_flops(dims, layout, GateProbs(trial_head, router, trial_mlp, channels), self.window))
             if cost > limit:
                 if fill:
                     continue
                 break
-            head, mlp = trial_head, trial_mlp
+            head, mlp, blocks = trial_head, trial_mlp, trial_blocks
         layers = tuple(LayerPlan(heads=tuple(int(h) for h in head[l].nonzero().flatten().tolist()),
-                                 mlp=bool(mlp[l] > 0)) for l in range(L))
+                                 mlp=bool(mlp[l] > 0), mlp_channels=self._block_channels(blocks, l))
+                       for l in range(L))
         return Plan(family=self.family, window=self.window, num_layers=L, num_heads=H, layers=layers)
+
+    def _block_channels(self, blocks: torch.Tensor | None, layer_idx: int) -> tuple[int, ...] | None:
+        """The channels of layer `layer_idx`'s kept blocks; None (all) when every block or no block is kept."""
+        if blocks is None or bool(blocks[layer_idx].all()) or not bool(blocks[layer_idx].any()):
+            return None
+        block, size = self.channel_block, self.dims.intermediate_size
+        return tuple(channel for b in blocks[layer_idx].nonzero().flatten().tolist()
+                     for channel in range(b * block, min((b + 1) * block, size)))
 
     def model_dims(self) -> ModelDims:
         """The FLOPs model's view of this GateSet's model."""
@@ -314,17 +385,21 @@ class GateSet(nn.Module):
             return end
         return start + (end - start) * min(1.0, max(0.0, progress))
 
+    def gate_modules(self) -> list[HardConcreteGate | FixedGate]:
+        """Head gates, routers, MLP gates and, when configured, the MLP channel gates."""
+        return [self.head, self.router, self.mlp] + ([self.channels] if self.channels is not None else [])
+
     def set_temperature(self, temperature: float) -> None:
-        for gate in (self.head, self.router, self.mlp):
+        for gate in self.gate_modules():
             if isinstance(gate, HardConcreteGate):
                 gate.temperature = float(temperature)
 
     def constrain_(self) -> None:
-        for gate in (self.head, self.router, self.mlp):
+        for gate in self.gate_modules():
             gate.constrain_()
 
     def learnable(self) -> bool:
-        return any(isinstance(g, HardConcreteGate) for g in (self.head, self.router, self.mlp))
+        return any(isinstance(g, HardConcreteGate) for g in self.gate_modules())
 
 
 def _unit_scores(gates: GateSet) -> list[tuple[float, int, int, int]]:
@@ -336,18 +411,26 @@ def _unit_scores(gates: GateSet) -> list[tuple[float, int, int, int]]:
     Fixed gates have P(open) 0 or 1 (score -inf or the other gate's).
     """
 
-    return _scores_from_probs(gates.head.prob_open(), gates.router.prob_open(), gates.mlp.prob_open())
+    channels = gates.channels.prob_open() if gates.channels is not None else None
+    return _scores_from_probs(gates.head.prob_open(), gates.router.prob_open(), gates.mlp.prob_open(), channels)
 
 
-def _scores_from_probs(head_p: torch.Tensor, router_p: torch.Tensor, mlp_p: torch.Tensor
-                       ) -> list[tuple[float, int, int, int]]:
-    """`_unit_scores` from the P(open) tensors of the head (L, H), router (L) and MLP (L) gates."""
+def _scores_from_probs(head_p: torch.Tensor, router_p: torch.Tensor, mlp_p: torch.Tensor,
+                       channel_p: torch.Tensor | None = None) -> list[tuple[float, int, int, int]]:
+    """`_unit_scores` from the P(open) tensors of the head (L, H), router (L) and MLP (L) gates. With channel
+    gates (`channel_p`, (L, B)) a layer's MLP is B units (kind 2, index b), each scored log P(r) + log P(m)
+    + log P(c[l, b]), instead of one."""
     head, router, mlp = (torch.log(p.detach().float().cpu()) for p in (head_p, router_p, mlp_p))
+    blocks = None if channel_p is None else torch.log(channel_p.detach().float().cpu())
     units = []
     for layer_idx in range(head.shape[0]):
         for head_idx in range(head.shape[1]):
             units.append((float(router[layer_idx] + head[layer_idx, head_idx]), 0, layer_idx, head_idx))
-        units.append((float(router[layer_idx] + mlp[layer_idx]), 1, layer_idx, -1))
+        if blocks is None:
+            units.append((float(router[layer_idx] + mlp[layer_idx]), 1, layer_idx, -1))
+        else:
+            units.extend((float(router[layer_idx] + mlp[layer_idx] + blocks[layer_idx, b]), 2, layer_idx, b)
+                         for b in range(blocks.shape[1]))
     return units
 
 
@@ -416,7 +499,8 @@ def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GateSet:
         values = gates(batch_size=layout.visual_mask.shape[0])
         kwargs[CTX_KWARG] = VisualContext(layout=layout, gates=values, window=gates.window,
                                           training=gates.training and not gates._open_all,
-                                          mlp_channel_masks={} if gates._open_all else gates.mlp_channel_masks)
+                                          mlp_channel_masks={} if gates._open_all else gates.mlp_channel_masks,
+                                          channel_block=gates.channel_block)
         return args, kwargs
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):

@@ -341,12 +341,17 @@ class VisualMLPWrapper(nn.Module):
             raise RuntimeError(f"layer {self.layer_idx}: visual MLP called without a visual context")
         vis = ctx.layout.query_visual_mask[..., None]  # (B, Q, 1)
         channels = ctx.mlp_channel_masks.get(self.layer_idx)
-        if channels is None:
+        blocks = None if ctx.gates.channels is None else ctx.gates.channels[:, self.layer_idx]  # (N, B): c[l, b]
+        if channels is None and blocks is None:
             out = self.mlp(x)
             visual_out = out
         else:
             hidden = self.mlp.act_fn(self.mlp.gate_proj(x)) * self.mlp.up_proj(x)  # (B, Q, I)
             out = self.mlp.down_proj(hidden)
-            visual_out = self.mlp.down_proj(hidden * channels.to(hidden.dtype))
+            keep = torch.ones((), device=hidden.device) if channels is None else channels.to(hidden.dtype)
+            if blocks is not None:  # each block's gate on its channels: (N, 1, I)
+                learned = blocks.repeat_interleave(ctx.channel_block, dim=-1)[:, None, :hidden.shape[-1]]
+                keep = keep * learned.to(hidden.dtype)
+            visual_out = self.mlp.down_proj(hidden * keep)
         u = ctx.gates.mlp[:, self.layer_idx, None, None].to(out.dtype)  # (N, 1, 1)
         return torch.where(vis, u * visual_out, out)

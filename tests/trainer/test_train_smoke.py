@@ -328,3 +328,26 @@ def test_plan_select_is_kept_by_a_resumed_run(toy_inputs, tmp_path):
     assert a == b
     for key, tensor in load_file(straight / "final" / GATES_FILE).items():
         torch.testing.assert_close(load_file(resumed / "final" / GATES_FILE)[key], tensor, atol=0, rtol=0)
+
+
+def test_learned_mlp_channels_train_under_the_budget_and_harden_to_whole_blocks(toy_inputs, tmp_path):
+    """`gates.mlp_channel_block`: the channel gates are trained with the rest (their P(open) in the expected
+    FLOPs), saved beside them, and hardening keeps whole blocks; the hardened folder loads and runs."""
+    from visprune.modeling import Plan, load_pruned
+    from visprune.trainer.export import harden
+
+    recipe = toy_recipe(toy_inputs, tmp_path / "run", "train.max_steps=6", "budget.warmup_steps=3",
+                        "output.save_steps=6", "budget.visual_flops=0.25", "gates.mlp_channel_block=16")
+    run_dir = train(recipe, resume="never")
+    saved = load_file(run_dir / "final" / GATES_FILE)
+    assert saved["gates.channels.log_alpha"].shape == (3, 4)  # toy MLP width 64: 4 blocks of 16
+    assert not torch.equal(saved["gates.channels.log_alpha"], torch.full((3, 4), 2.0))  # trained
+    report = harden(run_dir / "final", tmp_path / "out", budget=0.6, fill=True)
+    assert report["visual_flops"]["ratio"] <= 0.6 + 1e-6
+    plan = Plan.from_json(tmp_path / "out" / "pruning_plan.json")
+    for layer in plan.layers:
+        if layer.mlp_channels is not None:
+            blocks = {channel // 16 for channel in layer.mlp_channels}
+            assert set(layer.mlp_channels) == {channel for b in blocks for channel in range(16 * b, 16 * b + 16)}
+    model = load_pruned(tmp_path / "out")
+    assert model is not None
