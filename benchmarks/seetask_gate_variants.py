@@ -7,7 +7,8 @@ then mean and min) and writes `OUT/variants.json`.
 
 Run: python benchmarks/seetask_gate_variants.py --out runs/variants [--task T] [--size quick]
      [--seeds 0,1,2,3,4] [--variants default,slow-warmup] [--budgets 0.25,0.12]
-Every (variant, seed) run keeps its own folder, so an interrupted run resumes.
+Every (variant, seed, budget) run keeps its own folder, so an interrupted run resumes; budgets a (variant, seed)
+already has in `variants.json` are kept and only the others are run.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ PREVIOUS = [*NO_SELECT, "gates.temperature_start=null", "gates.temperature=0.667
 VARIANTS = {
     "default": ([], ("the demo's visprune recipe: at step 30 of 80, the best 3 of 8 candidate plans on val trained "
                      "in turn for 12 steps, the best of them on val trained fixed to the end (plan_select)")),
+    "mlp-channels-64": (["gates.mlp_channel_block=64"],
+                        "default with learned MLP channels: gates over blocks of 64 of the 512 MLP channels"),
     "no-trial": (NO_TRIAL, "default without finalists: the best candidate on val fixed at once, at step 30"),
     "trial-half": (HALF, "default, the candidates scored half-way (step 40)"),
     "trial-3-short": ([*HALF, "plan_select.trial=0.075"], "trial-half, the finalists trained 6 steps instead of 12"),
@@ -111,7 +114,9 @@ def main() -> None:
         overrides, _ = VARIANTS[variant]
         for seed in seeds:
             key = f"{variant}/seed-{seed}"
-            if key in results["runs"]:
+            run = dict(results["runs"].get(key, {}))  # budgets already measured are kept; the others are added
+            todo = [budget for budget in sorted(budgets) if f"{budget}/ranking" not in run]
+            if not todo:
                 continue
             start = time.time()
             run_cfg = demo.DemoConfig(out=cfg.out, size=args.size, seed=seed, task=args.task)
@@ -119,12 +124,12 @@ def main() -> None:
             base = [*demo.visprune_overrides(cfg, layout, min(budgets)), *extra]
             # a run that fixes its plan (plan_select) trains one budget: one run per budget then, else one in all
             per_budget = demo.load_demo_recipe("visprune.yaml", base).plan_select.at is not None
-            run, ckpt = {}, None
-            for budget in sorted(budgets):
+            ckpt = None
+            for budget in todo:
                 if ckpt is None or per_budget:
-                    folder = f"seed-{seed}" if budget == min(budgets) else f"seed-{seed}-{budget}"
+                    folder, trained = (f"seed-{seed}-{budget}", budget) if per_budget else (f"seed-{seed}", min(budgets))
                     ckpt = demo._train_run(run_cfg, "visprune.yaml", out / "runs" / variant / folder,
-                                           [*base, f"budget.visual_flops={budget}"])
+                                           [*base, f"budget.visual_flops={trained}"])
                 for how, select in (("ranking", None), (f"best of {args.select}",
                                                          PlanSelection(data_dir / "val.json", data_dir / "images",
                                                                        candidates=args.select, seed=seed))):
@@ -134,7 +139,7 @@ def main() -> None:
                     scores = evaluate(model, processor, data_dir / "test.json", data_dir / "images", progress=False)
                     run[f"{budget}/{how}"] = {"describe": scores["describe_token_accuracy"],
                                               "ratio": plan_flops(model)["ratio"]}
-            run["minutes"] = (time.time() - start) / 60
+            run["minutes"] = run.get("minutes", 0.0) + (time.time() - start) / 60
             results["runs"][key] = run
             results_path.write_text(json.dumps(results, indent=1) + "\n")
             print(key, {k: round(v["describe"], 4) for k, v in run.items() if k != "minutes"}, flush=True)

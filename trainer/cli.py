@@ -508,9 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how gate scores become a plan (visprune and random): fill (default: use the budget) or "
                            "prefix (the best-ranked units up to the first that does not fit)")
     demo.add_argument("--select", type=non_negative_int, default=8,
-                      help="visprune's plan per budget: chosen half-way through prune-training as the best of N "
-                           "candidate plans on the val split, then trained fixed (the recipe's plan_select; default "
-                           "8; 0 or 1: the gates learn to the end and hardening ranks them)")
+                      help="visprune's plan per budget: chosen during prune-training among N candidate plans on "
+                           "the val split (the best 3 trained in turn first), then trained fixed (the recipe's "
+                           "plan_select; default 8; 0 or 1: the gates learn to the end and hardening ranks them)")
     _seetask_options(demo, defaults=False)
     demo.set_defaults(func=run_demo)
 

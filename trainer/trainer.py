@@ -316,18 +316,14 @@ class VispruneTrainer(Trainer):
                             "visual_flops_ratio": plan_report(dims, self.layout, cand)["visual_flops_ratio"]}
                            for (cand, source), loss in zip(candidates, losses.tolist())]}
         order = [int(i) for i in torch.argsort(losses, stable=True)]
-        if cfg.finalists == 1:
-            self.plan_choice["chosen"] = candidates[order[0]][1]
-            self.plan_choice["plan"] = candidates[order[0]][0].to_dict()
-            logger.info("step %d: plan fixed (%s of %d candidates, loss %.4f; %.1f%% of the visual FLOPs)",
-                        self.state.global_step, candidates[order[0]][1], len(candidates), float(losses[order[0]]),
-                        100 * self.plan_choice["candidates"][order[0]]["visual_flops_ratio"])
-            self._commit(candidates[order[0]][0], budget)
-            return
         finalists = [candidates[i] for i in order[:cfg.finalists]]
-        if len(finalists) == 1:  # the gates draw no other plan at this budget: nothing to try
-            self.plan_choice.update({"chosen": finalists[0][1], "plan": finalists[0][0].to_dict()})
-            self._commit(finalists[0][0], budget)
+        if len(finalists) == 1:  # no finalists (or the gates draw no other plan at this budget): fixed at once
+            plan, source = finalists[0]
+            self.plan_choice.update({"chosen": source, "plan": plan.to_dict()})
+            logger.info("step %d: plan fixed (%s of %d candidates, loss %.4f; %.1f%% of the visual FLOPs)",
+                        self.state.global_step, source, len(candidates), float(losses[order[0]]),
+                        100 * self.plan_choice["candidates"][order[0]]["visual_flops_ratio"])
+            self._commit(plan, budget)
             return
         self.plan_choice["finalists"] = [{"source": source, "plan": plan.to_dict()} for plan, source in finalists]
         logger.info("step %d: %s of %d candidates trained in turn for %d steps (plan_select.finalists)",

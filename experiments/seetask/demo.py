@@ -97,8 +97,9 @@ class DemoConfig:
     budgets: tuple[float, ...] = (0.5, 0.25, 0.12)
     window: int = 3
     fill: bool = True  # plans use their budget (`GateSet.to_plan(fill=True)`); False: the prefix rule
-    select: int = 8  # visprune: the plan chosen half-way among this many candidates on the val split, then trained
-    # fixed (the recipe's plan_select); 0 or 1: off (the gates learn to the end, hardening ranks them)
+    select: int = 8  # visprune: the plan chosen in prune training among this many candidates on the val split (the
+    # best few trained in turn first), then trained fixed (the recipe's plan_select); 0 or 1: off (the gates learn
+    # to the end, hardening ranks them)
     seed: int = 0  # data, base, gate training and baselines all follow it
     task: str = DEFAULT_TASK  # a key of TASKS
     task_options: dict[str, Any] = field(default_factory=dict)  # SeeTaskConfig fields over the task's own
@@ -330,8 +331,8 @@ def run_visprune(state: DemoState) -> None:
     trial = select.trial_steps(scale.prune_steps) if fix_at is not None else 0
     fixed = 0 if fix_at is None else scale.prune_steps - fix_at - trial
     finalists = f", the best {select.finalists} trained {trial} steps in turn and scored again" if trial else ""
-    rule = f"learned, {cfg.plan_rule}" + (f", best of {cfg.select} on val half-way{finalists}, then trained fixed"
-                                          if cfg.select > 1 else "")
+    rule = f"learned, {cfg.plan_rule}" + (f", best of {cfg.select} on val at step {fix_at}{finalists}, then trained "
+                                          "fixed" if fix_at is not None else "")
     trained = f"{trial} training the best {select.finalists} candidates in turn, " if trial else ""
     phases = (f"{scale.prune_steps} prune-training steps ({fix_at} learning the gates, {trained}"
               f"{fixed} with the chosen plan)" if fix_at is not None else f"{scale.prune_steps} prune-training steps")
