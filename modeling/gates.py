@@ -103,6 +103,10 @@ class GateSet(nn.Module):
         self.channels = (None if block is None else
                          HardConcreteGate((L, math.ceil(dims.intermediate_size / self.channel_block)),
                                           cfg.init_log_alpha, t))
+        self._block_sizes = (None if block is None else  # (B,) channels per block, the last possibly fewer
+                             torch.tensor([min(self.channel_block, dims.intermediate_size - start)
+                                           for start in range(0, dims.intermediate_size, self.channel_block)],
+                                          dtype=torch.float32))
         self.window = cfg.window
         self.mlp_channel_masks: dict[int, torch.Tensor] = {}
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its layout
@@ -190,8 +194,7 @@ class GateSet(nn.Module):
 
     def block_sizes(self) -> torch.Tensor:
         """(B,) channels in each block of the channel gates (the last may be smaller)."""
-        size, block = self.dims.intermediate_size, self.channel_block
-        return torch.tensor([min(block, size - start) for start in range(0, size, block)], dtype=torch.float32)
+        return self._block_sizes.clone()
 
     def plan_blocks(self, plan: Plan) -> torch.Tensor:
         """(L, B) 0/1: the channel blocks `plan` keeps for visual rows (all of a layer whose MLP is kept
@@ -224,7 +227,7 @@ class GateSet(nn.Module):
         """(L,) expected share of MLP channels visual rows keep: from the channel gates' P(open) (`p_c`,
         weighted by block size), or from fixed channel masks; None when neither exists."""
         if p_c is not None:
-            sizes = self.block_sizes().to(p_c.device)
+            sizes = self._block_sizes.to(p_c.device)
             return (p_c.float() * sizes).sum(dim=-1) / float(self.dims.intermediate_size)
         if not self.mlp_channel_masks:
             return None

@@ -38,7 +38,7 @@ from .build import build_model
 from .config import Recipe, first_line, load_recipe
 from .gate_state import GATES_FILE, load_gate_state, stored_gate_config
 from .plan_select import PlanSelection, select_plan
-from .run_folder import FINAL_DIR, PLAN_CHOICE_FILE, RECIPE_FILE, STATE_FILE
+from .run_folder import FINAL_DIR, PLAN_CHOICE_FILE, PLAN_CHOICE_MAX_BYTES, RECIPE_FILE, STATE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def _plan_choice(checkpoint: Path) -> dict[str, Any] | None:
     path = checkpoint / PLAN_CHOICE_FILE
     if not path.is_file():
         return None
-    choice = read_json_file(path, 16 << 20, "plan choice", HardenError)
+    choice = read_json_file(path, PLAN_CHOICE_MAX_BYTES, "plan choice", HardenError)
     if isinstance(choice, dict) and "finalists" in choice and "plan" not in choice:
         raise HardenError(f"{checkpoint} was saved while plan_select trained its finalists in turn (from step "
                           f"{choice.get('step')}): no plan was chosen yet; harden a later checkpoint (or give --plan)")

@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def held_out_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """The LM loss of `model` over `batches`, per scored token (each batch's mean weighted by its supervised
+    tokens, as one loss over all of them would count them); no gradients are taken here."""
+    counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in batches]
+    return sum(model(**batch).loss.float() * count for batch, count in zip(batches, counts)) / max(sum(counts), 1)
+
+
 @dataclass
 class PlanSelection:
     """Where and how widely `visprune harden --select-on` looks."""
@@ -65,8 +72,6 @@ def select_plan(model: torch.nn.Module, gates: GateSet, budget: float, fill: boo
     collator = ChatCollator(processor, template, image_folder=selection.image_folder, max_length=max_length)
     batches = [collator([rows[i] for i in range(start, min(start + selection.batch_size, len(rows)))])
                for start in range(0, len(rows), selection.batch_size)]
-    counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in batches]  # scored tokens, as the loss counts
-    tokens = max(sum(counts), 1)
     dims = gates.model_dims()
     was_training = model.training
     model.eval()
@@ -75,7 +80,7 @@ def select_plan(model: torch.nn.Module, gates: GateSet, budget: float, fill: boo
         for plan, source in tqdm(candidates, desc="plan selection", disable=not progress, leave=False):
             apply_plan(model, plan)
             with torch.no_grad():
-                loss = sum(float(model(**batch).loss) * count for batch, count in zip(batches, counts)) / tokens
+                loss = float(held_out_loss(model, batches))
             ratio = plan_report(dims, layout, plan)["visual_flops_ratio"]
             tried.append({"source": source, "loss": loss, "visual_flops_ratio": ratio, "plan": plan})
             logger.info("plan selection: %s loss %.4f (%.1f%% of the visual FLOPs)", source, loss, 100 * ratio)

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 RECIPE_FILE = "recipe.yaml"
 FINAL_DIR = "final"  # RUN_DIR/final: the adapter (or model), gates and recipe after the last step
 PLAN_CHOICE_FILE = "plan_select.json"  # plan_select: the plan chosen and trained fixed, what was tried
+PLAN_CHOICE_MAX_BYTES = 16 << 20  # the largest plan_select.json resume and harden read
 STATE_FILE = "visprune_state.json"  # skipped-step counters, beside trainer_state.json
 
 

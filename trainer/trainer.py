@@ -45,10 +45,12 @@ from .gate_state import (
     load_gate_state,
     unwrap_model,
 )
+from .plan_select import held_out_loss
 from .run_folder import (
     DEEPSPEED_CONFIG_FILE,
     FINAL_DIR,
     PLAN_CHOICE_FILE,
+    PLAN_CHOICE_MAX_BYTES,
     RECIPE_FILE,
     STATE_FILE,
     check_run_folder,
@@ -349,15 +351,11 @@ class VispruneTrainer(Trainer):
     def _held_out_losses(self, model, candidates: list[tuple[Plan, str]], budget: float) -> torch.Tensor:
         """Each candidate's LM loss per scored token on the selection batches, in eval mode, averaged over ranks."""
         batches = self._selection_batches()
-        counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in batches]
-
-        def held_out_loss() -> torch.Tensor:  # per scored token, as the LM loss counts them
-            return sum(model(**batch).loss.float() * count for batch, count in zip(batches, counts)) / max(sum(counts), 1)
-
         was_training = model.training
         model.eval()
         try:
-            return self._score_plans(candidates, budget, True, batches[0]["input_ids"].device, held_out_loss)
+            return self._score_plans(candidates, budget, True, batches[0]["input_ids"].device,
+                                     lambda: held_out_loss(model, batches))
         finally:
             model.train(was_training)
 
@@ -512,7 +510,7 @@ class VispruneTrainer(Trainer):
         load_gate_state(self.gates, self.controller, os.path.join(resume_from_checkpoint, GATES_FILE))
         path = Path(resume_from_checkpoint) / PLAN_CHOICE_FILE
         if path.is_file():  # the plan was fixed (or its finalists chosen) before this checkpoint: keep training it
-            choice = read_json_file(path, 16 << 20, "plan choice", ckpt.CheckpointError)
+            choice = read_json_file(path, PLAN_CHOICE_MAX_BYTES, "plan choice", ckpt.CheckpointError)
             try:
                 budget = float(choice["budget"])
                 plans = ([(Plan.from_json(choice["plan"]), str(choice["chosen"]))] if "plan" in choice else

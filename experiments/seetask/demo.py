@@ -312,7 +312,7 @@ def visprune_overrides(cfg: DemoConfig, layout: TokenLayout, budget: float) -> l
     select = load_demo_recipe("visprune.yaml").plan_select
     finalists = min(select.finalists, cfg.select)
     fix_at = select.step(steps)
-    if fix_at is not None and finalists > 1 and not finalists <= round(select.trial * steps) < steps - fix_at:
+    if fix_at is not None and finalists > 1 and not finalists <= select.trial_steps(steps) < steps - fix_at:
         return [*extra, "plan_select.finalists=1", "plan_select.trial=0"]  # a run too short to try finalists (ci)
     return [*extra, f"plan_select.finalists={finalists}"]
 
