@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 logger = logging.getLogger("visprune")
@@ -119,20 +120,47 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     if args.gpus is not None or args.json:
         raise ValueError("--gpus and --json go with --dry-run (a real run takes its GPUs from torchrun / deepspeed)")
+    finished = False
     try:
         run_dir = train(recipe, resume=args.resume, overwrite=args.overwrite)
+        finished = True
     finally:
-        _close_process_group()
+        several_ranks = _close_process_group(wait_for_peers=finished)
     logger.info("run folder: %s", run_dir)
+    if several_ranks:
+        _exit_before_teardown(0)
     return 0
 
 
-def _close_process_group() -> None:
-    """Tear down torch.distributed before exit: gloo threads left running abort the process at shutdown."""
+def _close_process_group(wait_for_peers: bool) -> bool:
+    """Tear down torch.distributed before exit; True when the run had several ranks.
+
+    After a finished run every rank first waits for the others, so none leaves while a peer still
+    communicates. After an error the other ranks may never arrive, so there is no wait."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    several = dist.get_world_size() > 1
+    if wait_for_peers and several:
+        dist.barrier()
+    dist.destroy_process_group()
+    return several
+
+
+def _exit_before_teardown(code: int) -> None:
+    """End a finished multi-rank run without the interpreter's teardown.
+
+    gloo's worker threads outlive `destroy_process_group` (DeepSpeed keeps references to its process
+    groups), and destroying them while the interpreter finalises aborts a rank about one run in ten
+    ("terminate called without an active exception", exit -6) after everything was saved, which fails
+    the launcher. The exit handlers (logging, trackers) run first; only the finalisation is skipped."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_harden(args: argparse.Namespace) -> int:
