@@ -123,12 +123,20 @@ class ImageGrids:
 @dataclass
 class GateProbs:
     """P(gate != 0): raw head gates (L, H), routers (L), visual MLP gates (L), and optionally the
-    fraction of MLP channels visual tokens keep (L). Effective head prob is router * head."""
+    fraction of MLP channels visual tokens keep (L) and the freeze gates (L, P(visual rows updated); None:
+    always). Effective head prob is router * head on the key side (K/V, what text reads) and router *
+    update * head on the query side (Q, attention, O of visual rows); the MLP's is router * update * mlp."""
 
     head: torch.Tensor
     layer: torch.Tensor
     mlp: torch.Tensor
     mlp_channels: torch.Tensor | None = None
+    update: torch.Tensor | None = None
+
+    def rows_updated(self) -> torch.Tensor:
+        """(L,) P(the layer computes and updates visual rows) = router * update."""
+        layer = self.layer.float()
+        return layer if self.update is None else layer * self.update.float()
 
     @classmethod
     def dense(cls, num_layers: int, num_heads: int) -> GateProbs:
@@ -141,7 +149,9 @@ class GateProbs:
         mlp = torch.tensor([lp.mlp for lp in plan.layers], dtype=torch.float32)
         channels = torch.tensor([1.0 if lp.mlp_channels is None else len(lp.mlp_channels) / intermediate_size
                                  for lp in plan.layers])
-        return cls(head, layer, mlp, channels)
+        update = (torch.tensor([not lp.frozen for lp in plan.layers], dtype=torch.float32)
+                  if any(lp.frozen for lp in plan.layers) else None)
+        return cls(head, layer, mlp, channels, update)
 
 
 # Built-in configs (dims only, no weights). Grids: LLaVA-1.5 336 px / patch 14 -> 24x24;
@@ -215,13 +225,15 @@ def visual_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None =
 
 def _visual_row_flops(dims: ModelDims, n: int, probs: GateProbs, key_pairs: int) -> torch.Tensor:
     """(L,) FLOPs of the n visual rows: QO per open head, KV per needed group, attention over
-    `key_pairs` (query, key) pairs per open head, and the kept MLP (channels)."""
+    `key_pairs` (query, key) pairs per open head, and the kept MLP (channels). A frozen layer (update gate
+    closed) costs only the K/V of its needed groups (docs/design.md rule 7)."""
     d, Dh, m = dims.hidden_size, dims.head_dim, dims.intermediate_size
-    open_heads = (probs.layer.float()[:, None] * probs.head.float()).sum(dim=1)  # (L,) effective
+    updated = probs.rows_updated()  # (L,) router * update
+    open_heads = (updated[:, None] * probs.head.float()).sum(dim=1)  # (L,) effective, query side
     per_head = 2 * (2 * n * d * Dh) + 4 * key_pairs * Dh  # Q and O projections + QK^T and AV
     kv = _kv_group_probs(dims, probs).sum(dim=1) * 2 * (2 * n * d * Dh)
     channels = probs.mlp_channels.float() if probs.mlp_channels is not None else 1.0
-    mlp = probs.layer.float() * probs.mlp.float() * channels * 6 * n * d * m
+    mlp = updated * probs.mlp.float() * channels * 6 * n * d * m
     return open_heads * per_head + kv + mlp
 
 

@@ -24,8 +24,10 @@ LOG_GATE_FLOOR = 1e-6  # training: log(max(e, eps)) keeps gradients finite where
 
 class GateValues(NamedTuple):
     """Effective gates of one forward, float32: `head` e = r*g (N, L, H), `router` r (N, L), `mlp`
-    u = r*m (N, L), and with channel gates `channels` c (N, L, B), the share of each block of the visual
-    MLP's intermediate channels; N is the batch size when every sample has its own draw (training), else 1.
+    u = r*a*m (N, L), with channel gates `channels` c (N, L, B), the share of each block of the visual
+    MLP's intermediate channels, and with freeze gates `update` a (N, L), whether a layer updates its visual
+    rows (docs/design.md rule 7: the query side of head h is then e*a); N is the batch size when every sample
+    has its own draw (training), else 1.
 
     A NamedTuple so that DeepSpeed ZeRO-3 finds the tensors in the GateSet's output."""
 
@@ -33,6 +35,17 @@ class GateValues(NamedTuple):
     router: torch.Tensor
     mlp: torch.Tensor
     channels: torch.Tensor | None = None
+    update: torch.Tensor | None = None
+
+    def query_head(self, layer_idx: int) -> torch.Tensor:
+        """(N, H) the query-side gate of layer `layer_idx`'s heads for visual rows: e = r*g, times a (rule 7)."""
+        e = self.head[:, layer_idx]
+        return e if self.update is None else e * self.update[:, layer_idx, None]
+
+    def rows_updated(self, layer_idx: int) -> torch.Tensor:
+        """(N,) r*a of layer `layer_idx`: how much of the layer's visual-row update (output bias) is kept."""
+        r = self.router[:, layer_idx]
+        return r if self.update is None else r * self.update[:, layer_idx]
 
 
 @dataclass
@@ -91,8 +104,9 @@ def _window_allowed(ctx: VisualContext, base_allowed: torch.Tensor) -> torch.Ten
 
 
 def _finish(ctx: VisualContext, layer_idx: int, out: torch.Tensor) -> torch.Tensor:
-    """(B, H, Q, D) -> (B, Q, H, D): zero rows with no key, scale visual query rows by e[l, h]."""
-    e = ctx.gates.head[:, layer_idx].to(out.dtype)[:, :, None]  # (N, H, 1)
+    """(B, H, Q, D) -> (B, Q, H, D): zero rows with no key, scale visual query rows by e[l, h] (times the
+    freeze gate a[l], rule 7)."""
+    e = ctx.gates.query_head(layer_idx).to(out.dtype)[:, :, None]  # (N, H, 1)
     q_vis = ctx.layout.query_visual_mask  # (B, Q)
     scale = torch.where(q_vis[:, None, :], e, torch.ones_like(e))  # (B, H, Q)
     scale = scale * ctx.row_has_key(layer_idx).to(out.dtype)

@@ -1,4 +1,5 @@
-"""GateSet: owns every gate of a model (head gates L x H, visual-skip routers L, visual MLP gates L),
+"""GateSet: owns every gate of a model (head gates L x H, visual-skip routers L, visual MLP gates L, and
+optionally MLP channel-block gates and freeze gates L),
 and attaches them: attention wrappers, the registered attention function, and a pre-hook that
 computes the visual layout and the gate values once per forward. `apply_plan` fixes gates to a plan."""
 
@@ -45,6 +46,9 @@ class GateConfig:
     # channel gates c[l, b] over blocks of this many intermediate channels of the visual MLP (the last block of a
     # layer may be smaller); None: the visual MLP is kept or dropped whole (docs/design.md, learned MLP channels)
     mlp_channel_block: int | None = None
+    # freeze gates a[l]: open = the layer updates its visual rows; closed with the router open = the layer is
+    # frozen for visual tokens (no visual Q, attention, O or MLP; text still reads their K/V; docs/design.md rule 7)
+    visual_freeze: bool = False
     # neighbour window w (w x w on the grid); None = ordinary causal attention; a recipe's top-level `window`
     window: int | None = field(default=5, metadata={"recipe_key": "window"})
     init_log_alpha: float = 2.0  # P(open) ~ 0.97 at the start: the gated model starts near the dense one
@@ -64,6 +68,8 @@ class GateConfig:
                 raise ValueError(f"{name} must be a positive number, got {value}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not isinstance(self.visual_freeze, bool):
+            raise ValueError(f"visual_freeze must be true or false, got {self.visual_freeze!r}")  # noqa: TRY004 (one error type for a config)
         block = self.mlp_channel_block
         if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
             raise ValueError(f"mlp_channel_block must be null or a positive integer, got {block!r}")
@@ -107,6 +113,8 @@ class GateSet(nn.Module):
                              torch.tensor([min(self.channel_block, dims.intermediate_size - start)
                                            for start in range(0, dims.intermediate_size, self.channel_block)],
                                           dtype=torch.float32))
+        # a[l]: None without freeze gates (kept out of the module tree, so checkpoints without them load)
+        self.update = HardConcreteGate((L,), cfg.init_log_alpha, t) if cfg.visual_freeze else None
         self.window = cfg.window
         self.mlp_channel_masks: dict[int, torch.Tensor] = {}
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its layout
@@ -130,10 +138,13 @@ class GateSet(nn.Module):
         num_samples = batch_size if self.cfg.per_sample else 1
         (g, p_g), (r, p_r), (m, p_m) = self.head(num_samples), self.router(num_samples), self.mlp(num_samples)
         c, p_c = self.channels(num_samples) if self.channels is not None else (None, None)
-        self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions(p_c))
+        a, p_a = self.update(num_samples) if self.update is not None else (None, None)
+        self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions(p_c),
+                                    update=p_a)
         g, r, m = g.reshape(-1, L, H), r.reshape(-1, L), m.reshape(-1, L)  # (N, L, H), (N, L): N = 1 or batch
-        return GateValues(head=r[:, :, None] * g, router=r, mlp=r * m,
-                          channels=None if c is None else c.reshape(-1, *self.channels.shape))
+        a = None if a is None else a.reshape(-1, L)
+        return GateValues(head=r[:, :, None] * g, router=r, mlp=r * m if a is None else r * a * m,
+                          channels=None if c is None else c.reshape(-1, *self.channels.shape), update=a)
 
     @property
     def device(self) -> torch.device:
@@ -174,10 +185,12 @@ class GateSet(nn.Module):
         # P(open) through each gate module's own forward, so that ZeRO-3 gathers its parameters first
         p_g, p_r, p_m = (gate(probs_only=True)[1].float() for gate in (self.head, self.router, self.mlp))
         p_c = self.channels(probs_only=True)[1].float() if self.channels is not None else None
+        p_a = self.update(probs_only=True)[1].float() if self.update is not None else None
         if record_probs:
-            self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions(p_c))
+            self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions(p_c),
+                                        update=p_a)
         if plan is None:
-            plan = self._plan_from_scores(_scores_from_probs(p_g, p_r, p_m, p_c), budget, layout, fill)
+            plan = self._plan_from_scores(_scores_from_probs(p_g, p_r, p_m, p_c, p_a), budget, layout, fill)
         self.last_plan = plan
         hard = GateProbs.from_plan(plan, self.dims.intermediate_size)
         device = p_g.device
@@ -185,12 +198,17 @@ class GateSet(nn.Module):
         def straight_through(value: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
             return value.to(device) + (prob - prob.detach())  # exactly the 0/1 value, the gradient of prob
 
-        channels = None
+        channels = update = None
         if p_c is not None:
             channels = straight_through(self.plan_blocks(plan), p_c).reshape(1, *self.channels.shape)
+        p_u = p_r * p_m
+        if p_a is not None:
+            frozen = torch.tensor([0.0 if layer.frozen else 1.0 for layer in plan.layers])
+            update = straight_through(frozen, p_a).reshape(1, L)
+            p_u = p_u * p_a
         return GateValues(head=straight_through(hard.head, p_r[:, None] * p_g).reshape(1, L, H),
                           router=straight_through(hard.layer, p_r).reshape(1, L),
-                          mlp=straight_through(hard.mlp, p_r * p_m).reshape(1, L), channels=channels)
+                          mlp=straight_through(hard.mlp, p_u).reshape(1, L), channels=channels, update=update)
 
     def block_sizes(self) -> torch.Tensor:
         """(B,) channels in each block of the channel gates (the last may be smaller)."""
@@ -220,8 +238,9 @@ class GateSet(nn.Module):
     def prob_open(self) -> GateProbs:
         """P(gate != 0) of the raw gates, for the expected-FLOPs model."""
         p_c = self.channels.prob_open() if self.channels is not None else None
+        p_a = self.update.prob_open() if self.update is not None else None
         return GateProbs(head=self.head.prob_open(), layer=self.router.prob_open(), mlp=self.mlp.prob_open(),
-                         mlp_channels=self._channel_fractions(p_c))
+                         mlp_channels=self._channel_fractions(p_c), update=p_a)
 
     def _channel_fractions(self, p_c: torch.Tensor | None = None) -> torch.Tensor | None:
         """(L,) expected share of MLP channels visual rows keep: from the channel gates' P(open) (`p_c`,
@@ -239,7 +258,7 @@ class GateSet(nn.Module):
     def committed_log_alpha(self, plan: Plan) -> dict[str, torch.Tensor]:
         """`log_alpha` of every learnable gate committed to `plan` (CPU float32, by parameter name): +-LOG_ALPHA_LIMIT,
         a layer's router open when the plan keeps any of its units, each head and MLP gate open when the plan
-        keeps it. P(open) is then about 1 or about e^-10, so `to_plan` at a budget that `plan` fills returns
+        keeps it, each freeze gate closed where the plan freezes its layer. P(open) is then about 1 or about e^-10, so `to_plan` at a budget that `plan` fills returns
         `plan` (a fill plan leaves no unit that still fits, so the prefix rule does too)."""
         L, H = self.dims.num_layers, self.dims.num_heads
         if (plan.num_layers, plan.num_heads) != (L, H):
@@ -253,6 +272,11 @@ class GateSet(nn.Module):
         values = [("head", head), ("router", router), ("mlp", mlp)]
         if self.channels is not None:
             values.append(("channels", self.plan_blocks(plan) * 2 * LOG_ALPHA_LIMIT - LOG_ALPHA_LIMIT))
+        if self.update is not None:
+            values.append(("update", torch.tensor([-LOG_ALPHA_LIMIT if layer.frozen else LOG_ALPHA_LIMIT
+                                                   for layer in plan.layers])))
+        elif any(layer.frozen for layer in plan.layers):
+            raise ValueError("the plan freezes layers but these gates have no freeze gates (gates.visual_freeze)")
         return {f"{name}.log_alpha": value.reshape(getattr(self, name).shape)  # (ZeRO-3 empties log_alpha.shape)
                 for name, value in values if isinstance(getattr(self, name), HardConcreteGate)}
 
@@ -271,7 +295,10 @@ class GateSet(nn.Module):
         blocks (l, b); a unit's score is the log-probability that its effective gate is open,
         log P(r[l] != 0) + log P(g[l,h] != 0) (MLP: + log P(m[l]) instead; block: + log P(m[l]) +
         log P(c[l,b])), from the
-        log_alphas: the hierarchy holds (no unit outranks its layer's router) and a strong head in a
+        log_alphas; with freeze gates each layer also has an *update* unit (l), scored log P(r[l]) +
+        log P(a[l]) and costing the query side of the layer's kept heads (Q, attention, O), and the MLP
+        and its blocks add log P(a[l]); a layer with kept heads and no update unit is frozen (rule 7), and
+        an MLP unit brings its layer's update unit with it. The hierarchy holds (no unit outranks its layer's router) and a strong head in a
         layer the router kept open part of the time ranks by how often training used it. Units are
         added in score order while the plan's visual FLOPs (the one FLOPs model, with this GateSet's
         window) stay within `budget` x dense; the first unit that does not fit ends the plan (the
@@ -294,7 +321,8 @@ class GateSet(nn.Module):
         """Up to `count` distinct plans at `budget`: first `to_plan`'s, then plans that draws of the gates make.
 
         A draw samples every hard-concrete gate once, as training does; its units rank by their drawn effective
-        value r[l]*g[l,h] (MLP: r[l]*m[l]; channel block: r[l]*m[l]*c[l,b]), ties broken by `to_plan`'s score, and are hardened by the same rule.
+        value r[l]*g[l,h] (MLP: r[l]*a[l]*m[l]; channel block: times c[l,b]; update unit: r[l]*a[l]; a[l] = 1
+        without freeze gates), ties broken by `to_plan`'s score, and are hardened by the same rule.
         These are the plans training actually exercised; a short validation pass can pick among them
         (`visprune harden --select-on`). Returns (plan, source) pairs, source "scores" or "draw N".
         """
@@ -309,7 +337,9 @@ class GateSet(nn.Module):
                 break
             values = {}
             drawn = {}
-            for name in ("head", "router", "mlp") + (("channels",) if self.channels is not None else ()):
+            names = ("head", "router", "mlp") + (("channels",) if self.channels is not None else ()) + (
+                ("update",) if self.update is not None else ())
+            for name in names:
                 gate = getattr(self, name)
                 if isinstance(gate, HardConcreteGate):
                     u = torch.rand(gate.shape, generator=gen).clamp(1e-6, 1 - 1e-6)
@@ -317,8 +347,10 @@ class GateSet(nn.Module):
                 else:
                     drawn[name] = gate.values.detach().float().cpu()
             for (kind, layer_idx, head_idx), score in base.items():
-                own = (drawn["head"][layer_idx, head_idx] if kind == 0 else drawn["mlp"][layer_idx] if kind == 1
-                       else drawn["mlp"][layer_idx] * drawn["channels"][layer_idx, head_idx])
+                update = drawn["update"][layer_idx] if "update" in drawn else 1.0
+                own = (drawn["head"][layer_idx, head_idx] if kind == 0 else update * drawn["mlp"][layer_idx]
+                       if kind == 1 else update if kind == 3
+                       else update * drawn["mlp"][layer_idx] * drawn["channels"][layer_idx, head_idx])
                 value = float(drawn["router"][layer_idx] * own)
                 values[(kind, layer_idx, head_idx)] = math.log(max(value, 1e-6)) + 1e-6 * max(score, -1e6)
             plan = self._plan_from_scores([(v, *unit) for unit, v in values.items()], budget, layout, fill)
@@ -329,7 +361,8 @@ class GateSet(nn.Module):
 
     def _plan_from_scores(self, scores: list[tuple[float, int, int, int]], budget: float,
                           layout: TokenLayout | None, fill: bool) -> Plan:
-        """Harden (score, kind, layer, head) units at `budget` by the prefix or the fill rule (see `to_plan`)."""
+        """Harden (score, kind, layer, head) units at `budget` by the prefix or the fill rule (see `to_plan`).
+        Kinds: 0 head (l, h), 1 MLP (l), 2 MLP channel block (l, b), 3 update (l, freeze gates only)."""
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {budget}")
         dims = self.model_dims()
@@ -341,26 +374,34 @@ class GateSet(nn.Module):
         mlp = torch.zeros(L)
         sizes = self.block_sizes() if self.channels is not None else None
         blocks = torch.zeros(self.channels.shape) if self.channels is not None else None  # kind 2 units (l, b)
+        update = torch.zeros(L) if self.update is not None else None  # kind 3 units (l)
         for _, kind, layer_idx, unit_idx in order:
             trial_head, trial_mlp = head.clone(), mlp.clone()
             trial_blocks = blocks.clone() if blocks is not None else None
+            trial_update = update.clone() if update is not None else None
             if kind == 0:
                 trial_head[layer_idx, unit_idx] = 1.0
             elif kind == 1:
                 trial_mlp[layer_idx] = 1.0
-            else:
+            elif kind == 2:
                 trial_blocks[layer_idx, unit_idx] = 1.0
                 trial_mlp[layer_idx] = 1.0
+            else:
+                trial_update[layer_idx] = 1.0
+            if trial_update is not None and kind in (1, 2):
+                trial_update[layer_idx] = 1.0  # visual rows that run the MLP are updated
             router = ((trial_head.sum(dim=1) > 0) | (trial_mlp > 0)).float()
             channels = None if sizes is None else (trial_blocks * sizes).sum(dim=1) / float(sizes.sum())
-            cost = float(visual_flops(dims, layout, GateProbs(trial_head, router, trial_mlp, channels), self.window))
+            probs = GateProbs(trial_head, router, trial_mlp, channels, trial_update)
+            cost = float(visual_flops(dims, layout, probs, self.window))
             if cost > limit:
                 if fill:
                     continue
                 break
-            head, mlp, blocks = trial_head, trial_mlp, trial_blocks
+            head, mlp, blocks, update = trial_head, trial_mlp, trial_blocks, trial_update
         layers = tuple(LayerPlan(heads=tuple(int(h) for h in head[l].nonzero().flatten().tolist()),
-                                 mlp=bool(mlp[l] > 0), mlp_channels=self._block_channels(blocks, l))
+                                 mlp=bool(mlp[l] > 0), mlp_channels=self._block_channels(blocks, l),
+                                 frozen=update is not None and bool(head[l].any()) and not bool(update[l] > 0))
                        for l in range(L))
         return Plan(family=self.family, window=self.window, num_layers=L, num_heads=H, layers=layers)
 
@@ -389,8 +430,8 @@ class GateSet(nn.Module):
         return start + (end - start) * min(1.0, max(0.0, progress))
 
     def gate_modules(self) -> list[HardConcreteGate | FixedGate]:
-        """Head gates, routers, MLP gates and, when configured, the MLP channel gates."""
-        return [self.head, self.router, self.mlp] + ([self.channels] if self.channels is not None else [])
+        """Head gates, routers, MLP gates and, when configured, the MLP channel gates and the freeze gates."""
+        return [self.head, self.router, self.mlp] + [gate for gate in (self.channels, self.update) if gate is not None]
 
     def set_temperature(self, temperature: float) -> None:
         for gate in self.gate_modules():
@@ -415,24 +456,32 @@ def _unit_scores(gates: GateSet) -> list[tuple[float, int, int, int]]:
     """
 
     channels = gates.channels.prob_open() if gates.channels is not None else None
-    return _scores_from_probs(gates.head.prob_open(), gates.router.prob_open(), gates.mlp.prob_open(), channels)
+    update = gates.update.prob_open() if gates.update is not None else None
+    return _scores_from_probs(gates.head.prob_open(), gates.router.prob_open(), gates.mlp.prob_open(), channels,
+                              update)
 
 
 def _scores_from_probs(head_p: torch.Tensor, router_p: torch.Tensor, mlp_p: torch.Tensor,
-                       channel_p: torch.Tensor | None = None) -> list[tuple[float, int, int, int]]:
+                       channel_p: torch.Tensor | None = None,
+                       update_p: torch.Tensor | None = None) -> list[tuple[float, int, int, int]]:
     """`_unit_scores` from the P(open) tensors of the head (L, H), router (L) and MLP (L) gates. With channel
     gates (`channel_p`, (L, B)) a layer's MLP is B units (kind 2, index b), each scored log P(r) + log P(m)
-    + log P(c[l, b]), instead of one."""
+    + log P(c[l, b]), instead of one. With freeze gates (`update_p`, (L,)) each layer has an update unit
+    (kind 3) scored log P(r) + log P(a), and the MLP's units add log P(a)."""
     head, router, mlp = (torch.log(p.detach().float().cpu()) for p in (head_p, router_p, mlp_p))
     blocks = None if channel_p is None else torch.log(channel_p.detach().float().cpu())
+    update = None if update_p is None else torch.log(update_p.detach().float().cpu())
     units = []
     for layer_idx in range(head.shape[0]):
         for head_idx in range(head.shape[1]):
             units.append((float(router[layer_idx] + head[layer_idx, head_idx]), 0, layer_idx, head_idx))
+        rows = router[layer_idx] + (0.0 if update is None else update[layer_idx])
+        if update is not None:
+            units.append((float(rows), 3, layer_idx, -1))
         if blocks is None:
-            units.append((float(router[layer_idx] + mlp[layer_idx]), 1, layer_idx, -1))
+            units.append((float(rows + mlp[layer_idx]), 1, layer_idx, -1))
         else:
-            units.extend((float(router[layer_idx] + mlp[layer_idx] + blocks[layer_idx, b]), 2, layer_idx, b)
+            units.extend((float(rows + mlp[layer_idx] + blocks[layer_idx, b]), 2, layer_idx, b)
                          for b in range(blocks.shape[1]))
     return units
 
@@ -574,6 +623,7 @@ def apply_plan(model: nn.Module, plan: Plan, mode: str = "gated", backend: str =
     device = gates.device
     values = GateProbs.from_plan(plan, dims.intermediate_size)  # a plan's gates are open with probability 0 or 1
     gates.head, gates.router, gates.mlp = (FixedGate(v.to(device)) for v in (values.head, values.layer, values.mlp))
+    gates.update = None if values.update is None else FixedGate(values.update.to(device))
     gates.mlp_channel_masks = {}
     for layer_idx, layer in enumerate(plan.layers):
         if layer.mlp_channels is not None:

@@ -11,6 +11,8 @@ provides the weights). Per layer:
   image grid (gathered, never a dense visual x visual score matrix), apply the output projection
   to the kept heads' columns and run the visual MLP (or its kept channels) only where kept;
 - in layers the visual tokens skip, visual hidden states are carried past unchanged;
+- in frozen layers (docs/design.md rule 7) visual rows project only K/V (KV groups with a kept head),
+  which text rows read; their hidden states are carried past unchanged;
 - padding rows are not computed at all (their hidden states are carried, their logits are unused);
 - where text and visual rows use the same weight rows (the kept heads' Q/K/V/O slices, a kept
   MLP), one GEMM serves both: at apply time the heads inside each layer are reordered so the kept
@@ -326,6 +328,7 @@ class LayerRule:
     num_heads: int
     head_dim: int
     group_size: int  # query heads per KV group
+    frozen: bool = False  # visual rows give K/V (kept groups) and are not updated: no Q, attention, O or MLP
 
     def __post_init__(self) -> None:
         D = self.head_dim
@@ -523,6 +526,8 @@ class HardenedDecoderLayer(nn.Module):
             o_vis = None
             if qkv.q_vis is not None:
                 o_vis = self._visual_attention(qkv, keys_text, keys_vis, rows, past).to(hidden.dtype)
+        if self.rule.frozen:
+            h_vis = None  # frozen visual rows gave their K/V and are carried unchanged (rule 7)
         h_text, h_vis = self._add_attention_output(h_text, h_vis, o_text, o_vis)
         h_text, h_vis = self._add_mlp(h_text, h_vis)
 
@@ -558,7 +563,16 @@ class HardenedDecoderLayer(nn.Module):
         cos, sin = rotary
         x_text = layer.input_layernorm(h_text)
         q_vis = k_vis = v_vis = None
-        if h_vis is not None and rule.heads:
+        if h_vis is not None and rule.heads and rule.frozen:  # visual K/V of the kept groups only
+            x_vis = layer.input_layernorm(h_vis)
+            q_text = attn.q_proj(x_text)
+            k_text, k_vis = _linear_pair(x_text, x_vis, attn.k_proj, rule.kv_proj_rows)
+            v_text, v_vis = _linear_pair(x_text, x_vis, attn.v_proj, rule.kv_proj_rows)
+            Gk = len(rule.groups)
+            k_vis, v_vis = k_vis.view(-1, Gk, D), v_vis.view(-1, Gk, D)
+            flat = rows.visual.flat_idx
+            _, k_vis = self._rotary(k_vis, k_vis, cos[flat], sin[flat], unsqueeze_dim=1)
+        elif h_vis is not None and rule.heads:
             x_vis = layer.input_layernorm(h_vis)
             q_text, q_vis = _linear_pair(x_text, x_vis, attn.q_proj, rule.q_proj_rows)
             k_text, k_vis = _linear_pair(x_text, x_vis, attn.k_proj, rule.kv_proj_rows)
@@ -745,7 +759,8 @@ def _layer_rule(attn: nn.Module, layer_plan: LayerPlan, dims: TextDims) -> Layer
     return LayerRule(visual=not layer_plan.skipped, heads=heads, groups=groups,
                      mlp=layer_plan.mlp and not layer_plan.skipped,
                      channels=None if layer_plan.mlp_channels is None else sorted(layer_plan.mlp_channels),
-                     num_heads=dims.num_heads, head_dim=dims.head_dim, group_size=group_size)
+                     num_heads=dims.num_heads, head_dim=dims.head_dim, group_size=group_size,
+                     frozen=layer_plan.frozen)
 
 
 def harden_model(model: nn.Module, plan: Plan) -> nn.Module:

@@ -1,5 +1,6 @@
 """`pruning_plan.json`, the exchange format between training, hardening and users: which visual
-heads, visual MLPs (and MLP channels) each layer keeps, and the neighbour window. Validation only;
+heads, visual MLPs (and MLP channels) each layer keeps, which layers only lend their visual keys
+(frozen), and the neighbour window. Validation only;
 executing a plan is `gates.apply_plan`'s job."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ PLAN_FILE = "pruning_plan.json"  # the plan inside an exported folder
 # every MLP channel of every layer listed (80 layers x 29568 channels, indent 1) is about 24 MiB
 MAX_PLAN_BYTES = 64 * 2**20
 _TOP_KEYS = {"format", "family", "window", "num_layers", "num_heads", "layers"}
-_LAYER_KEYS = {"heads", "mlp", "mlp_channels"}
+_LAYER_KEYS = {"heads", "mlp", "mlp_channels", "frozen"}
 
 
 class PlanError(ValueError):
@@ -27,11 +28,19 @@ class LayerPlan:
     heads: tuple[int, ...]  # visual heads kept (effective gate e = 1)
     mlp: bool  # visual MLP kept
     mlp_channels: tuple[int, ...] | None = None  # intermediate channels kept by visual rows; None = all
+    # visual rows are not updated (freeze gate a = 0): their K/V of the kept heads' groups are still computed and
+    # read by text queries; no visual Q, attention, output projection or MLP (docs/design.md rule 7)
+    frozen: bool = False
 
     @property
     def skipped(self) -> bool:
         """Visual tokens take no part in this layer (router r = 0)."""
         return not self.heads and not self.mlp
+
+    @property
+    def updated(self) -> bool:
+        """Visual rows are computed and updated in this layer (neither skipped nor frozen)."""
+        return not self.skipped and not self.frozen
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,8 @@ class Plan:
             if channels is not None and not isinstance(channels, list):
                 raise PlanError(f"{key}.mlp_channels must be a list of channel indices")
             layers.append(LayerPlan(heads=tuple(heads), mlp=layer["mlp"],
-                                    mlp_channels=None if channels is None else tuple(channels)))
+                                    mlp_channels=None if channels is None else tuple(channels),
+                                    frozen=layer.get("frozen", False)))
         try:
             return cls(family=data["family"], window=data["window"], num_layers=data["num_layers"],
                        num_heads=data["num_heads"], layers=tuple(layers), source=source)
@@ -109,6 +119,8 @@ class Plan:
             entry: dict[str, Any] = {"heads": list(layer.heads), "mlp": layer.mlp}
             if layer.mlp_channels is not None:
                 entry["mlp_channels"] = list(layer.mlp_channels)
+            if layer.frozen:
+                entry["frozen"] = True
             layers.append(entry)
         return {"format": PLAN_FORMAT, "family": self.family, "window": self.window,
                 "num_layers": self.num_layers, "num_heads": self.num_heads, "layers": layers}
@@ -229,6 +241,13 @@ def _validate(plan: Plan) -> None:
             raise PlanError(f"layers[{idx}].heads has duplicates: {show_value(list(layer.heads))}")
         if not isinstance(layer.mlp, bool):
             raise PlanError(f"layers[{idx}].mlp must be true or false, got {show_value(layer.mlp)}")
+        if not isinstance(layer.frozen, bool):
+            raise PlanError(f"layers[{idx}].frozen must be true or false, got {show_value(layer.frozen)}")
+        if layer.frozen and layer.mlp:
+            raise PlanError(f"layers[{idx}] is frozen and keeps the MLP: frozen visual rows run no MLP")
+        if layer.frozen and not layer.heads:
+            raise PlanError(f"layers[{idx}] is frozen and keeps no head: text reads frozen visual keys through kept "
+                            "heads; a layer without heads is skipped (heads [] and mlp false, no 'frozen')")
         if layer.mlp_channels is not None:
             if not layer.mlp:
                 raise PlanError(f"layers[{idx}].mlp_channels is given but mlp is false")

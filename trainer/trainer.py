@@ -195,6 +195,8 @@ class VispruneTrainer(Trainer):
                 "lambda_1": self.controller.last_lambdas[0], "lambda_2": self.controller.last_lambdas[1],
                 "open_heads": float((effective > 0.5).sum()), "open_layers": float((probs.layer > 0.5).sum()),
             })
+            if probs.update is not None:  # freeze gates: layers whose visual rows are mostly kept but not updated
+                metrics["frozen_layers"] = float(((probs.layer > 0.5) & (probs.update <= 0.5)).sum())
             if temperature is not None:
                 metrics["gate_temperature"] = temperature
             plan_cfg = self.recipe.plan_loss
@@ -286,7 +288,9 @@ class VispruneTrainer(Trainer):
             self._plan_metric_cache[plan] = {
                 "expected_visual_flops": plan_report(self.gates.model_dims(), self.layout, plan)["visual_flops_ratio"],
                 "open_heads": float(sum(len(layer.heads) for layer in plan.layers)),
-                "open_layers": float(sum(not layer.skipped for layer in plan.layers))}
+                "open_layers": float(sum(not layer.skipped for layer in plan.layers)),
+                **({"frozen_layers": float(sum(layer.frozen for layer in plan.layers))}
+                   if self.gates.update is not None else {})}
         phase = "plan_trial" if self.trial_plans is not None else "plan_fixed"
         return {**self._plan_metric_cache[plan], phase: 1.0}
 

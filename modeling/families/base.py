@@ -301,7 +301,7 @@ class LayerSlot:
 
 class VisualAttentionWrapper(nn.Module):
     """Wraps a decoder layer's self-attention: publishes the context to the MLP wrapper and scales
-    the output-projection bias of visual rows by r[l] (docs/design.md rule 3)."""
+    the output-projection bias of visual rows by r[l] (times the freeze gate a[l]; docs/design.md rules 3, 7)."""
 
     def __init__(self, attn: nn.Module, layer_idx: int, slot: LayerSlot, out_bias: nn.Parameter | None) -> None:
         super().__init__()
@@ -316,7 +316,7 @@ class VisualAttentionWrapper(nn.Module):
         out, weights = self.attn(*args, **kwargs)
         if self._has_out_bias and ctx is not None:
             bias = self.out_bias()
-            keep = ctx.gates.router[:, self.layer_idx, None, None].to(out.dtype)  # (N, 1, 1)
+            keep = ctx.gates.rows_updated(self.layer_idx)[:, None, None].to(out.dtype)  # (N, 1, 1)
             vis = ctx.layout.query_visual_mask[..., None]
             out = torch.where(vis, out - (1 - keep) * bias.to(out.dtype), out)
         return out, weights

@@ -120,6 +120,7 @@ def _reference(model, batch, plan, image_token_id, grid, embeds, cos, sin):
         r = 0.0 if lp.skipped else 1.0
         e = torch.tensor([1.0 if hh in lp.heads else 0.0 for hh in range(H)])
         u = 1.0 if lp.mlp else 0.0
+        a = 0.0 if lp.frozen else 1.0  # rule 7: a frozen layer does not update visual rows
 
         x = layer.input_layernorm(h)
         q = attn.q_proj(x).view(B, T, H, Dh).transpose(1, 2)
@@ -147,12 +148,12 @@ def _reference(model, batch, plan, image_token_id, grid, embeds, cos, sin):
                     p = torch.softmax(scores, dim=0).float()
                     row = p @ v[b, kv_h]
                     if is_vis[b, i]:  # query side
-                        row = row * e[hh]
+                        row = row * e[hh] * a
                     out[b, i, hh] = row
         flat = out.reshape(B, T, H * Dh)
         o = flat @ attn.o_proj.weight.T
         if attn.o_proj.bias is not None:
-            o = o + torch.where(is_vis[..., None], r * attn.o_proj.bias, attn.o_proj.bias)
+            o = o + torch.where(is_vis[..., None], r * a * attn.o_proj.bias, attn.o_proj.bias)
         h = h + o
 
         x = layer.post_attention_layernorm(h)

@@ -16,7 +16,9 @@ def valid_logits(logits, batch):
     return logits[batch["attention_mask"].bool()]
 
 
-def random_plan(seed, num_layers=3, num_heads=4, window=3, channels=False):
+def random_plan(seed, num_layers=3, num_heads=4, window=3, channels=False, frozen=False):
+    """A seeded plan: skipped layers, random heads, MLPs (channels), and with `frozen` some layers that keep
+    heads but not the MLP frozen (rule 7)."""
     rng = random.Random(seed)
     layers = []
     for _ in range(num_layers):
@@ -27,6 +29,9 @@ def random_plan(seed, num_layers=3, num_heads=4, window=3, channels=False):
         heads = tuple(sorted(rng.sample(range(num_heads), rng.randint(0, num_heads))))
         mlp = rng.random() < 0.6 or not heads
         chans = tuple(sorted(rng.sample(range(64), 20))) if channels and mlp else None
+        if frozen and heads and rng.random() < 0.6:
+            layers.append(LayerPlan(heads=heads, mlp=False, frozen=True))
+            continue
         layers.append(LayerPlan(heads=heads, mlp=mlp, mlp_channels=chans))
     return Plan(family="llava", window=window, num_layers=num_layers, num_heads=num_heads, layers=tuple(layers))
 

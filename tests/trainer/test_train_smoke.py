@@ -351,3 +351,24 @@ def test_learned_mlp_channels_train_under_the_budget_and_harden_to_whole_blocks(
             assert set(layer.mlp_channels) == {channel for b in blocks for channel in range(16 * b, 16 * b + 16)}
     model = load_pruned(tmp_path / "out")
     assert model is not None
+
+
+def test_freeze_gates_train_and_harden_to_a_plan_with_frozen_layers(toy_inputs, tmp_path):
+    """`gates.visual_freeze`: the freeze gates a[l] are trained with the rest (P(open) in the expected FLOPs and
+    a logged frozen-layer count), saved beside them, and hardening ranks them; the folder loads and runs."""
+    from visprune.modeling import Plan, load_pruned
+    from visprune.trainer.export import harden
+
+    recipe = toy_recipe(toy_inputs, tmp_path / "run", "train.max_steps=6", "budget.warmup_steps=3",
+                        "output.save_steps=6", "budget.visual_flops=0.25", "gates.visual_freeze=true")
+    run_dir = train(recipe, resume="never")
+    saved = load_file(run_dir / "final" / GATES_FILE)
+    assert saved["gates.update.log_alpha"].shape == (3,)
+    assert not torch.equal(saved["gates.update.log_alpha"], torch.full((3,), 2.0))  # trained
+    logged = json.loads((run_dir / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    assert any("visprune/frozen_layers" in entry for entry in logged)
+    report = harden(run_dir / "final", tmp_path / "out", budget=0.25, fill=True)
+    assert report["visual_flops"]["ratio"] <= 0.25 + 1e-6
+    plan = Plan.from_json(tmp_path / "out" / "pruning_plan.json")
+    assert not any(layer.mlp for layer in plan.layers if layer.frozen)
+    assert load_pruned(tmp_path / "out") is not None
