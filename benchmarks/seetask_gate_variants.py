@@ -42,6 +42,8 @@ VARIANTS = {
                      "in turn for 12 steps, the best of them on val trained fixed to the end (plan_select)")),
     "mlp-channels-64": (["gates.mlp_channel_block=64"],
                         "default with learned MLP channels: gates over blocks of 64 of the 512 MLP channels"),
+    "freeze": (["gates.visual_freeze=true"],
+               "default with freeze gates: a layer may freeze its visual rows (text still reads their K/V, rule 7)"),
     "no-trial": (NO_TRIAL, "default without finalists: the best candidate on val fixed at once, at step 30"),
     "trial-half": (HALF, "default, the candidates scored half-way (step 40)"),
     "trial-3-short": ([*HALF, "plan_select.trial=0.075"], "trial-half, the finalists trained 6 steps instead of 12"),

@@ -8,9 +8,13 @@
 - Random plan: random gate scores hardened by the same `GateSet.to_plan`.
 - FastV: training-free inference mode; after layer K the visual tokens the last prompt token
   attends to least (in layer K-1) are dropped from every later layer's keys.
+- ShortV (arXiv 2504.00502): training-free; each layer's Layer Contribution (how far the answer's
+  next-token distributions move when that layer alone freezes the visual tokens) on calibration
+  samples, then the layers of least contribution frozen (docs/design.md rule 7) until the budget
+  holds; where freezing every layer is not enough, the least contributing frozen layers are skipped.
 
 The plan baselines are then fine-tuned with the plan fixed (recipe `plan:`), as visprune's own
-LoRA budget; FastV is used as is.
+LoRA budget; FastV and ShortV are used as is.
 """
 
 from __future__ import annotations
@@ -278,3 +282,68 @@ def fastv_batch_kwargs(batch: dict[str, torch.Tensor], labels: torch.Tensor) -> 
 
 __all__ = ["Calibration", "FastVSettings", "attach_fastv", "calibrate", "fastv_batch_kwargs", "fastv_settings",
            "random_plan", "vtw_plan", "yopo_plan"]
+
+
+# ---- ShortV ------------------------------------------------------------------------------------------
+def layer_contributions(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(L,) ShortV's Layer Contribution of every decoder layer: the mean KL divergence, over the answer tokens
+    (labels != -100) of `batches`, from the dense model's next-token distribution to the one of the model whose
+    visual tokens are frozen in that layer alone (every head's K/V still read by text; ordinary attention).
+    `model` is left as it was (a copy gets the gated plans)."""
+    import copy
+
+    from visprune.modeling import apply_plan
+
+    family = family_for(model)
+    dims = family.text_dims(model.config)
+    L, H = dims.num_layers, dims.num_heads
+    gated = copy.deepcopy(model).eval()
+    scores = torch.zeros(L)
+    count = 0
+    with torch.no_grad():
+        dense_logp = []
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            dense_logp.append(torch.log_softmax(model(**inputs).logits.float(), dim=-1))
+        for layer_idx in range(L):
+            layers = tuple(LayerPlan(heads=tuple(range(H)), mlp=False, frozen=True) if i == layer_idx
+                           else LayerPlan(heads=tuple(range(H)), mlp=True) for i in range(L))
+            apply_plan(gated, Plan(family.name, None, L, H, layers))
+            total, count = 0.0, 0
+            for batch, logp in zip(batches, dense_logp, strict=True):
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                frozen_logp = torch.log_softmax(gated(**inputs).logits.float(), dim=-1)
+                answer = batch["labels"][:, 1:] != -100  # position t predicts label t + 1
+                kl = (logp.exp() * (logp - frozen_logp)).sum(-1)[:, :-1][answer]
+                total += float(kl.sum())
+                count += int(answer.sum())
+            scores[layer_idx] = total / max(1, count)
+    return scores
+
+
+def shortv_plan(dims: ModelDims, layout: TokenLayout, budget: float, contributions: torch.Tensor
+                ) -> tuple[Plan, int, int]:
+    """ShortV's choice at `budget`: layers frozen in order of least Layer Contribution until the plan's visual
+    FLOPs (ordinary attention, no window) are within the budget; if freezing every layer is not enough, frozen
+    layers are then skipped in the same order. Returns (plan, layers frozen, layers skipped)."""
+    L, H = dims.num_layers, dims.num_heads
+    order = sorted(range(L), key=lambda i: (float(contributions[i]), i))
+    kept = LayerPlan(heads=tuple(range(H)), mlp=True)
+    frozen = LayerPlan(heads=tuple(range(H)), mlp=False, frozen=True)
+    skipped = LayerPlan(heads=(), mlp=False)
+
+    def plan_of(num_frozen: int, num_skipped: int) -> Plan:
+        state = {i: kept for i in range(L)}
+        for rank, i in enumerate(order[:num_frozen]):
+            state[i] = skipped if rank < num_skipped else frozen
+        return Plan(dims.family, None, L, H, tuple(state[i] for i in range(L)))
+
+    for num_frozen in range(L + 1):
+        plan = plan_of(num_frozen, 0)
+        if plan_visual_ratio(dims, layout, plan) <= budget + 1e-9:
+            return plan, num_frozen, 0
+    for num_skipped in range(1, L + 1):
+        plan = plan_of(L, num_skipped)
+        if plan_visual_ratio(dims, layout, plan) <= budget + 1e-9:
+            return plan, L - num_skipped, num_skipped
+    return plan_of(L, L), 0, L

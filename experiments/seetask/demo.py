@@ -3,7 +3,7 @@
 Stages: generate data -> train the dense base -> per budget, prune-train (visprune: LoRA + gates +
 Lagrangian + distillation, then the plan chosen on the val split trained fixed) and harden -> the
 baselines at the same budgets (VTW, YOPO heuristic, random plan: each fine-tuned with the same LoRA
-budget and its plan fixed; FastV: training-free) -> evaluate all on the test split -> `report.md`, `pareto.png`, `results.json`.
+budget and its plan fixed; FastV and ShortV: training-free) -> evaluate all on the test split -> `report.md`, `pareto.png`, `results.json`.
 Every stage writes its own folder and is skipped when its result exists (a crashed demo resumes).
 The two training recipes ship with this package (`recipes/`); the demo fills in paths and steps.
 
@@ -48,7 +48,9 @@ from .baselines import (
     calibrate,
     fastv_batch_kwargs,
     fastv_settings,
+    layer_contributions,
     random_plan,
+    shortv_plan,
     vtw_plan,
     yopo_plan,
 )
@@ -60,7 +62,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("visprune", "visprune-pre", "yopo", "vtw", "fastv", "random")  # visprune-pre: before recovery
+METHODS = ("visprune", "visprune-pre", "yopo", "vtw", "fastv", "shortv", "random")  # visprune-pre: before recovery
 PLAN_BASELINES = ("yopo", "vtw", "random")  # fine-tuned with their plan fixed, in this order
 RECIPE_NAMES = ("visprune.yaml", "finetune.yaml")  # package data in `recipes/`
 
@@ -171,6 +173,11 @@ class DemoState:
     results: dict[str, Any]
     done: set[tuple[str, float]] = field(default_factory=set)  # (method, budget) rows already recorded
     calibration: Calibration | None = None  # YOPO's, computed on first use
+
+    def calibration_batch(self) -> dict[str, torch.Tensor]:
+        """The first 32 val samples, collated: what YOPO and ShortV calibrate on."""
+        val_rows = build_dataset(self.cfg.data_dir / "val.json")
+        return self.collator([val_rows[i] for i in range(min(32, len(val_rows)))])
 
     def todo(self, method: str) -> list[float]:
         """The budgets `method` has no row for yet."""
@@ -365,9 +372,7 @@ def _baseline_plan(state: DemoState, method: str, budget: float) -> tuple[Plan, 
         plan = random_plan(state.dims, state.layout, budget, cfg.window, seed=cfg.seed, fill=cfg.fill)
         return plan, f"plan seed {cfg.seed}", f"random, {cfg.plan_rule}"
     if state.calibration is None:
-        val_rows = build_dataset(state.cfg.data_dir / "val.json")
-        calib_batch = state.collator([val_rows[i] for i in range(min(32, len(val_rows)))])
-        state.calibration = calibrate(state.base_model, [calib_batch])
+        state.calibration = calibrate(state.base_model, [state.calibration_batch()])
     plan = yopo_plan(state.dims, state.layout, budget, state.calibration, window=5)  # the paper's window
     return plan, "", "heuristic, closest below"
 
@@ -412,8 +417,34 @@ def run_fastv(state: DemoState) -> None:
                      rule="training-free")
 
 
+def run_shortv(state: DemoState) -> None:
+    """Stage 6: ShortV on the dense base, training-free: Layer Contribution of every layer on the val samples YOPO
+    calibrates on, then per budget the least contributing layers frozen (skipped where freezing all is not
+    enough), executed hardened."""
+    _stage("shortv")
+    todo = state.todo("shortv")
+    if not todo:
+        return
+    from visprune.modeling import apply_plan
+
+    contributions = layer_contributions(state.base_model, [state.calibration_batch()])
+    data_dir, plan_dir = state.cfg.data_dir, state.cfg.out / "plans"
+    plan_dir.mkdir(parents=True, exist_ok=True)
+    for budget in todo:
+        plan, frozen, skipped = shortv_plan(state.dims, state.layout, budget, contributions)
+        plan.to_json(plan_dir / f"shortv-{budget}.json")
+        model, processor = load_for_eval(state.cfg.base_dir)
+        apply_plan(model, plan, mode="hardened")
+        scores = evaluate(model, processor, data_dir / "test.json", data_dir / "images", progress=False)
+        speedup = _prefill_speedup(state.base_model, model, state.speed_batch, state.cfg.scale.speed_repeats)
+        layers = [i for i, layer in enumerate(plan.layers) if layer.frozen]
+        note = f"{frozen} of {state.dims.num_layers} layers frozen {layers}" + (f", {skipped} skipped" if skipped else "")
+        state.record("shortv", budget, scores, plan_flops(model)["ratio"], speedup, note,
+                     rule="training-free, layer contribution")
+
+
 def finish_report(state: DemoState, minutes: float) -> None:
-    """Stage 6: the run time into `results.json`, then `report.md` and `pareto.png`."""
+    """Stage 7: the run time into `results.json`, then `report.md` and `pareto.png`."""
     state.results["minutes"] = minutes
     _write_json(state.cfg.results_path, state.results)
     write_report(state.cfg.out, state.results)
@@ -427,7 +458,7 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", progress: bool =
                      task_options=dict(task_options or {}), fill=fill, select=select)
     claim_output(cfg)  # before any progress bar: a refused folder is one line
     start = time.time()
-    stages = tqdm(total=3 + len(PLAN_BASELINES) + 1, desc="demo", disable=not progress, position=0)
+    stages = tqdm(total=3 + len(PLAN_BASELINES) + 2, desc="demo", disable=not progress, position=0)
     prepare_data(cfg, progress)
     stages.update(1)
     state = prepare_base(cfg, progress)
@@ -438,6 +469,8 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", progress: bool =
         run_plan_baseline(state, method)
         stages.update(1)
     run_fastv(state)
+    stages.update(1)
+    run_shortv(state)
     stages.update(1)
     finish_report(state, (time.time() - start) / 60)
     stages.close()
@@ -618,5 +651,5 @@ def _pareto(path: Path, rows: list[dict[str, Any]]) -> None:
 
 __all__ = ["CONFIG_FILE", "DEFAULT_TASK", "METHODS", "PLAN_BASELINES", "RECIPE_NAMES", "SIZES", "TASKS", "TASK_OPTIONS",
            "DemoConfig", "DemoError", "DemoSize", "DemoState", "SeeTaskPreset", "aggregate_seeds", "claim_output",
-           "finish_report", "load_demo_recipe", "prepare_base", "prepare_data", "run_demo", "run_fastv",
+           "finish_report", "load_demo_recipe", "prepare_base", "prepare_data", "run_demo", "run_fastv", "run_shortv",
            "run_plan_baseline", "run_seeds", "run_visprune", "write_report", "write_seeds_report"]

@@ -23,7 +23,7 @@ def test_demo_writes_report_plot_and_every_method(demo_dir):
         for budget in (0.5, 0.25, 0.12):
             assert (method, budget) in seen, (method, budget)
     for row in results["rows"]:
-        if row["method"] in ("visprune", "yopo", "vtw", "random"):
+        if row["method"] in ("visprune", "yopo", "vtw", "random", "shortv"):
             assert row["visual_flops_ratio"] <= row["budget"] + 1e-9
             assert 0.0 <= row["describe_token_accuracy"] <= 1.0 and row["prefill_speedup"] > 0
     report = (demo_dir / "report.md").read_text()

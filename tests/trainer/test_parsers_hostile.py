@@ -280,6 +280,8 @@ def plan_error(tmp_path: Path, content: str | bytes, limit: int = 400) -> str:
     (plan_text(**{f"k{i}": 1 for i in range(5000)}), "and 4995 more"),
     (plan_text(family=["llava"] * 100_000), "family must be a non-empty string"),
     (plan_text(layers=[{"heads": [0] * 100_000, "mlp": True}]), "layers[0].heads has duplicates"),
+    (plan_text().replace('"mlp": true', '"mlp": true, "frozen": [true]'), "layers[0].frozen must be true or false"),
+    (plan_text().replace('"mlp": true', '"mlp": true, "frozen": true'), "layers[0] is frozen and keeps the MLP"),
 ])
 def test_hostile_plan_files_are_refused(tmp_path, content, fragment):
     assert fragment in plan_error(tmp_path, content)
