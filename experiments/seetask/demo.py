@@ -651,5 +651,5 @@ def _pareto(path: Path, rows: list[dict[str, Any]]) -> None:
 
 __all__ = ["CONFIG_FILE", "DEFAULT_TASK", "METHODS", "PLAN_BASELINES", "RECIPE_NAMES", "SIZES", "TASKS", "TASK_OPTIONS",
            "DemoConfig", "DemoError", "DemoSize", "DemoState", "SeeTaskPreset", "aggregate_seeds", "claim_output",
-           "finish_report", "load_demo_recipe", "prepare_base", "prepare_data", "run_demo", "run_fastv", "run_shortv",
-           "run_plan_baseline", "run_seeds", "run_visprune", "write_report", "write_seeds_report"]
+           "finish_report", "load_demo_recipe", "prepare_base", "prepare_data", "run_demo", "run_fastv",
+           "run_plan_baseline", "run_seeds", "run_shortv", "run_visprune", "write_report", "write_seeds_report"]

@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_batch, tiny_llava
 from visprune.experiments.seetask.baselines import layer_contributions, shortv_plan
 from visprune.modeling import GateProbs, visual_flops
-from visprune.modeling.flops import dims_from_config, plan_visual_ratio
 from visprune.modeling.flops import default_layout as layout_of
+from visprune.modeling.flops import dims_from_config, plan_visual_ratio
 
 
 def _ratio(dims, layout, plan) -> float:
