@@ -17,6 +17,7 @@ import torch
 from .plan import Plan, read_json_file, show_value
 
 logger = logging.getLogger(__name__)
+Windows = int | None | tuple[int | None, ...]  # one neighbour window for every layer, or one per layer
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,18 @@ class TokenLayout:
         if window is None:
             return self.visual * (self.visual + 1) // 2
         return self.num_images * sum(window_pairs(rows, cols, window) for rows, cols in self.grids)
+
+    def layer_pairs(self, window: Windows, num_layers: int, full: bool = False) -> torch.Tensor | int:
+        """`visual_pairs` of one window for every layer, or (L,) pairs of per-layer windows (a sequence); with
+        `full`, a window of None counts all n x n pairs (the paper's dense unit) instead of the causal ones."""
+        def pairs(w: int | None) -> int:
+            return self.visual ** 2 if full and w is None else self.visual_pairs(w)
+
+        if window is None or isinstance(window, int):
+            return pairs(window)
+        if len(window) != num_layers:
+            raise ValueError(f"{len(window)} per-layer windows for {num_layers} layers")
+        return torch.tensor([float(pairs(w)) for w in window])
 
     def to_dict(self) -> dict[str, Any]:
         out = {"system": self.system, "visual": self.visual, "text": self.text, "num_images": self.num_images,
@@ -213,13 +226,14 @@ def _check(dims: ModelDims, probs: GateProbs) -> None:
 
 
 def visual_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None = None,
-                 window: int | None = None) -> torch.Tensor:
+                 window: Windows = None) -> torch.Tensor:
     """Visual-token prefill FLOPs, the paper's unit (arXiv 2410.06169): QKVO projections, visual x
     visual attention and MLP of the visual rows. Dense: L*(8nd^2 + 4n^2d + 6ndm) with full n x n
-    attention (as the paper's table counts it); with a window, the pairs inside the window."""
+    attention (as the paper's table counts it); with a window, the pairs inside the window (`window`:
+    one for every layer, or a sequence of per-layer windows, `Plan.windows()`)."""
     probs = probs or GateProbs.dense(dims.num_layers, dims.num_heads)
     _check(dims, probs)
-    pairs = layout.visual ** 2 if window is None else layout.visual_pairs(window)
+    pairs = layout.layer_pairs(window, dims.num_layers, full=True)
     return _visual_row_flops(dims, layout.visual, probs, pairs).sum()
 
 
@@ -238,7 +252,7 @@ def _visual_row_flops(dims: ModelDims, n: int, probs: GateProbs, key_pairs: int)
 
 
 def prefill_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None = None,
-                  window: int | None = None) -> torch.Tensor:
+                  window: Windows = None) -> torch.Tensor:
     """Whole-prefill FLOPs (all tokens) with the real causal structure: text rows do all their work
     (seeing visual keys only in open heads); visual rows only in open heads / kept MLPs."""
     probs = probs or GateProbs.dense(dims.num_layers, dims.num_heads)
@@ -255,7 +269,7 @@ def prefill_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None 
     text_visual_pairs = t * n
     text_attn = 4 * Dh * (H * text_text_pairs + effective.sum(dim=1) * text_visual_pairs)
 
-    visual_rows = _visual_row_flops(dims, n, probs, n * s + layout.visual_pairs(window))
+    visual_rows = _visual_row_flops(dims, n, probs, n * s + layout.layer_pairs(window, dims.num_layers))
     return (text_proj + text_mlp + text_attn + visual_rows).sum()
 
 
@@ -283,7 +297,7 @@ def token_drop_visual_flops(dims: ModelDims, layout: TokenLayout, layer: int, ke
 
 
 def flops_report(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None = None,
-                 window: int | None = None) -> dict[str, float]:
+                 window: Windows = None) -> dict[str, float]:
     """{"visual_flops", "prefill_flops", "visual_kv_bytes"} as plain floats."""
     return {"visual_flops": float(visual_flops(dims, layout, probs, window)),
             "prefill_flops": float(prefill_flops(dims, layout, probs, window)),
@@ -300,7 +314,7 @@ def plan_report(dims: ModelDims, layout: TokenLayout, plan: Plan | None = None) 
     """
     dense = flops_report(dims, layout)
     planned = dict(dense) if plan is None else flops_report(
-        dims, layout, GateProbs.from_plan(plan, dims.intermediate_size), window=plan.window)
+        dims, layout, GateProbs.from_plan(plan, dims.intermediate_size), window=plan.windows())
     ratio = lambda key: planned[key] / dense[key] if dense[key] else None
     return {"dense": dense, "plan": planned, "visual_flops_ratio": ratio("visual_flops"),
             "prefill_flops_ratio": ratio("prefill_flops")}
@@ -309,7 +323,7 @@ def plan_report(dims: ModelDims, layout: TokenLayout, plan: Plan | None = None) 
 def plan_visual_ratio(dims: ModelDims, layout: TokenLayout, plan: Plan) -> float:
     """`plan_report(...)["visual_flops_ratio"]` alone, for a search that costs many candidate plans."""
     probs = GateProbs.from_plan(plan, dims.intermediate_size)
-    return float(visual_flops(dims, layout, probs, plan.window)) / float(visual_flops(dims, layout))
+    return float(visual_flops(dims, layout, probs, plan.windows())) / float(visual_flops(dims, layout))
 
 
 def dims_from_config(config: Any, name: str = "local") -> ModelDims:

@@ -56,9 +56,14 @@ class VisualContext:
     gates: GateValues
     window: int | None
     training: bool
+    layer_windows: dict[int, int] = field(default_factory=dict)  # a plan's per-layer windows, over `window`
     mlp_channel_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (I,) bool
     channel_block: int | None = None  # channels per block of `gates.channels` (GateSet.channel_block)
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # layer-independent masks
+
+    def window_of(self, layer_idx: int) -> int | None:
+        """Layer `layer_idx`'s neighbour window: the plan's own for that layer, else `window`."""
+        return self.layer_windows.get(layer_idx, self.window)
 
     def log_head_gates(self, layer_idx: int, dtype: torch.dtype) -> torch.Tensor:
         """(N, H) log e[l, h]; closed gates give the dtype's lowest finite value (an exact 0 after softmax)."""
@@ -88,12 +93,12 @@ def _ctx_from(kwargs: dict[str, Any], module: torch.nn.Module) -> VisualContext:
     return ctx
 
 
-def _window_allowed(ctx: VisualContext, base_allowed: torch.Tensor) -> torch.Tensor:
+def _window_allowed(ctx: VisualContext, base_allowed: torch.Tensor, window: int | None) -> torch.Tensor:
     """(B, Q, K) bool: base causal/padding mask with visual-query x visual-key pairs replaced by the window."""
     lay = ctx.layout
-    if ctx.window is None:
+    if window is None:
         return base_allowed
-    radius = ctx.window // 2
+    radius = window // 2
     qpos = lay.query_positions()
     q_vis, k_vis = lay.visual_mask[:, qpos], lay.visual_mask
     same_grid = lay.grid_idx[:, qpos, None] == lay.grid_idx[:, None, :]
@@ -127,8 +132,8 @@ def visprune_sdpa_attention(module, query, key, value, attention_mask, dropout=0
     query (B, H, Q, D), key/value (B, Hkv, K, D), attention_mask (B, 1, Q, K) bool from `visprune_mask`.
     Returns (B, Q, H, D) and no weights.
 
-    The window/causal/padding mask is one additive (B, 1, Q, K) tensor shared by every head and layer of the
-    forward. The head's log-gate reaches the scores as one extra query/key channel: every query gets 1, a visual
+    The window/causal/padding mask is one additive (B, 1, Q, K) tensor shared by every head and by every layer
+    of the forward with the same window. The head's log-gate reaches the scores as one extra query/key channel: every query gets 1, a visual
     key log e[b, h] / scale (a text key 0), so score = scale * q.k + log e on visual keys, exactly the additive
     rule of docs/design.md, without a per-head (B, H, Q, K) mask. The channel is padded to a multiple of 8 (fused
     kernels' head sizes) with zeros, which add nothing.
@@ -143,11 +148,12 @@ def visprune_sdpa_attention(module, query, key, value, attention_mask, dropout=0
         value = value.repeat_interleave(groups, dim=1)
 
     low = torch.finfo(query.dtype).min
-    cache_key = ("base", Q, query.dtype)
+    window = ctx.window_of(layer_idx)
+    cache_key = ("base", Q, query.dtype, window)
     if cache_key not in ctx._cache:
         if attention_mask is None:
             raise RuntimeError("visprune_sdpa needs the boolean mask from its registered mask function")
-        allowed = _window_allowed(ctx, attention_mask[:, 0].bool())  # (B, Q, K)
+        allowed = _window_allowed(ctx, attention_mask[:, 0].bool(), window)  # (B, Q, K)
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # a row without keys is zeroed in _finish
         ctx._cache[cache_key] = torch.where(allowed, 0.0, low).to(query.dtype)[:, None]  # (B, 1, Q, K)
     base = ctx._cache[cache_key]
@@ -167,13 +173,13 @@ def visprune_sdpa_attention(module, query, key, value, attention_mask, dropout=0
     return _finish(ctx, layer_idx, out[..., :D]), None
 
 
-def _flex_block_mask(ctx: VisualContext, Q: int, device: torch.device):
+def _flex_block_mask(ctx: VisualContext, Q: int, device: torch.device, window: int | None):
     from torch.nn.attention.flex_attention import create_block_mask
 
     lay = ctx.layout
     B, K = lay.visual_mask.shape
     offset = K - Q
-    radius = -1 if ctx.window is None else ctx.window // 2
+    radius = -1 if window is None else window // 2
     vis, grid, row, col, valid = lay.visual_mask, lay.grid_idx, lay.row, lay.col, lay.key_valid
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -214,9 +220,10 @@ def visprune_flex_attention(module, query, key, value, attention_mask, dropout=0
     if dropout:
         raise ValueError("visprune_flex does not support attention dropout; use visprune_sdpa")
     Q = query.shape[2]
-    cache_key = ("block_mask", Q)
+    window = ctx.window_of(layer_idx)
+    cache_key = ("block_mask", Q, window)
     if cache_key not in ctx._cache:
-        ctx._cache[cache_key] = _flex_block_mask(ctx, Q, query.device)
+        ctx._cache[cache_key] = _flex_block_mask(ctx, Q, query.device, window)
     vis = ctx.layout.visual_mask
     log_gate = ctx.log_head_gates(layer_idx, torch.float32).expand(vis.shape[0], -1)  # (B, H)
 

@@ -116,6 +116,7 @@ class GateSet(nn.Module):
         # a[l]: None without freeze gates (kept out of the module tree, so checkpoints without them load)
         self.update = HardConcreteGate((L,), cfg.init_log_alpha, t) if cfg.visual_freeze else None
         self.window = cfg.window
+        self.layer_windows: dict[int, int] = {}  # a plan's per-layer windows (`apply_plan`), over `window`
         self.mlp_channel_masks: dict[int, torch.Tensor] = {}
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its layout
         self._handles: list[Any] = []
@@ -155,12 +156,12 @@ class GateSet(nn.Module):
     def open_all(self) -> Iterator[None]:
         """Within this context every gate is 1 and the window is off: the dense model (the
         self-distillation teacher, with adapters disabled), without a second copy of the weights."""
-        saved = self._open_all, self.window
-        self._open_all, self.window = True, None
+        saved = self._open_all, self.window, self.layer_windows
+        self._open_all, self.window, self.layer_windows = True, None, {}
         try:
             yield
         finally:
-            self._open_all, self.window = saved
+            self._open_all, self.window, self.layer_windows = saved
 
     @contextlib.contextmanager
     def plan_forward(self, budget: float, layout: TokenLayout | None = None, fill: bool = False,
@@ -550,6 +551,7 @@ def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GateSet:
                 layout.key_valid = mask_2d.to(layout.key_valid.device).bool()
         values = gates(batch_size=layout.visual_mask.shape[0])
         kwargs[CTX_KWARG] = VisualContext(layout=layout, gates=values, window=gates.window,
+                                          layer_windows=gates.layer_windows,
                                           training=gates.training and not gates._open_all,
                                           mlp_channel_masks={} if gates._open_all else gates.mlp_channel_masks,
                                           channel_block=gates.channel_block)
@@ -620,6 +622,7 @@ def apply_plan(model: nn.Module, plan: Plan, mode: str = "gated", backend: str =
     if gates is None:
         gates = attach_gates(base, GateConfig(window=plan.window, backend=backend))
     gates.window = plan.window
+    gates.layer_windows = {i: layer.window for i, layer in enumerate(plan.layers) if layer.window is not None}
     device = gates.device
     values = GateProbs.from_plan(plan, dims.intermediate_size)  # a plan's gates are open with probability 0 or 1
     gates.head, gates.router, gates.mlp = (FixedGate(v.to(device)) for v in (values.head, values.layer, values.mlp))

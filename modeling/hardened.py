@@ -160,19 +160,22 @@ class HardenedForward:
     """The layout of one forward and what every layer derives from it (computed once)."""
 
     layout: VisualLayout
-    window: int | None
+    window: int | None  # the plan's window (a layer may have its own: `rows(window)`)
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
-    def rows(self) -> ForwardRows:
+    def rows(self, window: int | None | str = "plan") -> ForwardRows:
+        """Text and visual rows, and the visual rows regrouped for `window` (default the plan's; each window's
+        regrouping computed once per forward)."""
+        window = self.window if window == "plan" else window
+        lay = self.layout
         if "rows" not in self._memo:
-            lay = self.layout
-            text = Rows.select(lay.key_valid & ~lay.visual_mask)
-            visual = Rows.select(lay.key_valid & lay.visual_mask)
-            window = None
-            if self.window is not None and visual.count:
-                window = _window_rows(lay, visual, self.window)
-            self._memo["rows"] = ForwardRows(text, visual, window)
-        return self._memo["rows"]
+            self._memo["rows"] = (Rows.select(lay.key_valid & ~lay.visual_mask),
+                                  Rows.select(lay.key_valid & lay.visual_mask))
+        text, visual = self._memo["rows"]
+        key = ("window", window)
+        if key not in self._memo:
+            self._memo[key] = _window_rows(lay, visual, window) if window is not None and visual.count else None
+        return ForwardRows(text, visual, self._memo[key])
 
     def rotary(self, position_embeddings: tuple[torch.Tensor, torch.Tensor], batch: int):
         """cos, sin flattened to (B*T, D) (shared by every layer of this forward)."""
@@ -328,6 +331,7 @@ class LayerRule:
     num_heads: int
     head_dim: int
     group_size: int  # query heads per KV group
+    window: int | None = None  # the neighbour window of this layer's visual queries (the plan's or its own)
     frozen: bool = False  # visual rows give K/V (kept groups) and are not updated: no Q, attention, O or MLP
 
     def __post_init__(self) -> None:
@@ -511,7 +515,7 @@ class HardenedDecoderLayer(nn.Module):
         B, T, d = hidden_states.shape
         cache = _cache_layer(past_key_values, self.layer_idx) if use_cache or past_key_values is not None else None
         past = cache.length if cache is not None else 0
-        rows = ctx.rows()
+        rows = ctx.rows(self.rule.window)
         text, vis = rows.text, rows.visual
         hidden = hidden_states.reshape(B * T, d)
         h_text = hidden[text.flat_idx]
@@ -750,7 +754,7 @@ def _check_layers(family: str, layers: nn.ModuleList, text_config: Any) -> None:
                                 "hardened execution")
 
 
-def _layer_rule(attn: nn.Module, layer_plan: LayerPlan, dims: TextDims) -> LayerRule:
+def _layer_rule(attn: nn.Module, layer_plan: LayerPlan, dims: TextDims, window: int | None) -> LayerRule:
     """The `LayerRule` of one layer of a plan; reorders the layer's heads so the kept ones come first."""
     group_size = dims.num_heads // dims.num_kv_heads
     heads, groups = [], []
@@ -759,7 +763,7 @@ def _layer_rule(attn: nn.Module, layer_plan: LayerPlan, dims: TextDims) -> Layer
     return LayerRule(visual=not layer_plan.skipped, heads=heads, groups=groups,
                      mlp=layer_plan.mlp and not layer_plan.skipped,
                      channels=None if layer_plan.mlp_channels is None else sorted(layer_plan.mlp_channels),
-                     num_heads=dims.num_heads, head_dim=dims.head_dim, group_size=group_size,
+                     num_heads=dims.num_heads, head_dim=dims.head_dim, group_size=group_size, window=window,
                      frozen=layer_plan.frozen)
 
 
@@ -777,7 +781,7 @@ def harden_model(model: nn.Module, plan: Plan) -> nn.Module:
     _check_layers(family.name, layers, model.config.text_config)
     rotary_fn = family.rotary_fn(layers[0])  # the family knows how its rotary tables are applied
     for layer_idx, layer in enumerate(layers):
-        rule = _layer_rule(layer.self_attn, plan.layers[layer_idx], dims)
+        rule = _layer_rule(layer.self_attn, plan.layers[layer_idx], dims, plan.layer_window(layer_idx))
         layers[layer_idx] = HardenedDecoderLayer(layer, layer_idx, rule, rotary_fn)
 
     core = family.multimodal_core(model)

@@ -16,7 +16,7 @@ PLAN_FILE = "pruning_plan.json"  # the plan inside an exported folder
 # every MLP channel of every layer listed (80 layers x 29568 channels, indent 1) is about 24 MiB
 MAX_PLAN_BYTES = 64 * 2**20
 _TOP_KEYS = {"format", "family", "window", "num_layers", "num_heads", "layers"}
-_LAYER_KEYS = {"heads", "mlp", "mlp_channels", "frozen"}
+_LAYER_KEYS = {"heads", "mlp", "mlp_channels", "frozen", "window"}
 
 
 class PlanError(ValueError):
@@ -31,6 +31,7 @@ class LayerPlan:
     # visual rows are not updated (freeze gate a = 0): their K/V of the kept heads' groups are still computed and
     # read by text queries; no visual Q, attention, output projection or MLP (docs/design.md rule 7)
     frozen: bool = False
+    window: int | None = None  # this layer's neighbour window (odd); None: the plan's `window`
 
     @property
     def skipped(self) -> bool:
@@ -105,7 +106,7 @@ class Plan:
                 raise PlanError(f"{key}.mlp_channels must be a list of channel indices")
             layers.append(LayerPlan(heads=tuple(heads), mlp=layer["mlp"],
                                     mlp_channels=None if channels is None else tuple(channels),
-                                    frozen=layer.get("frozen", False)))
+                                    frozen=layer.get("frozen", False), window=layer.get("window")))
         try:
             return cls(family=data["family"], window=data["window"], num_layers=data["num_layers"],
                        num_heads=data["num_heads"], layers=tuple(layers), source=source)
@@ -121,6 +122,8 @@ class Plan:
                 entry["mlp_channels"] = list(layer.mlp_channels)
             if layer.frozen:
                 entry["frozen"] = True
+            if layer.window is not None:
+                entry["window"] = layer.window
             layers.append(entry)
         return {"format": PLAN_FORMAT, "family": self.family, "window": self.window,
                 "num_layers": self.num_layers, "num_heads": self.num_heads, "layers": layers}
@@ -129,6 +132,17 @@ class Plan:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     # ---- views used by gates and the FLOPs model ---------------------------------------------
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The neighbour window of layer `layer_idx`: its own `window`, else the plan's."""
+        own = self.layers[layer_idx].window
+        return self.window if own is None else own
+
+    def windows(self) -> int | None | tuple[int | None, ...]:
+        """What the FLOPs model takes as `window`: the plan's window, or per layer when a layer has its own."""
+        if all(layer.window is None for layer in self.layers):
+            return self.window
+        return tuple(self.layer_window(i) for i in range(len(self.layers)))
+
     def head_mask(self) -> list[list[bool]]:
         """(num_layers, num_heads) booleans: visual head kept."""
         return [[h in set(layer.heads) for h in range(self.num_heads)] for layer in self.layers]
@@ -241,6 +255,9 @@ def _validate(plan: Plan) -> None:
             raise PlanError(f"layers[{idx}].heads has duplicates: {show_value(list(layer.heads))}")
         if not isinstance(layer.mlp, bool):
             raise PlanError(f"layers[{idx}].mlp must be true or false, got {show_value(layer.mlp)}")
+        if layer.window is not None and (not _is_int(layer.window) or layer.window < 1 or layer.window % 2 == 0):
+            raise PlanError(f"layers[{idx}].window must be an odd positive integer (absent: the plan's window), "
+                            f"got {show_value(layer.window)}")
         if not isinstance(layer.frozen, bool):
             raise PlanError(f"layers[{idx}].frozen must be true or false, got {show_value(layer.frozen)}")
         if layer.frozen and layer.mlp:

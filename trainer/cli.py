@@ -97,7 +97,9 @@ def run_flops(args: argparse.Namespace) -> int:
     newlines = f" + {layout.num_images * layout.non_grid} newline" if layout.non_grid else ""
     print(f"layout: {layout.system} system + {layout.visual} visual ({layout.num_images} x {grids}){newlines} + "
           f"{layout.text} text tokens")
-    rows = [("dense", dense)] + ([(f"plan (window {plan.window})", planned)] if plan is not None else [])
+    windows = None if plan is None else plan.windows()
+    label = f"plan (window {windows})" if not isinstance(windows, tuple) else "plan (windows per layer)"
+    rows = [("dense", dense)] + ([(label, planned)] if plan is not None else [])
     print(f"{'':24}{'visual FLOPs':>16}{'prefill FLOPs':>16}{'visual KV cache':>18}")
     for name, rep in rows:
         print(f"{name:24}{_format_flops(rep['visual_flops']) + 'FLOPs':>16}"

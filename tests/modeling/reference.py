@@ -106,8 +106,13 @@ def _reference(model, batch, plan, image_token_id, grid, embeds, cos, sin):
     valid = batch["attention_mask"].bool()
     info = _token_layout(input_ids, image_token_id, grid)
     is_vis = torch.tensor([[info[b][t][0] for t in range(T)] for b in range(B)])
-    allowed = torch.tensor([[[_allowed(info, valid, b, i, j, plan.window) for j in range(T)] for i in range(T)]
-                            for b in range(B)])  # (B, T, T)
+    masks = {}  # window -> (B, T, T) allowed pairs
+
+    def allowed_for(window):
+        if window not in masks:
+            masks[window] = torch.tensor([[[_allowed(info, valid, b, i, j, window) for j in range(T)] for i in range(T)]
+                                          for b in range(B)])
+        return masks[window]
 
     cfg = lm.config
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -117,6 +122,7 @@ def _reference(model, batch, plan, image_token_id, grid, embeds, cos, sin):
         attn = getattr(layer.self_attn, "attn", layer.self_attn)
         mlp = getattr(layer.mlp, "mlp", layer.mlp)
         lp = plan.layers[l]
+        allowed = allowed_for(plan.window if lp.window is None else lp.window)  # a layer's own window, else the plan's
         r = 0.0 if lp.skipped else 1.0
         e = torch.tensor([1.0 if hh in lp.heads else 0.0 for hh in range(H)])
         u = 1.0 if lp.mlp else 0.0

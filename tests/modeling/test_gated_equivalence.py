@@ -2,6 +2,7 @@
 
 import random
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,9 +17,9 @@ def valid_logits(logits, batch):
     return logits[batch["attention_mask"].bool()]
 
 
-def random_plan(seed, num_layers=3, num_heads=4, window=3, channels=False, frozen=False):
-    """A seeded plan: skipped layers, random heads, MLPs (channels), and with `frozen` some layers that keep
-    heads but not the MLP frozen (rule 7)."""
+def random_plan(seed, num_layers=3, num_heads=4, window=3, channels=False, frozen=False, layer_windows=False):
+    """A seeded plan: skipped layers, random heads, MLPs (channels), with `frozen` some layers that keep heads but
+    not the MLP frozen (rule 7), and with `layer_windows` a window of 1, 3 or 5 of their own for some layers."""
     rng = random.Random(seed)
     layers = []
     for _ in range(num_layers):
@@ -33,6 +34,9 @@ def random_plan(seed, num_layers=3, num_heads=4, window=3, channels=False, froze
             layers.append(LayerPlan(heads=heads, mlp=False, frozen=True))
             continue
         layers.append(LayerPlan(heads=heads, mlp=mlp, mlp_channels=chans))
+    if layer_windows:
+        own = random.Random(seed + 1000)
+        layers = [replace(layer, window=own.choice((None, 1, 3, 5))) for layer in layers]
     return Plan(family="llava", window=window, num_layers=num_layers, num_heads=num_heads, layers=tuple(layers))
 
 
@@ -255,7 +259,7 @@ def _additive_mask_attention(module, query, key, value, attention_mask, dropout=
     ctx = ga._ctx_from(kwargs, module)
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    allowed = ga._window_allowed(ctx, attention_mask[:, 0].bool())
+    allowed = ga._window_allowed(ctx, attention_mask[:, 0].bool(), ctx.window)
     low = torch.finfo(query.dtype).min
     log_gate = ctx.log_head_gates(module.layer_idx, query.dtype)
     key_gate = torch.where(ctx.layout.visual_mask[:, None, None, :], log_gate[:, :, None, None],
