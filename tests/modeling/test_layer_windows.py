@@ -48,7 +48,7 @@ def test_flops_count_each_layers_window():
                 layers=tuple(LayerPlan(heads=tuple(range(32)), mlp=True, window=3 if i < 16 else None)
                              for i in range(32)))
     probs = GateProbs.from_plan(plan, dims.intermediate_size)
-    half = lambda w: float(visual_flops(dims, layout, probs, w)) / 2  # noqa: E731
+    half = lambda w: float(visual_flops(dims, layout, probs, w)) / 2
     assert float(visual_flops(dims, layout, probs, plan.windows())) == pytest.approx(half(3) + half(5), rel=1e-6)
     report = plan_report(dims, layout, plan)
     assert report["plan"]["visual_flops"] == pytest.approx(half(3) + half(5), rel=1e-6)
