@@ -444,8 +444,9 @@ def run_shortv(state: DemoState) -> None:
 
 
 def finish_report(state: DemoState, minutes: float) -> None:
-    """Stage 7: the run time into `results.json`, then `report.md` and `pareto.png`."""
-    state.results["minutes"] = minutes
+    """Stage 7: the run time into `results.json` (added to the time of earlier calls: a resumed demo reports all
+    the time it took), then `report.md` and `pareto.png`."""
+    state.results["minutes"] = state.results.get("minutes", 0.0) + minutes
     _write_json(state.cfg.results_path, state.results)
     write_report(state.cfg.out, state.results)
 
@@ -491,13 +492,12 @@ def run_seeds(out: str | Path, seeds: list[int] | tuple[int, ...], size: str = "
     for seed in seeds:  # every seed's folder is checked before anything runs
         claim_output(DemoConfig(out=out / f"seed-{seed}", size=size, budgets=tuple(budgets), seed=seed, task=task,
                                 task_options=dict(task_options or {}), fill=fill, select=select))
-    start = time.time()
     per_seed = {}
     for seed in tqdm(list(seeds), desc="seeds", disable=not progress, position=1):
         per_seed[seed] = run_demo(out / f"seed-{seed}", size, progress, budgets, seed=seed, task=task,
                                   task_options=task_options, fill=fill, select=select)
     results = aggregate_seeds(per_seed)
-    results["minutes"] = (time.time() - start) / 60
+    results["minutes"] = sum(v.get("minutes", 0.0) for v in per_seed.values())  # every call's time, every seed
     results["seed_minutes"] = {str(k): v.get("minutes") for k, v in per_seed.items()}
     _write_json(out / "results.json", results)
     write_seeds_report(out, results)
