@@ -102,6 +102,18 @@ class TokenLayout:
             raise ValueError(f"{len(window)} per-layer windows for {num_layers} layers")
         return torch.tensor([float(pairs(w)) for w in window])
 
+    def ring_pairs(self, radius: int) -> torch.Tensor:
+        """(radius + 1,) visual (query, key) pairs at Chebyshev distance exactly k on the same grid, k = 0..radius
+        (k = 0: each token with itself), summed over the images."""
+        inside = [self.visual_pairs(2 * k + 1) for k in range(radius + 1)]
+        return torch.tensor([float(inside[0])] + [float(inside[k] - inside[k - 1]) for k in range(1, radius + 1)])
+
+    def expected_ring_pairs(self, rings: torch.Tensor) -> torch.Tensor:
+        """(L,) expected visual pairs of learned window radii: every token with itself, plus ring k's pairs times
+        P(rings 1..k all open) (`rings`: (L, R) P(open) of the ring gates, nested)."""
+        ring = self.ring_pairs(rings.shape[1]).to(rings.device)
+        return ring[0] + (torch.cumprod(rings.float(), dim=1) * ring[1:]).sum(dim=1)
+
     def to_dict(self) -> dict[str, Any]:
         out = {"system": self.system, "visual": self.visual, "text": self.text, "num_images": self.num_images,
                "image_grid": list(self.image_grid)}
@@ -145,6 +157,7 @@ class GateProbs:
     mlp: torch.Tensor
     mlp_channels: torch.Tensor | None = None
     update: torch.Tensor | None = None
+    rings: torch.Tensor | None = None  # (L, R) P(ring gate k+1 open) of learned window radii; None: fixed windows
 
     def rows_updated(self) -> torch.Tensor:
         """(L,) P(the layer computes and updates visual rows) = router * update."""
@@ -233,7 +246,8 @@ def visual_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None =
     one for every layer, or a sequence of per-layer windows, `Plan.windows()`)."""
     probs = probs or GateProbs.dense(dims.num_layers, dims.num_heads)
     _check(dims, probs)
-    pairs = layout.layer_pairs(window, dims.num_layers, full=True)
+    pairs = (layout.layer_pairs(window, dims.num_layers, full=True) if probs.rings is None
+             else layout.expected_ring_pairs(probs.rings))
     return _visual_row_flops(dims, layout.visual, probs, pairs).sum()
 
 
@@ -269,7 +283,9 @@ def prefill_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None 
     text_visual_pairs = t * n
     text_attn = 4 * Dh * (H * text_text_pairs + effective.sum(dim=1) * text_visual_pairs)
 
-    visual_rows = _visual_row_flops(dims, n, probs, n * s + layout.layer_pairs(window, dims.num_layers))
+    pairs = (layout.layer_pairs(window, dims.num_layers) if probs.rings is None
+             else layout.expected_ring_pairs(probs.rings))
+    visual_rows = _visual_row_flops(dims, n, probs, n * s + pairs)
     return (text_proj + text_mlp + text_attn + visual_rows).sum()
 
 

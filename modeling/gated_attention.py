@@ -26,8 +26,9 @@ class GateValues(NamedTuple):
     """Effective gates of one forward, float32: `head` e = r*g (N, L, H), `router` r (N, L), `mlp`
     u = r*a*m (N, L), with channel gates `channels` c (N, L, B), the share of each block of the visual
     MLP's intermediate channels, and with freeze gates `update` a (N, L), whether a layer updates its visual
-    rows (docs/design.md rule 7: the query side of head h is then e*a); N is the batch size when every sample
-    has its own draw (training), else 1.
+    rows (docs/design.md rule 7: the query side of head h is then e*a), and with ring gates `rings` rho (N, L, R),
+    the nested gate of each ring k = 1..R of the window (rho[k] = z[1]...z[k], rule 1); N is the batch size when
+    every sample has its own draw (training), else 1.
 
     A NamedTuple so that DeepSpeed ZeRO-3 finds the tensors in the GateSet's output."""
 
@@ -36,6 +37,7 @@ class GateValues(NamedTuple):
     mlp: torch.Tensor
     channels: torch.Tensor | None = None
     update: torch.Tensor | None = None
+    rings: torch.Tensor | None = None
 
     def query_head(self, layer_idx: int) -> torch.Tensor:
         """(N, H) the query-side gate of layer `layer_idx`'s heads for visual rows: e = r*g, times a (rule 7)."""
@@ -72,6 +74,30 @@ class VisualContext:
             return torch.log(e.clamp_min(LOG_GATE_FLOOR)).to(dtype)
         low = torch.finfo(dtype).min
         return torch.where(e > 0, torch.log(e.clamp_min(1e-30)), torch.full_like(e, low)).to(dtype)
+
+    def log_ring_gates(self, layer_idx: int, dtype: torch.dtype) -> torch.Tensor:
+        """(N, R + 1) log rho[l, k] for Chebyshev distance k = 0..R (k = 0, a token and itself: 0); closed rings give
+        the dtype's lowest finite value, as closed heads do (`log_head_gates`)."""
+        rho = self.gates.rings[:, layer_idx].float()
+        if self.training:
+            log = torch.log(rho.clamp_min(LOG_GATE_FLOOR))
+        else:
+            log = torch.where(rho > 0, torch.log(rho.clamp_min(1e-30)), torch.full_like(rho, torch.finfo(dtype).min))
+        return torch.cat([torch.zeros_like(log[:, :1]), log], dim=1).to(dtype)
+
+    def ring_distance(self, num_queries: int) -> torch.Tensor:
+        """(B, Q, K) long: the Chebyshev distance of each visual query x visual key pair of the same grid, clamped
+        to the rings' radius R (farther pairs are outside the window anyway); 0 for every other pair."""
+        key = ("ring_distance", num_queries)
+        if key not in self._cache:
+            lay = self.layout
+            qpos = lay.query_positions()
+            same = (lay.visual_mask[:, qpos, None] & lay.visual_mask[:, None, :]
+                    & (lay.grid_idx[:, qpos, None] == lay.grid_idx[:, None, :]))
+            dist = torch.maximum((lay.row[:, qpos, None] - lay.row[:, None, :]).abs(),
+                                 (lay.col[:, qpos, None] - lay.col[:, None, :]).abs())
+            self._cache[key] = torch.where(same, dist.clamp_max(self.gates.rings.shape[-1]), 0)
+        return self._cache[key]
 
     def row_has_key(self, layer_idx: int) -> torch.Tensor:
         """(B, H, Q) bool: the query row sees at least one key (docs/design.md rule 6: otherwise zeros)."""
@@ -157,6 +183,12 @@ def visprune_sdpa_attention(module, query, key, value, attention_mask, dropout=0
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # a row without keys is zeroed in _finish
         ctx._cache[cache_key] = torch.where(allowed, 0.0, low).to(query.dtype)[:, None]  # (B, 1, Q, K)
     base = ctx._cache[cache_key]
+    if ctx.gates.rings is not None:  # rule 1 with ring gates: + log rho[l, k] on visual pairs at distance k
+        table = ctx.log_ring_gates(layer_idx, query.dtype)  # (N, R + 1)
+        dist = ctx.ring_distance(Q)  # (B, Q, K)
+        ring_bias = (table[0][dist] if table.shape[0] == 1 else
+                     torch.gather(table[:, None, :].expand(-1, Q, -1), 2, dist))  # (B, Q, K)
+        base = (base + ring_bias[:, None]).clamp_min(low)
 
     scale = scaling if scaling is not None else D**-0.5
     log_gate = ctx.log_head_gates(layer_idx, query.dtype)  # (N, H); closed gates: the dtype's lowest value
@@ -226,9 +258,21 @@ def visprune_flex_attention(module, query, key, value, attention_mask, dropout=0
         ctx._cache[cache_key] = _flex_block_mask(ctx, Q, query.device, window)
     vis = ctx.layout.visual_mask
     log_gate = ctx.log_head_gates(layer_idx, torch.float32).expand(vis.shape[0], -1)  # (B, H)
+    if ctx.gates.rings is not None:  # rule 1 with ring gates: + log rho[l, k] on visual pairs at distance k
+        lay = ctx.layout
+        ring = ctx.log_ring_gates(layer_idx, torch.float32).expand(vis.shape[0], -1)  # (B, R + 1)
+        offset, radius = lay.num_keys - Q, ring.shape[1] - 1
+        row, col, grid = lay.row, lay.col, lay.grid_idx
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + torch.where(vis[b, kv_idx], log_gate[b, h], 0.0)
+        def score_mod(score, b, h, q_idx, kv_idx):
+            q_pos = q_idx + offset
+            pair = vis[b, q_pos] & vis[b, kv_idx] & (grid[b, q_pos] == grid[b, kv_idx])
+            dist = torch.maximum((row[b, q_pos] - row[b, kv_idx]).abs(), (col[b, q_pos] - col[b, kv_idx]).abs())
+            bias = torch.where(pair, ring[b, dist.clamp(0, radius)], 0.0)
+            return score + torch.where(vis[b, kv_idx], log_gate[b, h], 0.0) + bias
+    else:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + torch.where(vis[b, kv_idx], log_gate[b, h], 0.0)
 
     out = _flex_kernel(query.is_cuda)(query, key, value, score_mod=score_mod, block_mask=ctx._cache[cache_key],
                          scale=scaling, enable_gqa=key.shape[1] != query.shape[1])

@@ -49,6 +49,9 @@ class GateConfig:
     # freeze gates a[l]: open = the layer updates its visual rows; closed with the router open = the layer is
     # frozen for visual tokens (no visual Q, attention, O or MLP; text still reads their K/V; docs/design.md rule 7)
     visual_freeze: bool = False
+    # ring gates z[l, k] on the rings of the neighbour window (keys at Chebyshev distance exactly k = 1..window//2),
+    # nested: ring k counts only while rings 1..k are open; a plan keeps a per-layer window (docs/design.md rule 1)
+    window_rings: bool = False
     # neighbour window w (w x w on the grid); None = ordinary causal attention; a recipe's top-level `window`
     window: int | None = field(default=5, metadata={"recipe_key": "window"})
     init_log_alpha: float = 2.0  # P(open) ~ 0.97 at the start: the gated model starts near the dense one
@@ -68,6 +71,11 @@ class GateConfig:
                 raise ValueError(f"{name} must be a positive number, got {value}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not isinstance(self.window_rings, bool):
+            raise ValueError(f"window_rings must be true or false, got {self.window_rings!r}")  # noqa: TRY004
+        if self.window_rings and (self.window is None or self.window < 3):
+            raise ValueError(f"window_rings learns a radius inside the window: it needs a window of 3 or more, "
+                             f"got {self.window}")
         if not isinstance(self.visual_freeze, bool):
             raise ValueError(f"visual_freeze must be true or false, got {self.visual_freeze!r}")  # noqa: TRY004 (one error type for a config)
         block = self.mlp_channel_block
@@ -115,6 +123,8 @@ class GateSet(nn.Module):
                                           dtype=torch.float32))
         # a[l]: None without freeze gates (kept out of the module tree, so checkpoints without them load)
         self.update = HardConcreteGate((L,), cfg.init_log_alpha, t) if cfg.visual_freeze else None
+        # z[l, k-1] for ring k: None without ring gates (kept out of the module tree, so older checkpoints load)
+        self.rings = HardConcreteGate((L, cfg.window // 2), cfg.init_log_alpha, t) if cfg.window_rings else None
         self.window = cfg.window
         self.layer_windows: dict[int, int] = {}  # a plan's per-layer windows (`apply_plan`), over `window`
         self.mlp_channel_masks: dict[int, torch.Tensor] = {}
@@ -140,12 +150,14 @@ class GateSet(nn.Module):
         (g, p_g), (r, p_r), (m, p_m) = self.head(num_samples), self.router(num_samples), self.mlp(num_samples)
         c, p_c = self.channels(num_samples) if self.channels is not None else (None, None)
         a, p_a = self.update(num_samples) if self.update is not None else (None, None)
+        z, p_z = self.rings(num_samples) if self.rings is not None else (None, None)
         self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions(p_c),
-                                    update=p_a)
+                                    update=p_a, rings=p_z)
         g, r, m = g.reshape(-1, L, H), r.reshape(-1, L), m.reshape(-1, L)  # (N, L, H), (N, L): N = 1 or batch
         a = None if a is None else a.reshape(-1, L)
+        rings = None if z is None else torch.cumprod(z.reshape(-1, *self.rings.shape), dim=-1)  # nested
         return GateValues(head=r[:, :, None] * g, router=r, mlp=r * m if a is None else r * a * m,
-                          channels=None if c is None else c.reshape(-1, *self.channels.shape), update=a)
+                          channels=None if c is None else c.reshape(-1, *self.channels.shape), update=a, rings=rings)
 
     @property
     def device(self) -> torch.device:
@@ -187,11 +199,12 @@ class GateSet(nn.Module):
         p_g, p_r, p_m = (gate(probs_only=True)[1].float() for gate in (self.head, self.router, self.mlp))
         p_c = self.channels(probs_only=True)[1].float() if self.channels is not None else None
         p_a = self.update(probs_only=True)[1].float() if self.update is not None else None
+        p_z = self.rings(probs_only=True)[1].float() if self.rings is not None else None
         if record_probs:
             self.last_probs = GateProbs(head=p_g, layer=p_r, mlp=p_m, mlp_channels=self._channel_fractions(p_c),
-                                        update=p_a)
+                                        update=p_a, rings=p_z)
         if plan is None:
-            plan = self._plan_from_scores(_scores_from_probs(p_g, p_r, p_m, p_c, p_a), budget, layout, fill)
+            plan = self._plan_from_scores(_scores_from_probs(p_g, p_r, p_m, p_c, p_a, p_z), budget, layout, fill)
         self.last_plan = plan
         hard = GateProbs.from_plan(plan, self.dims.intermediate_size)
         device = p_g.device
@@ -207,9 +220,13 @@ class GateSet(nn.Module):
             frozen = torch.tensor([0.0 if layer.frozen else 1.0 for layer in plan.layers])
             update = straight_through(frozen, p_a).reshape(1, L)
             p_u = p_u * p_a
+        rings = None
+        if p_z is not None:
+            rings = straight_through(self.plan_rings(plan), torch.cumprod(p_z, dim=-1)).reshape(1, *self.rings.shape)
         return GateValues(head=straight_through(hard.head, p_r[:, None] * p_g).reshape(1, L, H),
                           router=straight_through(hard.layer, p_r).reshape(1, L),
-                          mlp=straight_through(hard.mlp, p_u).reshape(1, L), channels=channels, update=update)
+                          mlp=straight_through(hard.mlp, p_u).reshape(1, L), channels=channels, update=update,
+                          rings=rings)
 
     def block_sizes(self) -> torch.Tensor:
         """(B,) channels in each block of the channel gates (the last may be smaller)."""
@@ -236,12 +253,26 @@ class GateSet(nn.Module):
                                      f"(gates.mlp_channel_block {block}): not a plan of these channel gates")
         return blocks
 
+    def plan_rings(self, plan: Plan) -> torch.Tensor:
+        """(L, R) 0/1: the rings of each layer's window that `plan` keeps (ring k open when k <= its window // 2).
+        Raises ValueError when a layer's window is none or wider than the ring gates' window."""
+        R = self.rings.shape[1]
+        rings = torch.zeros(self.rings.shape)
+        for layer_idx in range(self.dims.num_layers):
+            window = plan.layer_window(layer_idx)
+            if window is None or window // 2 > R:
+                raise ValueError(f"layer {layer_idx} of the plan has window {window}: ring gates learn windows of at "
+                                 f"most {2 * R + 1} (the run's window)")
+            rings[layer_idx, : window // 2] = 1.0
+        return rings
+
     def prob_open(self) -> GateProbs:
         """P(gate != 0) of the raw gates, for the expected-FLOPs model."""
         p_c = self.channels.prob_open() if self.channels is not None else None
         p_a = self.update.prob_open() if self.update is not None else None
+        p_z = self.rings.prob_open() if self.rings is not None else None
         return GateProbs(head=self.head.prob_open(), layer=self.router.prob_open(), mlp=self.mlp.prob_open(),
-                         mlp_channels=self._channel_fractions(p_c), update=p_a)
+                         mlp_channels=self._channel_fractions(p_c), update=p_a, rings=p_z)
 
     def _channel_fractions(self, p_c: torch.Tensor | None = None) -> torch.Tensor | None:
         """(L,) expected share of MLP channels visual rows keep: from the channel gates' P(open) (`p_c`,
@@ -278,6 +309,8 @@ class GateSet(nn.Module):
                                                    for layer in plan.layers])))
         elif any(layer.frozen for layer in plan.layers):
             raise ValueError("the plan freezes layers but these gates have no freeze gates (gates.visual_freeze)")
+        if self.rings is not None:
+            values.append(("rings", self.plan_rings(plan) * 2 * LOG_ALPHA_LIMIT - LOG_ALPHA_LIMIT))
         return {f"{name}.log_alpha": value.reshape(getattr(self, name).shape)  # (ZeRO-3 empties log_alpha.shape)
                 for name, value in values if isinstance(getattr(self, name), HardConcreteGate)}
 
@@ -338,8 +371,8 @@ class GateSet(nn.Module):
                 break
             values = {}
             drawn = {}
-            names = ("head", "router", "mlp") + (("channels",) if self.channels is not None else ()) + (
-                ("update",) if self.update is not None else ())
+            names = ("head", "router", "mlp") + tuple(name for name in ("channels", "update", "rings")
+                                                      if getattr(self, name) is not None)
             for name in names:
                 gate = getattr(self, name)
                 if isinstance(gate, HardConcreteGate):
@@ -349,9 +382,12 @@ class GateSet(nn.Module):
                     drawn[name] = gate.values.detach().float().cpu()
             for (kind, layer_idx, head_idx), score in base.items():
                 update = drawn["update"][layer_idx] if "update" in drawn else 1.0
-                own = (drawn["head"][layer_idx, head_idx] if kind == 0 else update * drawn["mlp"][layer_idx]
-                       if kind == 1 else update if kind == 3
-                       else update * drawn["mlp"][layer_idx] * drawn["channels"][layer_idx, head_idx])
+                if kind == 4:  # ring head_idx + 1: nested, the product of the rings up to it
+                    own = torch.prod(drawn["rings"][layer_idx, : head_idx + 1])
+                else:
+                    own = (drawn["head"][layer_idx, head_idx] if kind == 0 else update * drawn["mlp"][layer_idx]
+                           if kind == 1 else update if kind == 3
+                           else update * drawn["mlp"][layer_idx] * drawn["channels"][layer_idx, head_idx])
                 value = float(drawn["router"][layer_idx] * own)
                 values[(kind, layer_idx, head_idx)] = math.log(max(value, 1e-6)) + 1e-6 * max(score, -1e6)
             plan = self._plan_from_scores([(v, *unit) for unit, v in values.items()], budget, layout, fill)
@@ -363,7 +399,8 @@ class GateSet(nn.Module):
     def _plan_from_scores(self, scores: list[tuple[float, int, int, int]], budget: float,
                           layout: TokenLayout | None, fill: bool) -> Plan:
         """Harden (score, kind, layer, head) units at `budget` by the prefix or the fill rule (see `to_plan`).
-        Kinds: 0 head (l, h), 1 MLP (l), 2 MLP channel block (l, b), 3 update (l, freeze gates only)."""
+        Kinds: 0 head (l, h), 1 MLP (l), 2 MLP channel block (l, b), 3 update (l, freeze gates only), 4 window
+        ring (l, k - 1) of ring gates: ring k of layer l, taken only after ring k - 1 (nested)."""
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {budget}")
         dims = self.model_dims()
@@ -376,7 +413,15 @@ class GateSet(nn.Module):
         sizes = self.block_sizes() if self.channels is not None else None
         blocks = torch.zeros(self.channels.shape) if self.channels is not None else None  # kind 2 units (l, b)
         update = torch.zeros(L) if self.update is not None else None  # kind 3 units (l)
+        radius = torch.zeros(L, dtype=torch.long) if self.rings is not None else None  # kind 4 units (l, k - 1)
+        windows = lambda r: self.window if r is None else tuple(2 * int(k) + 1 for k in r)
         for _, kind, layer_idx, unit_idx in order:
+            trial_radius = radius
+            if kind == 4:
+                if int(radius[layer_idx]) != unit_idx:  # ring k only after rings 1..k-1
+                    continue
+                trial_radius = radius.clone()
+                trial_radius[layer_idx] = unit_idx + 1
             trial_head, trial_mlp = head.clone(), mlp.clone()
             trial_blocks = blocks.clone() if blocks is not None else None
             trial_update = update.clone() if update is not None else None
@@ -387,22 +432,24 @@ class GateSet(nn.Module):
             elif kind == 2:
                 trial_blocks[layer_idx, unit_idx] = 1.0
                 trial_mlp[layer_idx] = 1.0
-            else:
+            elif kind == 3:
                 trial_update[layer_idx] = 1.0
             if trial_update is not None and kind in (1, 2):
                 trial_update[layer_idx] = 1.0  # visual rows that run the MLP are updated
             router = ((trial_head.sum(dim=1) > 0) | (trial_mlp > 0)).float()
             channels = None if sizes is None else (trial_blocks * sizes).sum(dim=1) / float(sizes.sum())
             probs = GateProbs(trial_head, router, trial_mlp, channels, trial_update)
-            cost = float(visual_flops(dims, layout, probs, self.window))
+            cost = float(visual_flops(dims, layout, probs, windows(trial_radius)))
             if cost > limit:
                 if fill:
                     continue
                 break
-            head, mlp, blocks, update = trial_head, trial_mlp, trial_blocks, trial_update
+            head, mlp, blocks, update, radius = trial_head, trial_mlp, trial_blocks, trial_update, trial_radius
         layers = tuple(LayerPlan(heads=tuple(int(h) for h in head[l].nonzero().flatten().tolist()),
                                  mlp=bool(mlp[l] > 0), mlp_channels=self._block_channels(blocks, l),
-                                 frozen=update is not None and bool(head[l].any()) and not bool(update[l] > 0))
+                                 frozen=update is not None and bool(head[l].any()) and not bool(update[l] > 0),
+                                 window=None if radius is None or 2 * int(radius[l]) + 1 == self.window
+                                 else 2 * int(radius[l]) + 1)
                        for l in range(L))
         return Plan(family=self.family, window=self.window, num_layers=L, num_heads=H, layers=layers)
 
@@ -431,8 +478,9 @@ class GateSet(nn.Module):
         return start + (end - start) * min(1.0, max(0.0, progress))
 
     def gate_modules(self) -> list[HardConcreteGate | FixedGate]:
-        """Head gates, routers, MLP gates and, when configured, the MLP channel gates and the freeze gates."""
-        return [self.head, self.router, self.mlp] + [gate for gate in (self.channels, self.update) if gate is not None]
+        """Head gates, routers, MLP gates and, when configured, the MLP channel, freeze and ring gates."""
+        return [self.head, self.router, self.mlp] + [gate for gate in (self.channels, self.update, self.rings)
+                                                     if gate is not None]
 
     def set_temperature(self, temperature: float) -> None:
         for gate in self.gate_modules():
@@ -458,20 +506,24 @@ def _unit_scores(gates: GateSet) -> list[tuple[float, int, int, int]]:
 
     channels = gates.channels.prob_open() if gates.channels is not None else None
     update = gates.update.prob_open() if gates.update is not None else None
+    rings = gates.rings.prob_open() if gates.rings is not None else None
     return _scores_from_probs(gates.head.prob_open(), gates.router.prob_open(), gates.mlp.prob_open(), channels,
-                              update)
+                              update, rings)
 
 
 def _scores_from_probs(head_p: torch.Tensor, router_p: torch.Tensor, mlp_p: torch.Tensor,
                        channel_p: torch.Tensor | None = None,
-                       update_p: torch.Tensor | None = None) -> list[tuple[float, int, int, int]]:
+                       update_p: torch.Tensor | None = None,
+                       ring_p: torch.Tensor | None = None) -> list[tuple[float, int, int, int]]:
     """`_unit_scores` from the P(open) tensors of the head (L, H), router (L) and MLP (L) gates. With channel
     gates (`channel_p`, (L, B)) a layer's MLP is B units (kind 2, index b), each scored log P(r) + log P(m)
     + log P(c[l, b]), instead of one. With freeze gates (`update_p`, (L,)) each layer has an update unit
-    (kind 3) scored log P(r) + log P(a), and the MLP's units add log P(a)."""
+    (kind 3) scored log P(r) + log P(a), and the MLP's units add log P(a). With ring gates (`ring_p`, (L, R)) ring
+    k of layer l is a unit (kind 4, index k - 1) scored log P(r) + the sum of log P(z) of rings 1..k (nested)."""
     head, router, mlp = (torch.log(p.detach().float().cpu()) for p in (head_p, router_p, mlp_p))
     blocks = None if channel_p is None else torch.log(channel_p.detach().float().cpu())
     update = None if update_p is None else torch.log(update_p.detach().float().cpu())
+    rings = None if ring_p is None else torch.cumsum(torch.log(ring_p.detach().float().cpu()), dim=-1)
     units = []
     for layer_idx in range(head.shape[0]):
         for head_idx in range(head.shape[1]):
@@ -479,6 +531,8 @@ def _scores_from_probs(head_p: torch.Tensor, router_p: torch.Tensor, mlp_p: torc
         rows = router[layer_idx] + (0.0 if update is None else update[layer_idx])
         if update is not None:
             units.append((float(rows), 3, layer_idx, -1))
+        if rings is not None:
+            units.extend((float(router[layer_idx] + rings[layer_idx, k]), 4, layer_idx, k) for k in range(rings.shape[1]))
         if blocks is None:
             units.append((float(rows + mlp[layer_idx]), 1, layer_idx, -1))
         else:
@@ -627,6 +681,7 @@ def apply_plan(model: nn.Module, plan: Plan, mode: str = "gated", backend: str =
     values = GateProbs.from_plan(plan, dims.intermediate_size)  # a plan's gates are open with probability 0 or 1
     gates.head, gates.router, gates.mlp = (FixedGate(v.to(device)) for v in (values.head, values.layer, values.mlp))
     gates.update = None if values.update is None else FixedGate(values.update.to(device))
+    gates.rings = None  # the plan's per-layer windows (`layer_windows`) are its rings
     gates.mlp_channel_masks = {}
     for layer_idx, layer in enumerate(plan.layers):
         if layer.mlp_channels is not None:

@@ -195,6 +195,8 @@ class VispruneTrainer(Trainer):
                 "lambda_1": self.controller.last_lambdas[0], "lambda_2": self.controller.last_lambdas[1],
                 "open_heads": float((effective > 0.5).sum()), "open_layers": float((probs.layer > 0.5).sum()),
             })
+            if probs.rings is not None:  # ring gates: the expected window radius, averaged over the layers
+                metrics["window_radius"] = float(torch.cumprod(probs.rings.detach().float(), dim=1).sum(dim=1).mean())
             if probs.update is not None:  # freeze gates: layers whose visual rows are mostly kept but not updated
                 metrics["frozen_layers"] = float(((probs.layer > 0.5) & (probs.update <= 0.5)).sum())
             if temperature is not None:

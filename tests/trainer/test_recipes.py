@@ -178,6 +178,7 @@ def test_wrong_type(tmp_path, dotted, value, expected):
     ("plan_select.samples", 0),
     ("gates.mlp_channel_block", 0),
     ("gates.visual_freeze", "yes"),
+    ("gates.window_rings", "yes"),
     ("plan_select.finalists", 0),
     ("plan_select.finalists", 9),  # more than plan_select.candidates (8)
     ("plan_select.trial", -0.1),

@@ -372,3 +372,24 @@ def test_freeze_gates_train_and_harden_to_a_plan_with_frozen_layers(toy_inputs, 
     plan = Plan.from_json(tmp_path / "out" / "pruning_plan.json")
     assert not any(layer.mlp for layer in plan.layers if layer.frozen)
     assert load_pruned(tmp_path / "out") is not None
+
+
+def test_ring_gates_train_and_harden_to_per_layer_windows(toy_inputs, tmp_path):
+    """`gates.window_rings`: the ring gates are trained with the rest (expected window in the FLOPs, a logged
+    radius), saved beside them, and hardening writes per-layer windows that the hardened folder runs."""
+    from visprune.modeling import Plan, load_pruned
+    from visprune.trainer.export import harden
+
+    recipe = toy_recipe(toy_inputs, tmp_path / "run", "train.max_steps=6", "budget.warmup_steps=3",
+                        "output.save_steps=6", "budget.visual_flops=0.25", "window=5", "gates.window_rings=true")
+    run_dir = train(recipe, resume="never")
+    saved = load_file(run_dir / "final" / GATES_FILE)
+    assert saved["gates.rings.log_alpha"].shape == (3, 2)
+    assert not torch.equal(saved["gates.rings.log_alpha"], torch.full((3, 2), 2.0))  # trained
+    logged = json.loads((run_dir / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    assert any("visprune/window_radius" in entry for entry in logged)
+    report = harden(run_dir / "final", tmp_path / "out", budget=0.25, fill=True)
+    assert report["visual_flops"]["ratio"] <= 0.25 + 1e-6
+    plan = Plan.from_json(tmp_path / "out" / "pruning_plan.json")
+    assert plan.window == 5 and all(plan.layer_window(i) in (1, 3, 5) for i in range(3))
+    assert load_pruned(tmp_path / "out") is not None
