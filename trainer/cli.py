@@ -186,7 +186,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     result = run_bench(model=args.model, layers=args.layers, plan_path=args.plan, budget=args.budget,
                        repeats=args.repeats, seed=args.seed, device=args.device, progress=not args.json,
-                       compare=args.compare, kernel=args.kernel)
+                       compare=args.compare, kernel=args.kernel, freeze=args.freeze, rings=args.rings)
     print(json.dumps(result, indent=1) if args.json else format_bench(result))
     return 0
 
@@ -459,6 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--layers", type=positive_int, default=4, help="decoder layers to build (default 4)")
     bench.add_argument("--plan", help="a pruning_plan.json of the full model (N of its layers, spread over the depth, are used)")
     bench.add_argument("--budget", type=fraction, help="a synthetic plan at this visual-FLOPs fraction (default 0.25)")
+    bench.add_argument("--freeze", action="store_true",
+                       help="the synthetic plan also has freeze gates: some layers frozen (docs/design.md rule 7)")
+    bench.add_argument("--rings", action="store_true",
+                       help="the synthetic plan also has ring gates: a learned window per layer")
     bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each model (default 3)")
     bench.add_argument("--seed", type=non_negative_int, default=0)
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")

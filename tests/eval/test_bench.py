@@ -87,6 +87,30 @@ def test_bench_with_a_plan_file_and_text_output(config_dir, tmp_path, capsys):
     assert "LlavaForConditionalGeneration" in out
 
 
+def test_bench_synthetic_plan_with_frozen_layers_and_per_layer_windows(config_dir, capsys):
+    """--freeze / --rings: the synthetic plan has freeze and ring gates; the hardened layers run it and the result
+    names the frozen layers and the windows."""
+    assert main(["bench", "--model", str(config_dir), "--layers", "3", "--budget", "0.12", "--freeze", "--rings",
+                 "--repeats", "1", "--seed", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["visual_flops_ratio"] <= 0.12 + 1e-9 and result["hardened_ms"] > 0
+    assert len(result["window_per_layer"]) == 3 and all(w in (1, 3, 5) for w in result["window_per_layer"])
+    assert isinstance(result["frozen_layers"], list)
+    assert main(["bench", "--model", str(config_dir), "--plan", "x.json", "--freeze"]) == 2
+    assert "--freeze and --rings shape the synthetic plan" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_synthetic_plans_with_freeze_gates_freeze_some_layers(seed):
+    from visprune.modeling.flops import BUILTIN_MODELS
+    from visprune.trainer.eval.bench_setup import synthetic_plan
+
+    dims = BUILTIN_MODELS["llava-next-7b"]
+    plain = synthetic_plan(dims, 0.12, seed=seed)
+    frozen = synthetic_plan(dims, 0.12, seed=seed, freeze=True)
+    assert not any(layer.frozen for layer in plain.layers) and any(layer.frozen for layer in frozen.layers)
+
+
 def test_bench_errors(config_dir, family_dirs, tmp_path, capsys):
     assert main(["bench", "--model", str(config_dir), "--layers", "9"]) == 2
     assert "--layers must be in [1, 3]" in capsys.readouterr().err

@@ -22,7 +22,8 @@ from .timing import time_alternating
 
 def run_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | None = None,
               budget: float | None = None, repeats: int = 3, seed: int = 0, device: str | None = None,
-              progress: bool = True, compare: tuple[str, ...] = (), kernel: str = "auto") -> dict[str, Any]:
+              progress: bool = True, compare: tuple[str, ...] = (), kernel: str = "auto", freeze: bool = False,
+              rings: bool = False) -> dict[str, Any]:
     """Measure dense vs hardened prefill; returns the result dict (see module docstring).
 
     At most one of `plan_path` and `budget` (a synthetic plan of the full-depth model, default
@@ -30,6 +31,7 @@ def run_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | Non
     and the result reports their own visual-FLOPs fraction. `compare` names token-dropping peers (`peers.PEERS`)
     timed in the same alternation, each at the visual FLOPs closest to the hardened plan's. `kernel` is the
     hardened attention kernel (`hardened.ATTENTION_KERNELS`; auto: SDPA on CUDA, the merged fp32 softmax elsewhere).
+    `freeze` / `rings`: the synthetic plan also has freeze gates (frozen layers) / ring gates (per-layer windows).
     """
     from visprune.modeling import hardened
 
@@ -37,16 +39,18 @@ def run_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | Non
         raise ValueError(f"--kernel must be one of {', '.join(hardened.ATTENTION_KERNELS)}, got {kernel!r}")
     saved, hardened.attention_kernel = hardened.attention_kernel, kernel
     try:
-        return _run_bench(model, layers, plan_path, budget, repeats, seed, device, progress, compare, kernel)
+        return _run_bench(model, layers, plan_path, budget, repeats, seed, device, progress, compare, kernel, freeze,
+                          rings)
     finally:
         hardened.attention_kernel = saved
 
 
-def _run_bench(model, layers, plan_path, budget, repeats, seed, device, progress, compare, kernel) -> dict[str, Any]:
+def _run_bench(model, layers, plan_path, budget, repeats, seed, device, progress, compare, kernel, freeze=False,
+               rings=False) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    setup = build_bench(model, layers, plan_path, budget, seed, device)
+    setup = build_bench(model, layers, plan_path, budget, seed, device, freeze=freeze, rings=rings)
     if plan_path is None and budget is None:
         budget = 0.25
     kv: dict[str, int] = {}  # KV-cache bytes after a timed prefill, per model
@@ -80,6 +84,8 @@ def _run_bench(model, layers, plan_path, budget, repeats, seed, device, progress
         "visual_flops_ratio": cost["visual_flops_ratio"],
         "heads_kept_per_layer": [len(lp.heads) for lp in plan.layers],
         "mlp_kept_per_layer": [lp.mlp for lp in plan.layers],
+        "frozen_layers": [i for i, lp in enumerate(plan.layers) if lp.frozen],
+        "window_per_layer": [plan.layer_window(i) for i in range(plan.num_layers)],
         "dense_ms": dense_ms, "hardened_ms": hard_ms, "measured_speedup": measured, "predicted_speedup": predicted,
         "efficiency": measured / predicted, "dense_kv_bytes": kv["dense"], "hardened_kv_bytes": kv["hardened"],
         "dense_ms_all": [1000 * t for t in times["dense"]], "hardened_ms_all": [1000 * t for t in times["hardened"]],
@@ -113,7 +119,10 @@ def format_bench(result: dict[str, Any]) -> str:
          f"{result['hardened_kernel']}; prompt "
          f"{_describe_prompt(result['layout'])}"),
         (f"plan: {result['visual_flops_ratio']:.2%} of dense visual FLOPs, window {result['window']}, "
-         f"heads kept per layer {result['heads_kept_per_layer']}, MLP kept {result['mlp_kept_per_layer']}"),
+         f"heads kept per layer {result['heads_kept_per_layer']}, MLP kept {result['mlp_kept_per_layer']}"
+         + (f", frozen layers {result['frozen_layers']}" if result.get("frozen_layers") else "")
+         + (f", window per layer {result['window_per_layer']}"
+            if len(set(result.get("window_per_layer", []))) > 1 else "")),
         f"prefill  dense {result['dense_ms']:.1f} ms   hardened {result['hardened_ms']:.1f} ms",
         (f"speed-up measured {result['measured_speedup']:.2f}x   predicted (FLOPs) {result['predicted_speedup']:.2f}x   "
          f"efficiency {result['efficiency']:.2f}"),

@@ -214,18 +214,24 @@ def prompt_inputs(config: Any, family: str, layout: TokenLayout, grids: list[Gri
 
 
 # ---- plans and models -----------------------------------------------------------------------------
-def synthetic_plan(dims: ModelDims, budget: float, window: int | None = 5, seed: int = 0) -> Plan:
+def synthetic_plan(dims: ModelDims, budget: float, window: int | None = 5, seed: int = 0, freeze: bool = False,
+                   rings: bool = False) -> Plan:
     """A plan at `budget` for `dims` from seeded random gate scores, deeper layers weaker (as the
-    paper found), hardened by the same `GateSet.to_plan` as a trained run (on the family's layout)."""
+    paper found), hardened by the same `GateSet.to_plan` as a trained run (on the family's layout). With
+    `freeze`, freeze gates too (deeper layers more often frozen); with `rings`, ring gates (per-layer windows)."""
     gen = torch.Generator().manual_seed(seed)
     L, H = dims.num_layers, dims.num_heads
-    gates = GateSet(dims.text_dims(), GateConfig(window=window), dims.family, dims.image_grid,
-                    (dims.extra_grids, dims.non_grid_tokens))
+    cfg = GateConfig(window=window, visual_freeze=freeze, window_rings=rings)
+    gates = GateSet(dims.text_dims(), cfg, dims.family, dims.image_grid, (dims.extra_grids, dims.non_grid_tokens))
     depth = torch.linspace(0, 1, L)
     with torch.no_grad():
         gates.router.log_alpha.copy_(torch.randn(L, generator=gen) - 2 * depth)
         gates.head.log_alpha.copy_(torch.randn(L, H, generator=gen))
         gates.mlp.log_alpha.copy_(torch.randn(L, generator=gen) - 0.5)
+        if freeze:  # drawn after the others, so a plan without freeze gates stays the same for a seed
+            gates.update.log_alpha.copy_(torch.randn(L, generator=gen) - 2 * depth)
+        if rings:
+            gates.rings.log_alpha.copy_(torch.randn(gates.rings.shape, generator=gen))
     return gates.to_plan(budget)
 
 
@@ -297,10 +303,14 @@ class BenchSetup:
 
 
 def build_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | None = None,
-                budget: float | None = None, seed: int = 0, device: str = "cpu") -> BenchSetup:
-    """Build everything `run_bench` times (see the module docstring); `budget` defaults to 0.25."""
+                budget: float | None = None, seed: int = 0, device: str = "cpu", freeze: bool = False,
+                rings: bool = False) -> BenchSetup:
+    """Build everything `run_bench` times (see the module docstring); `budget` defaults to 0.25; `freeze` and
+    `rings` add freeze and ring gates to the synthetic plan."""
     if plan_path is not None and budget is not None:
         raise ValueError("give either --plan or --budget, not both")
+    if plan_path is not None and (freeze or rings):
+        raise ValueError("--freeze and --rings shape the synthetic plan; a --plan brings its own")
     if model in FLOPS_ONLY:
         raise ValueError(FLOPS_ONLY[model])
     full = resolve_model_dims(model)
@@ -318,7 +328,7 @@ def build_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | N
         if source.family != full.family:
             raise ValueError(f"{plan_path} is a plan for family {source.family!r}, {full.name} is {full.family!r}")
     else:
-        source = synthetic_plan(full, 0.25 if budget is None else budget, seed=seed)
+        source = synthetic_plan(full, 0.25 if budget is None else budget, seed=seed, freeze=freeze, rings=rings)
     plan = Plan(family=full.family, window=source.window, num_layers=layers, num_heads=source.num_heads,
                 layers=tuple(source.layers[i] for i in picked))
 
