@@ -155,3 +155,31 @@ def test_gates_committed_to_a_ring_plan_compute_the_hardened_plan(name, backend)
         warnings.simplefilter("ignore")  # eager flex warns that it is unfused
         expected, got = hardened.eval()(**batch).logits[mask], model.eval()(**batch).logits[mask]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_every_optional_gate_together_hardens_and_commits(seed):
+    """Channel blocks, freeze gates and ring gates in one GateSet: plans within the budget, candidates commit back
+    to themselves, and the model with the committed gates computes the hardened plan."""
+    cfg = GateConfig(window=5, window_rings=True, visual_freeze=True, mlp_channel_block=16)
+    dims = TextDims(num_layers=3, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64)
+    gates = GateSet(dims, cfg, "llava", (4, 4))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in gates.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 3)
+    for budget in (0.25, 0.5):
+        for plan, _ in gates.candidate_plans(budget, 3, fill=True, seed=seed):
+            assert fraction(gates, plan) <= budget + 1e-9
+            committed = GateSet(dims, cfg, "llava", (4, 4))
+            committed.commit_to(plan)
+            assert committed.to_plan(budget, fill=True) == plan
+    model, batch = tiny_llava(num_kv_heads=2, seed=seed), tiny_batch(padding="left")
+    plan = gates.to_plan(0.5, fill=True)
+    hardened = copy.deepcopy(model)
+    apply_plan(hardened, plan, mode="hardened")
+    attach_gates(model, cfg).commit_to(plan)
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**batch).logits[mask], hardened.eval()(**batch).logits[mask],
+                                   atol=1e-4, rtol=0)
