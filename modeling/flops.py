@@ -551,6 +551,25 @@ def tile_grids(dims: ModelDims, num_tiles: int) -> ImageGrids:
     return family.tile_grids(num_tiles, tuple(dims.image_grid))
 
 
+MAX_VIDEO_FRAMES = 100_000  # frames of one video; hours of video at a few frames per second
+
+
+def video_frame_grids(dims: ModelDims, frames: int, frame_size: tuple[int, int] | None,
+                      processor: dict[str, Any] | None) -> ImageGrids:
+    """One video of `frames` frames of `frame_size` (height, width) px (None: the model's reference grid) for a
+    family that takes videos (Qwen2-VL): every `temporal_patch_size` frames (processor setting, default 2; a last
+    partial group is padded, as the processor repeats the last frame) make one temporal slice of the frame's
+    grid. Each slice is costed as its own grid: the neighbour window stays inside a slice (temporal radius 0)."""
+    family = _family(dims)
+    if not hasattr(family, "video_grids"):
+        raise ValueError(f"{dims.name} is a {dims.family} model: only qwen2_vl takes videos")
+    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_VIDEO_FRAMES:
+        raise ValueError(f"the frame count must be 1 to {MAX_VIDEO_FRAMES}, got {frames!r}")
+    if frame_size is not None:
+        check_image_size(frame_size)
+    return family.video_grids(frames, frame_size, processor, tuple(dims.image_grid))
+
+
 def _family(dims: ModelDims) -> Any:
     from .families import FAMILIES
 

@@ -37,6 +37,7 @@ def run_flops(args: argparse.Namespace) -> int:
         plan_report,
         resolve_processor_settings,
         tile_grids,
+        video_frame_grids,
     )
 
     def about(what: str, fn, *fn_args):  # a ValueError about one input names it in the one-line error
@@ -58,12 +59,19 @@ def run_flops(args: argparse.Namespace) -> int:
     dims = resolve_model_dims(args.model)
     if args.image_size is not None and args.tiles is not None:
         raise ValueError("give --image-size or --tiles, not both")
-    if args.processor is not None and args.image_size is None:
-        raise ValueError("--processor only applies with --image-size")
+    if args.processor is not None and args.image_size is None and args.video_frames is None:
+        raise ValueError("--processor only applies with --image-size or --video-frames")
     image, size, source = None, None, None
     if args.image_size is not None:
         size = about("--image-size", parse_image_size, args.image_size)
         settings, source = about("processor settings", resolve_processor_settings, args.model, args.processor)
+    if args.video_frames is not None:
+        if args.tiles is not None:
+            raise ValueError("--video-frames and --tiles do not go together (--image-size sets the frame size)")
+        settings, source = about("processor settings", resolve_processor_settings, args.model, args.processor)
+        image = about(f"--video-frames {args.video_frames}", video_frame_grids, dims, args.video_frames, size,
+                      settings)
+    elif args.image_size is not None:
         image = about(f"--image-size {args.image_size}", image_size_grids, dims, size, settings)
     elif args.tiles is not None:
         image = about(f"--tiles {args.tiles}", tile_grids, dims, args.tiles)
@@ -79,8 +87,8 @@ def run_flops(args: argparse.Namespace) -> int:
     result = {"model": dims.name, "layout": layout.to_dict(), "dense": dense, "plan": planned,
               "visual_flops_ratio": ratio}
     if image is not None:
-        result["image"] = {"image_size": list(size) if size else None, "tiles": args.tiles, **image.to_dict(),
-                           "processor": source}
+        result["image"] = {"image_size": list(size) if size else None, "tiles": args.tiles,
+                           "video_frames": args.video_frames, **image.to_dict(), "processor": source}
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -88,7 +96,8 @@ def run_flops(args: argparse.Namespace) -> int:
           f"({dims.num_kv_heads} KV), MLP {dims.intermediate_size}")
     if image is not None:
         newlines = f" + {image.non_grid} newlines" if image.non_grid else ""
-        print(f"image{f' {size[0]}x{size[1]} px' if size else ''}: {format_grids(image.grids)} = "
+        kind = "video" if args.video_frames is not None else "image"
+        print(f"{kind}{f' {size[0]}x{size[1]} px' if size else ''}: {format_grids(image.grids)} = "
               f"{image.visual_tokens} visual tokens{newlines}; {image.note}")
         if source:
             print(f"processor settings: {source}")
@@ -407,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "newlines; LLaVA-1.5's grid is fixed (every image is resized and centre-cropped). "
                             "Default: each family's reference grid (Qwen2-VL 16x16, InternVL one tile, "
                             "LLaVA-NeXT 672x672 px)")
+    flops.add_argument("--video-frames", type=int, metavar="F",
+                       help="Qwen2-VL only: each visual input is a video of F frames (each of --image-size, default "
+                            "the reference grid): every temporal_patch_size (2) frames are one slice of visual "
+                            "tokens, each slice its own window grid")
     flops.add_argument("--tiles", type=int, metavar="N",
                        help="InternVL only: cost N tiles per image instead of an image size; N counts every "
                             "tile costed, so include the thumbnail (a 2x4 tiling is --tiles 9)")

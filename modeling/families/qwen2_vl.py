@@ -65,6 +65,26 @@ class Qwen2VLFamily(LlamaStyleFamily):
                 f"{height // patch}x{width // patch} patches of {patch} px merged {merge}x{merge}")
         return ImageGrids(((rows, cols),), 0, note)
 
+    def video_grids(self, frames: int, frame_size: tuple[int, int] | None, processor: dict[str, Any] | None,
+                    grid: tuple[int, int]) -> ImageGrids:
+        """One video as `Qwen2VLVideoProcessor` lays it out: every `temporal_patch_size` frames (the processor's,
+        default 2; a last partial group padded) are one temporal slice; each slice is the frame's grid: `grid`
+        without a frame size, else `smart_resize` within the video processor's pixel bounds (transformers'
+        defaults, VIDEO_PIXELS) and patches merged as for an image."""
+        settings = processor or {}
+        temporal = setting_int(settings.get("temporal_patch_size", 2), "temporal_patch_size")
+        slices = -(-frames // temporal)
+        note = f"{frames} frames in groups of temporal_patch_size {temporal}: {slices} temporal slices"
+        if frame_size is not None:
+            patch = setting_int(settings.get("patch_size", QWEN_PROCESSOR_DEFAULTS["patch_size"]), "patch_size")
+            merge = setting_int(settings.get("merge_size", QWEN_PROCESSOR_DEFAULTS["merge_size"]), "merge_size")
+            low, high = VIDEO_PIXELS
+            height, width = smart_resize(*frame_size, factor=patch * merge, min_pixels=low, max_pixels=high)
+            grid = (height // patch // merge, width // patch // merge)
+            note += (f"; each frame smart_resize to {height}x{width} px (video pixel bounds {low}-{high}), "
+                     f"patches of {patch} px merged {merge}x{merge}")
+        return ImageGrids(tuple(tuple(grid) for _ in range(slices)), 0, note)
+
     def image_grids(self, config: Any, image_grid_thw: torch.Tensor) -> list[tuple[int, int]]:
         """(rows, cols) of visual tokens of each image: its (t, h, w) patch grid over the merge size."""
         merge = config.vision_config.spatial_merge_size
@@ -158,6 +178,9 @@ class Qwen2VLFamily(LlamaStyleFamily):
 # Qwen2VLImageProcessor's class defaults, what a preprocessor_config.json without these keys gets
 QWEN_PROCESSOR_DEFAULTS = {"patch_size": 14, "merge_size": 2,
                            "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}}
+# Qwen2VLVideoProcessor's frame pixel bounds in transformers 5.x (size shortest_edge 128*28*28, longest_edge
+# 28*28*768): video frames are resized within them, not within the image processor's min/max_pixels
+VIDEO_PIXELS = (128 * 28 * 28, 28 * 28 * 768)
 MAX_ASPECT_RATIO = 200  # smart_resize refuses a longer side over 200 times the shorter
 
 

@@ -121,3 +121,50 @@ def test_model_folder_reads_its_own_preprocessor_config(capsys, tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056}))
     result = run_json(capsys, str(tmp_path), "--image-size", "720x1280")
     assert result["image"]["grids"] == [[26, 46]] and result["layout"]["visual"] == 1196
+
+
+def test_qwen_video_frames_are_temporal_slices_of_the_frame_grid(capsys):
+    """16 frames in pairs (temporal_patch_size 2) are 8 slices of the reference 16 x 16 grid; a 720x1280 frame is
+    resized within the video processor's pixel bounds (transformers' Qwen2VLVideoProcessor), not the image's."""
+    import importlib.util
+    import math
+    import re
+    from pathlib import Path
+
+    from visprune.modeling.families.qwen2_vl import VIDEO_PIXELS
+
+    # the installed transformers' Qwen2VLVideoProcessor defaults (the class needs torchvision to import: read it)
+    folder = Path(importlib.util.find_spec("transformers.models.qwen2_vl").submodule_search_locations[0])
+    source = (folder / "video_processing_qwen2_vl.py").read_text()
+    size = re.search(r'size = \{"shortest_edge": ([0-9* ]+), "longest_edge": ([0-9* ]+)\}', source)
+    product = lambda text: math.prod(int(factor) for factor in text.split("*"))
+    assert VIDEO_PIXELS == (product(size.group(1)), product(size.group(2)))
+    assert re.search(r"\n    temporal_patch_size = 2\n", source)
+    result = run_json(capsys, "qwen2-vl-7b", "--video-frames", "16")
+    assert result["image"]["grids"] == [[16, 16]] * 8 and result["layout"]["visual"] == 2048
+    assert result["image"]["video_frames"] == 16
+    dims = BUILTIN_MODELS["qwen2-vl-7b"]
+    expected = flops_report(dims, default_layout(dims, image=ImageGrids(((16, 16),) * 8)))
+    assert result["dense"] == pytest.approx(expected)
+    height, width = hf_smart_resize(720, 1280, factor=28, min_pixels=VIDEO_PIXELS[0], max_pixels=VIDEO_PIXELS[1])
+    result = run_json(capsys, "qwen2-vl-7b", "--video-frames", "15", "--image-size", "720x1280")
+    assert result["image"]["grids"] == [[height // 28, width // 28]] * 8  # 15 frames: the last pair padded
+    assert main(["flops", "qwen2-vl-7b", "--video-frames", "16"]) == 0
+    assert "video: 8 x 16x16 = 2048 visual tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("qwen2-vl-7b", "--video-frames", "0"), "the frame count must be 1 to"),
+    (("qwen2-vl-7b", "--video-frames", "100001"), "the frame count must be 1 to"),
+    (("qwen2-vl-7b", "--video-frames", "9" * 5000), "invalid int value"),
+    (("llava-1.5-7b", "--video-frames", "16"), "only qwen2_vl takes videos"),
+    (("internvl3-8b", "--video-frames", "16", "--tiles", "2"), "--video-frames and --tiles do not go together"),
+    (("qwen2-vl-7b", "--video-frames", "16", "--image-size", "0x10"), "each side must be 1 to"),
+])
+def test_bad_video_frames(capsys, argv, message):
+    if message == "invalid int value":  # argparse's own refusal: exit 2, usage on stderr
+        with pytest.raises(SystemExit) as info:
+            main(["flops", *argv])
+        assert info.value.code == 2
+        return
+    assert message in run_error(capsys, *argv)
