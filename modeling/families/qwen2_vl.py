@@ -1,7 +1,8 @@
 """Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`):
 the image grids come from `image_grid_thw` (patches) divided by the vision tower's spatial merge
 size; rotary handling is M-RoPE, whose sections transformers 5.x recomposes in the text rotary
-embedding, so decoder layers receive ordinary (B, T, D) cos/sin tables. Videos are not supported."""
+embedding, so decoder layers receive ordinary (B, T, D) cos/sin tables. A video (`pixel_values_videos` with
+`video_grid_thw`) is laid out as one grid per temporal slice: the neighbour window stays inside a slice."""
 
 from __future__ import annotations
 
@@ -96,15 +97,66 @@ class Qwen2VLFamily(LlamaStyleFamily):
             grids.append((h // merge, w // merge))
         return grids
 
+    def video_slices(self, config: Any, video_grid_thw: torch.Tensor) -> list[tuple[int, int]]:
+        """(rows, cols) of every temporal slice of every video: a (t, h, w) patch grid is t slices of
+        (h, w) over the merge size, in the order the vision tower emits them (slice by slice, rows, columns)."""
+        merge = config.vision_config.spatial_merge_size
+        grids = []
+        for t, h, w in video_grid_thw.tolist():
+            if t < 1 or h % merge or w % merge:
+                raise ValueError(f"{self.name} family: video_grid_thw row {(t, h, w)} is not a video grid "
+                                 f"(t at least 1 and h, w multiples of the merge size {merge})")
+            grids.extend([(h // merge, w // merge)] * t)
+        return grids
+
     def build_layout(self, model: nn.Module, kwargs: dict[str, Any]) -> VisualLayout:
         """Layout of this forward's tokens: image tokens from `input_ids`, each image's grid from
         `image_grid_thw` or, when `generate()` has encoded the images up front (it passes
-        `mm_encoder_outputs` and drops `image_grid_thw`), from the M-RoPE positions of its tokens."""
+        `mm_encoder_outputs` and drops `image_grid_thw`), from the M-RoPE positions of its tokens; video
+        tokens, one grid per temporal slice, from `video_grid_thw`."""
         input_ids = layout_input_ids(kwargs)
+        layout = self._image_layout(model, kwargs, input_ids)
+        video_id = model.config.video_token_id
+        video_thw = kwargs.get("video_grid_thw")
         encoded = kwargs.get("mm_encoder_outputs") or {}
-        if kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None \
-                or bool((input_ids == model.config.video_token_id).any()):
-            raise NotImplementedError(f"{self.name} family: videos are not supported (images only)")
+        has_videos = (kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None
+                      or bool((input_ids == video_id).any()))
+        if not has_videos:
+            return layout
+        position_ids = kwargs.get("position_ids")
+        if video_thw is not None:
+            slices = self.video_slices(model.config, video_thw)
+        elif encoded.get("video") is not None and position_ids is not None and position_ids.dim() == 3:
+            sizes = [len(features) for features in encoded["video"].pooler_output]
+            slices = self._video_slices_from_positions(model, input_ids, position_ids, sizes)
+        else:
+            raise ValueError(f"{self.name} family: video tokens or pixel_values_videos without video_grid_thw")
+        videos = build_layout(input_ids, video_id, slices, kwargs.get("attention_mask"))
+        return _merge_layouts(layout, videos)
+
+    def _video_slices_from_positions(self, model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                                     sizes: list[int]) -> list[tuple[int, int]]:
+        """The temporal slices of each video (features encoded up front by `generate()`, which drops
+        `video_grid_thw`) from its tokens' M-RoPE height / width positions: rows x cols per slice, size / (rows x
+        cols) slices."""
+        video = input_ids == model.config.video_token_id
+        heights, widths = position_ids[-2][video], position_ids[-1][video]
+        if int(video.sum()) != sum(sizes):
+            raise ValueError(f"video tokens do not match video features: {int(video.sum())} video tokens, "
+                             f"{sum(sizes)} features (per video {sizes})")
+        slices, start = [], 0
+        for size in sizes:
+            h, w = heights[start:start + size], widths[start:start + size]
+            rows, cols = int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1
+            if size % (rows * cols):
+                raise ValueError(f"{self.name} family: a video of {size} tokens has M-RoPE positions spanning "
+                                 f"{rows} x {cols}; its slices cannot be recovered")
+            slices.extend([(rows, cols)] * (size // (rows * cols)))
+            start += size
+        return slices
+
+    def _image_layout(self, model: nn.Module, kwargs: dict[str, Any], input_ids: torch.Tensor) -> VisualLayout:
+        encoded = kwargs.get("mm_encoder_outputs") or {}
         grid_thw, position_ids = kwargs.get("image_grid_thw"), kwargs.get("position_ids")
         if kwargs.get("pixel_values") is not None:
             if grid_thw is None:
@@ -172,12 +224,22 @@ class Qwen2VLFamily(LlamaStyleFamily):
         return (MERGER,)
 
     def placeholder_token_ids(self, config: Any) -> tuple[int, ...]:
-        return (config.image_token_id, config.video_token_id)  # videos are refused, never generated
+        return (config.image_token_id, config.video_token_id)  # never generated
 
 
 # Qwen2VLImageProcessor's class defaults, what a preprocessor_config.json without these keys gets
 QWEN_PROCESSOR_DEFAULTS = {"patch_size": 14, "merge_size": 2,
                            "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}}
+def _merge_layouts(images: VisualLayout, videos: VisualLayout) -> VisualLayout:
+    """One layout of a forward's image tokens and video tokens (built apart, from their own token ids); the video
+    slices' grids are numbered after the images'."""
+    offset = int(images.grid_idx.max().item()) + 1 if bool(images.visual_mask.any()) else 0
+    vis = videos.visual_mask
+    return VisualLayout(images.visual_mask | vis, torch.where(vis, videos.grid_idx + offset, images.grid_idx),
+                        torch.where(vis, videos.row, images.row), torch.where(vis, videos.col, images.col),
+                        images.key_valid, images.num_queries)
+
+
 # Qwen2VLVideoProcessor's frame pixel bounds in transformers 5.x (size shortest_edge 128*28*28, longest_edge
 # 28*28*768): video frames are resized within them, not within the image processor's min/max_pixels
 VIDEO_PIXELS = (128 * 28 * 28, 28 * 28 * 768)

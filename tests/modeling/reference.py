@@ -77,10 +77,12 @@ def reference_logits(model, batch, plan: Plan, image_token_id: int, grid: int) -
 
 
 @torch.no_grad()
-def reference_logits_any(model, batch, plan: Plan, image_token_id: int, grids) -> torch.Tensor:
+def reference_logits_any(model, batch, plan: Plan, image_token_id: int, grids, layout_ids=None) -> torch.Tensor:
     """Like `reference_logits` for any family: the embeddings (image features merged) and the rotary
     tables are what the base model hands its first decoder layer (so M-RoPE positions are the model's
-    own); the gated semantics are computed here. `grids`: per-image grids in batch order."""
+    own); the gated semantics are computed here. `grids`: per-image grids in batch order. `layout_ids`: the
+    token ids the layout is read from, when they differ from the model's (a video's tokens as image tokens,
+    one grid per temporal slice)."""
     lm = model.model.language_model
     seen = {}
 
@@ -95,7 +97,8 @@ def reference_logits_any(model, batch, plan: Plan, image_token_id: int, grids) -
         handle.remove()
     cos, sin = seen["rotary"]
     B, T = batch["input_ids"].shape
-    return _reference(model, batch, plan, image_token_id, grids, seen["embeds"], cos.expand(B, T, -1),
+    layout_batch = batch if layout_ids is None else {**batch, "input_ids": layout_ids}
+    return _reference(model, layout_batch, plan, image_token_id, grids, seen["embeds"], cos.expand(B, T, -1),
                       sin.expand(B, T, -1))
 
 
