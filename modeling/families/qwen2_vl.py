@@ -139,20 +139,12 @@ class Qwen2VLFamily(LlamaStyleFamily):
         """The temporal slices of each video (features encoded up front by `generate()`, which drops
         `video_grid_thw`) from its tokens' M-RoPE height / width positions: rows x cols per slice, size / (rows x
         cols) slices."""
-        video = input_ids == model.config.video_token_id
-        heights, widths = position_ids[-2][video], position_ids[-1][video]
-        if int(video.sum()) != sum(sizes):
-            raise ValueError(f"video tokens do not match video features: {int(video.sum())} video tokens, "
-                             f"{sum(sizes)} features (per video {sizes})")
-        slices, start = [], 0
-        for size in sizes:
-            h, w = heights[start:start + size], widths[start:start + size]
-            rows, cols = int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1
+        slices = []
+        for rows, cols, size in _position_spans("video", input_ids == model.config.video_token_id, position_ids, sizes):
             if size % (rows * cols):
                 raise ValueError(f"{self.name} family: a video of {size} tokens has M-RoPE positions spanning "
                                  f"{rows} x {cols}; its slices cannot be recovered")
             slices.extend([(rows, cols)] * (size // (rows * cols)))
-            start += size
         return slices
 
     def _image_layout(self, model: nn.Module, kwargs: dict[str, Any], input_ids: torch.Tensor) -> VisualLayout:
@@ -178,20 +170,12 @@ class Qwen2VLFamily(LlamaStyleFamily):
                               sizes: list[int]) -> list[tuple[int, int]]:
         """(rows, cols) of each image from its tokens' M-RoPE height / width positions, which are
         start + row and start + col (`get_rope_index`); position_ids (3 or 4, B, T), t/h/w last."""
-        image = input_ids == model.config.image_token_id
-        heights, widths = position_ids[-2][image], position_ids[-1][image]  # batch-major, as features scatter
-        if int(image.sum()) != sum(sizes):
-            raise ValueError(f"image tokens do not match image features: {int(image.sum())} image tokens, "
-                             f"{sum(sizes)} features (per image {sizes})")
-        grids, start = [], 0
-        for size in sizes:
-            h, w = heights[start:start + size], widths[start:start + size]
-            rows, cols = int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1
+        grids = []
+        for rows, cols, size in _position_spans("image", input_ids == model.config.image_token_id, position_ids, sizes):
             if rows * cols != size:
                 raise ValueError(f"{self.name} family: an image of {size} tokens has M-RoPE positions spanning "
                                  f"{rows} x {cols}; its grid cannot be recovered")
             grids.append((rows, cols))
-            start += size
         return grids
 
     def rotary_fn(self, layer: nn.Module) -> RotaryFn:
@@ -230,6 +214,21 @@ class Qwen2VLFamily(LlamaStyleFamily):
 # Qwen2VLImageProcessor's class defaults, what a preprocessor_config.json without these keys gets
 QWEN_PROCESSOR_DEFAULTS = {"patch_size": 14, "merge_size": 2,
                            "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}}
+def _position_spans(what: str, tokens: torch.Tensor, position_ids: torch.Tensor, sizes: list[int]):
+    """(rows, cols, size) of each image or video, in batch-major order as features scatter, from the spans of its
+    tokens' M-RoPE height / width positions (start + row, start + col); `tokens` (B, T) bool, `sizes` features per
+    item. Raises ValueError when the token count differs from the features'."""
+    heights, widths = position_ids[-2][tokens], position_ids[-1][tokens]
+    if int(tokens.sum()) != sum(sizes):
+        raise ValueError(f"{what} tokens do not match {what} features: {int(tokens.sum())} {what} tokens, "
+                         f"{sum(sizes)} features (per {what} {sizes})")
+    start = 0
+    for size in sizes:
+        h, w = heights[start:start + size], widths[start:start + size]
+        yield int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1, size
+        start += size
+
+
 def _merge_layouts(images: VisualLayout, videos: VisualLayout) -> VisualLayout:
     """One layout of a forward's image tokens and video tokens (built apart, from their own token ids); the video
     slices' grids are numbered after the images'."""

@@ -27,6 +27,19 @@ def plan_for(family: str, seed: int, window=3, channels=False) -> Plan:
     return Plan.from_json({**plan.to_dict(), "family": family})
 
 
+def assert_reference_gated_hardened(tiny, batch, grids, plan):
+    """`plan` on the tiny family model: gated == the eager reference (1e-5) and hardened == gated (1e-4)."""
+    expected = reference_logits_any(tiny.model, batch, plan, IMAGE_TOKEN_ID, grids)
+    gated, hardened = tiny.model, copy.deepcopy(tiny.model)
+    apply_plan(gated, plan)
+    apply_plan(hardened, plan, mode="hardened")
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        got_gated, got_hardened = gated.eval()(**batch).logits[mask], hardened.eval()(**batch).logits[mask]
+    torch.testing.assert_close(got_gated, expected[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_hardened, got_gated, atol=1e-4, rtol=0)
+
+
 def valid(logits, batch):
     return logits[batch["attention_mask"].bool()]
 

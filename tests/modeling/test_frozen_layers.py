@@ -11,9 +11,10 @@ import random
 
 import pytest
 import torch
-from conftest import GRID, IMAGE_TOKEN_ID, tiny_batch, tiny_llava
-from reference import reference_logits, reference_logits_any
-from test_gated_equivalence import random_plan, valid_logits
+from conftest import IMAGE_TOKEN_ID, tiny_batch, tiny_llava
+from test_families import assert_reference_gated_hardened
+from test_gated_equivalence import assert_gated_matches_reference, random_plan, valid_logits
+from test_hardened import gated_and_hardened, logits
 from tiny_families import IMAGE_TOKEN_ID as FAMILY_IMAGE_TOKEN_ID
 from tiny_families import TINY_FAMILIES
 from visprune.modeling import (
@@ -102,12 +103,7 @@ def test_gated_frozen_plans_match_the_reference(seed, num_kv_heads, bias, paddin
     model = tiny_llava(num_kv_heads=num_kv_heads, attention_bias=bias, seed=seed)
     batch = tiny_batch(padding=padding, seed=seed)
     for plan in (frozen_plan(window=window), random_plan(seed + 20, window=window, frozen=True)):
-        expected = reference_logits(model, batch, plan, IMAGE_TOKEN_ID, GRID)
-        gated = copy.deepcopy(model)
-        apply_plan(gated, plan)
-        with torch.no_grad():
-            got = gated(**batch).logits
-        torch.testing.assert_close(valid_logits(got, batch), valid_logits(expected, batch), atol=1e-5, rtol=0)
+        assert_gated_matches_reference(model, batch, plan)
 
 
 def test_freezing_changes_the_output_and_text_still_reads_frozen_keys():
@@ -138,13 +134,9 @@ def test_hardened_frozen_plans_equal_gated(kernel, num_kv_heads, bias, window, p
     monkeypatch.setattr(hardened_module, "attention_kernel", kernel)
     batch = tiny_batch(images_per_sample=(1, 2, 0), padding=padding)
     for plan in (frozen_plan(window=window), random_plan(31, window=window, frozen=True)):
-        gated = tiny_llava(num_kv_heads=num_kv_heads, attention_bias=bias)
-        hardened = copy.deepcopy(gated)
-        apply_plan(gated, plan)
-        apply_plan(hardened, plan, mode="hardened")
-        with torch.no_grad():
-            expected, got = gated.eval()(**batch).logits, hardened.eval()(**batch).logits
-        torch.testing.assert_close(valid_logits(got, batch), valid_logits(expected, batch), atol=1e-4, rtol=0)
+        gated, hardened = gated_and_hardened(plan, num_kv_heads, bias)
+        torch.testing.assert_close(valid_logits(logits(hardened, batch), batch),
+                                   valid_logits(logits(gated, batch), batch), atol=1e-4, rtol=0)
 
 
 def _family_frozen_plan(name: str, num_layers: int, num_heads: int, window) -> Plan:
@@ -161,15 +153,7 @@ def test_every_family_gated_matches_reference_and_hardened(name, window):
     batch, grids = tiny.batch(padding="left", seed=2)
     plan = _family_frozen_plan(name, tiny.num_layers, tiny.num_heads, window)
     assert any(layer.frozen for layer in plan.layers)
-    expected = reference_logits_any(tiny.model, batch, plan, FAMILY_IMAGE_TOKEN_ID, grids)
-    gated, hardened = tiny.model, copy.deepcopy(tiny.model)
-    apply_plan(gated, plan)
-    apply_plan(hardened, plan, mode="hardened")
-    mask = batch["attention_mask"].bool()
-    with torch.no_grad():
-        got_gated, got_hardened = gated.eval()(**batch).logits[mask], hardened.eval()(**batch).logits[mask]
-    torch.testing.assert_close(got_gated, expected[mask], atol=1e-5, rtol=0)
-    torch.testing.assert_close(got_hardened, got_gated, atol=1e-4, rtol=0)
+    assert_reference_gated_hardened(tiny, batch, grids, plan)
 
 
 @pytest.mark.parametrize("name", ["llava", *sorted(TINY_FAMILIES)])

@@ -40,6 +40,18 @@ def random_plan(seed, num_layers=3, num_heads=4, window=3, channels=False, froze
     return Plan(family="llava", window=window, num_layers=num_layers, num_heads=num_heads, layers=tuple(layers))
 
 
+def assert_gated_matches_reference(model, batch, plan):
+    """`plan` applied (gated) to a copy of the tiny LLaVA `model` gives the eager reference's logits."""
+    import copy
+
+    expected = reference_logits(model, batch, plan, IMAGE_TOKEN_ID, GRID)
+    gated = copy.deepcopy(model)
+    apply_plan(gated, plan)
+    with torch.no_grad():
+        got = gated(**batch).logits
+    torch.testing.assert_close(valid_logits(got, batch), valid_logits(expected, batch), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("num_kv_heads, bias, padding", [(4, False, "left"), (2, True, "right"), (1, False, "left")])
 def test_dense_plan_equals_base_model(num_kv_heads, bias, padding):
     model = tiny_llava(num_kv_heads=num_kv_heads, attention_bias=bias)

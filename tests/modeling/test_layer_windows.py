@@ -4,15 +4,14 @@ the eager reference in every family."""
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
 import torch
-from conftest import GRID, IMAGE_TOKEN_ID, tiny_batch, tiny_llava
-from reference import reference_logits, reference_logits_any
-from test_gated_equivalence import random_plan, valid_logits
-from tiny_families import IMAGE_TOKEN_ID as FAMILY_IMAGE_TOKEN_ID
+from conftest import tiny_batch, tiny_llava
+from test_families import assert_reference_gated_hardened
+from test_gated_equivalence import assert_gated_matches_reference, random_plan, valid_logits
+from test_hardened import gated_and_hardened, logits
 from tiny_families import TINY_FAMILIES
 from visprune.modeling import GateProbs, LayerPlan, Plan, PlanError, apply_plan, visual_flops
 from visprune.modeling.flops import BUILTIN_MODELS, default_layout, plan_report, window_pairs
@@ -63,12 +62,7 @@ def test_gated_layer_windows_match_the_reference(seed, num_kv_heads, bias, paddi
     model = tiny_llava(num_kv_heads=num_kv_heads, attention_bias=bias, seed=seed)
     batch = tiny_batch(padding=padding, seed=seed)
     for plan in (windowed(window), random_plan(seed + 40, window=window, layer_windows=True, frozen=seed == 1)):
-        expected = reference_logits(model, batch, plan, IMAGE_TOKEN_ID, GRID)
-        gated = copy.deepcopy(model)
-        apply_plan(gated, plan)
-        with torch.no_grad():
-            got = gated(**batch).logits
-        torch.testing.assert_close(valid_logits(got, batch), valid_logits(expected, batch), atol=1e-5, rtol=0)
+        assert_gated_matches_reference(model, batch, plan)
 
 
 def test_layer_windows_change_the_output_and_flex_agrees_with_sdpa():
@@ -93,13 +87,9 @@ def test_hardened_layer_windows_equal_gated(kernel, num_kv_heads, bias, window, 
     monkeypatch.setattr(hardened_module, "attention_kernel", kernel)
     batch = tiny_batch(images_per_sample=(1, 2, 0), padding=padding)
     for plan in (windowed(window), random_plan(41, window=window, layer_windows=True, frozen=True)):
-        gated = tiny_llava(num_kv_heads=num_kv_heads, attention_bias=bias)
-        hardened = copy.deepcopy(gated)
-        apply_plan(gated, plan)
-        apply_plan(hardened, plan, mode="hardened")
-        with torch.no_grad():
-            expected, got = gated.eval()(**batch).logits, hardened.eval()(**batch).logits
-        torch.testing.assert_close(valid_logits(got, batch), valid_logits(expected, batch), atol=1e-4, rtol=0)
+        gated, hardened = gated_and_hardened(plan, num_kv_heads, bias)
+        torch.testing.assert_close(valid_logits(logits(hardened, batch), batch),
+                                   valid_logits(logits(gated, batch), batch), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_FAMILIES))
@@ -108,12 +98,4 @@ def test_every_family_gated_matches_reference_and_hardened(name):
     batch, grids = tiny.batch(padding="right", seed=3)
     windows = tuple((1, None, 5)[i % 3] for i in range(tiny.num_layers))
     plan = windowed(3, windows, family=name, num_heads=tiny.num_heads)
-    expected = reference_logits_any(tiny.model, batch, plan, FAMILY_IMAGE_TOKEN_ID, grids)
-    gated, hardened = tiny.model, copy.deepcopy(tiny.model)
-    apply_plan(gated, plan)
-    apply_plan(hardened, plan, mode="hardened")
-    mask = batch["attention_mask"].bool()
-    with torch.no_grad():
-        got_gated, got_hardened = gated.eval()(**batch).logits[mask], hardened.eval()(**batch).logits[mask]
-    torch.testing.assert_close(got_gated, expected[mask], atol=1e-5, rtol=0)
-    torch.testing.assert_close(got_hardened, got_gated, atol=1e-4, rtol=0)
+    assert_reference_gated_hardened(tiny, batch, grids, plan)
