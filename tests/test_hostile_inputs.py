@@ -169,8 +169,9 @@ def test_resuming_from_a_broken_or_hostile_plan_choice_is_refused(world, tmp_pat
     from visprune.trainer import checkpoints as ckpt
     from visprune.trainer.cli import main
 
-    run = tmp_path / "run"  # stopped after step 1 (a run folder records where it is: built in place, not copied)
-    assert main(recipe_args(world, run, *STOPPED_RUN)) == 0
+    built, run = tmp_path / "built", tmp_path / "run"  # stopped after step 1, then copied: its recipe.yaml names
+    assert main(recipe_args(world, built, *STOPPED_RUN)) == 0  # the old output.dir, and a refusal leaves it so
+    shutil.copytree(built, run)
     for name in ("checkpoint-2", "final"):
         shutil.rmtree(run / name)
     checkpoint = run / "checkpoint-1"

@@ -555,6 +555,19 @@ class VispruneTrainer(Trainer):
                                  f"{bad[:5] or 'on another rank'}")
 
 
+class RecipeWriter(TrainerCallback):
+    """Writes the run folder's recipe.yaml when training begins: after the checkpoint a run resumes from was read
+    and checked, so a resume refused on its checkpoint leaves the folder as it was (a copied run folder's
+    recipe.yaml names the old output.dir until then)."""
+
+    def __init__(self, path: Path, recipe: Recipe) -> None:
+        self.path, self.recipe = path, recipe
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.should_save:
+            save_recipe(self.recipe, self.path)
+
+
 class NonFiniteGuard(TrainerCallback):
     """Skips optimizer steps whose gradient is not finite, counts them, and stops the run after
     `train.stop_after_nonfinite` in a row.
@@ -724,7 +737,6 @@ def train(recipe: Recipe, resume: str = "auto", overwrite: bool = False) -> Path
             clear_run_folder(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clear_staging(run_dir)  # a save that a crash interrupted
-        save_recipe(recipe, run_dir / RECIPE_FILE)
         if args.deepspeed:
             (run_dir / DEEPSPEED_CONFIG_FILE).write_text(json.dumps(render_deepspeed_config(recipe), indent=1))
     dataset = build_dataset(recipe.data.path)
@@ -750,6 +762,7 @@ def train(recipe: Recipe, resume: str = "auto", overwrite: bool = False) -> Path
                               processing_class=processor, recipe=recipe, gates=gates, controller=controller,
                               template=collator.template)
     trainer.selection_rows = selection_rows
+    trainer.add_callback(RecipeWriter(run_dir / RECIPE_FILE, recipe))
     final, staging = run_dir / FINAL_DIR, run_dir / ckpt.STAGING_DIR / FINAL_DIR
     if checkpoint:
         done = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0)
