@@ -246,9 +246,15 @@ def visual_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None =
     one for every layer, or a sequence of per-layer windows, `Plan.windows()`)."""
     probs = probs or GateProbs.dense(dims.num_layers, dims.num_heads)
     _check(dims, probs)
-    pairs = (layout.layer_pairs(window, dims.num_layers, full=True) if probs.rings is None
-             else layout.expected_ring_pairs(probs.rings))
-    return _visual_row_flops(dims, layout.visual, probs, pairs).sum()
+    return _visual_row_flops(dims, layout.visual, probs, _pairs(dims, layout, probs, window, full=True)).sum()
+
+
+def _pairs(dims: ModelDims, layout: TokenLayout, probs: GateProbs, window: Windows, full: bool) -> torch.Tensor | int:
+    """Visual (query, key) pairs per layer: the expected ones of learned ring gates, else those inside the
+    window(s) (`TokenLayout.layer_pairs`; `full`: all n x n pairs without a window, else the causal ones)."""
+    if probs.rings is not None:
+        return layout.expected_ring_pairs(probs.rings)
+    return layout.layer_pairs(window, dims.num_layers, full=full)
 
 
 def _visual_row_flops(dims: ModelDims, n: int, probs: GateProbs, key_pairs: int) -> torch.Tensor:
@@ -283,9 +289,7 @@ def prefill_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None 
     text_visual_pairs = t * n
     text_attn = 4 * Dh * (H * text_text_pairs + effective.sum(dim=1) * text_visual_pairs)
 
-    pairs = (layout.layer_pairs(window, dims.num_layers) if probs.rings is None
-             else layout.expected_ring_pairs(probs.rings))
-    visual_rows = _visual_row_flops(dims, n, probs, n * s + pairs)
+    visual_rows = _visual_row_flops(dims, n, probs, n * s + _pairs(dims, layout, probs, window, full=False))
     return (text_proj + text_mlp + text_attn + visual_rows).sum()
 
 

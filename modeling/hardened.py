@@ -160,13 +160,11 @@ class HardenedForward:
     """The layout of one forward and what every layer derives from it (computed once)."""
 
     layout: VisualLayout
-    window: int | None  # the plan's window (a layer may have its own: `rows(window)`)
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
-    def rows(self, window: int | None | str = "plan") -> ForwardRows:
-        """Text and visual rows, and the visual rows regrouped for `window` (default the plan's; each window's
-        regrouping computed once per forward)."""
-        window = self.window if window == "plan" else window
+    def rows(self, window: int | None) -> ForwardRows:
+        """Text and visual rows, and the visual rows regrouped for a layer's `window` (each window's regrouping
+        computed once per forward)."""
         lay = self.layout
         if "rows" not in self._memo:
             self._memo["rows"] = (Rows.select(lay.key_valid & ~lay.visual_mask),
@@ -567,24 +565,20 @@ class HardenedDecoderLayer(nn.Module):
         cos, sin = rotary
         x_text = layer.input_layernorm(h_text)
         q_vis = k_vis = v_vis = None
-        if h_vis is not None and rule.heads and rule.frozen:  # visual K/V of the kept groups only
+        if h_vis is not None and rule.heads:
             x_vis = layer.input_layernorm(h_vis)
-            q_text = attn.q_proj(x_text)
+            if rule.frozen:  # rule 7: the visual K/V of the kept groups only, no visual queries
+                q_text = attn.q_proj(x_text)
+            else:
+                q_text, q_vis = _linear_pair(x_text, x_vis, attn.q_proj, rule.q_proj_rows)
             k_text, k_vis = _linear_pair(x_text, x_vis, attn.k_proj, rule.kv_proj_rows)
             v_text, v_vis = _linear_pair(x_text, x_vis, attn.v_proj, rule.kv_proj_rows)
             Gk = len(rule.groups)
             k_vis, v_vis = k_vis.view(-1, Gk, D), v_vis.view(-1, Gk, D)
             flat = rows.visual.flat_idx
-            _, k_vis = self._rotary(k_vis, k_vis, cos[flat], sin[flat], unsqueeze_dim=1)
-        elif h_vis is not None and rule.heads:
-            x_vis = layer.input_layernorm(h_vis)
-            q_text, q_vis = _linear_pair(x_text, x_vis, attn.q_proj, rule.q_proj_rows)
-            k_text, k_vis = _linear_pair(x_text, x_vis, attn.k_proj, rule.kv_proj_rows)
-            v_text, v_vis = _linear_pair(x_text, x_vis, attn.v_proj, rule.kv_proj_rows)
-            Hk, Gk = len(rule.heads), len(rule.groups)
-            q_vis, k_vis, v_vis = q_vis.view(-1, Hk, D), k_vis.view(-1, Gk, D), v_vis.view(-1, Gk, D)
-            flat = rows.visual.flat_idx
-            q_vis, k_vis = self._rotary(q_vis, k_vis, cos[flat], sin[flat], unsqueeze_dim=1)
+            q_vis = k_vis if q_vis is None else q_vis.view(-1, len(rule.heads), D)  # (frozen: rotate K alone)
+            q_rot, k_vis = self._rotary(q_vis, k_vis, cos[flat], sin[flat], unsqueeze_dim=1)
+            q_vis = None if rule.frozen else q_rot
         else:
             q_text, k_text, v_text = attn.q_proj(x_text), attn.k_proj(x_text), attn.v_proj(x_text)
         q_text, k_text, v_text = q_text.view(-1, H, D), k_text.view(-1, Hkv, D), v_text.view(-1, Hkv, D)
@@ -790,7 +784,7 @@ def harden_model(model: nn.Module, plan: Plan) -> nn.Module:
         if kwargs.get(HARDENED_KWARG) is not None:
             return args, kwargs
         layout = family.build_layout(model, forward_inputs(module, args, kwargs))
-        kwargs[HARDENED_KWARG] = HardenedForward(layout, plan.window)
+        kwargs[HARDENED_KWARG] = HardenedForward(layout)
         return args, kwargs
 
     core.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -803,8 +797,8 @@ def hardened_forward_context(model: nn.Module, input_ids: torch.Tensor, grids, a
     """A context for calling a hardened model without pixel values (benchmarks): `visprune_hardened=ctx`."""
     from .layout import build_layout
 
-    plan = getattr(model, HARDENED_ATTR)
-    return HardenedForward(build_layout(input_ids, model.config.image_token_id, grids, attention_mask), plan.window)
+    getattr(model, HARDENED_ATTR)  # an AttributeError for a model that is not hardened
+    return HardenedForward(build_layout(input_ids, model.config.image_token_id, grids, attention_mask))
 
 
 def load_pruned(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,

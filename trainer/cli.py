@@ -131,30 +131,24 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     if args.gpus is not None or args.json:
         raise ValueError("--gpus and --json go with --dry-run (a real run takes its GPUs from torchrun / deepspeed)")
-    finished = False
     try:
         run_dir = train(recipe, resume=args.resume, overwrite=args.overwrite)
-        finished = True
     finally:
-        several_ranks = _close_process_group(wait_for_peers=finished)
+        several_ranks = _close_process_group()
     logger.info("run folder: %s", run_dir)
     if several_ranks:
         _exit_before_teardown(0)
     return 0
 
 
-def _close_process_group(wait_for_peers: bool) -> bool:
-    """Tear down torch.distributed before exit; True when the run had several ranks.
-
-    After a finished run every rank first waits for the others, so none leaves while a peer still
-    communicates. After an error the other ranks may never arrive, so there is no wait."""
+def _close_process_group() -> bool:
+    """Tear down torch.distributed before exit (`train` has already waited for every rank); True when the run
+    had several ranks."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return False
     several = dist.get_world_size() > 1
-    if wait_for_peers and several:
-        dist.barrier()
     dist.destroy_process_group()
     return several
 

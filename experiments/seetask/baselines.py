@@ -19,6 +19,7 @@ LoRA budget; FastV and ShortV are used as is.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from visprune.modeling import (
     ModelDims,
     Plan,
     TokenLayout,
+    apply_plan,
     visual_flops,
 )
 from visprune.modeling.families import family_for
@@ -290,16 +292,11 @@ def layer_contributions(model: nn.Module, batches: list[dict[str, torch.Tensor]]
     (labels != -100) of `batches`, from the dense model's next-token distribution to the one of the model whose
     visual tokens are frozen in that layer alone (every head's K/V still read by text; ordinary attention).
     `model` is left as it was (a copy gets the gated plans)."""
-    import copy
-
-    from visprune.modeling import apply_plan
-
     family = family_for(model)
     dims = family.text_dims(model.config)
     L, H = dims.num_layers, dims.num_heads
     gated = copy.deepcopy(model).eval()
     scores = torch.zeros(L)
-    count = 0
     with torch.no_grad():
         dense_logp = []
         for batch in batches:
@@ -342,8 +339,8 @@ def shortv_plan(dims: ModelDims, layout: TokenLayout, budget: float, contributio
         plan = plan_of(num_frozen, 0)
         if plan_visual_ratio(dims, layout, plan) <= budget + 1e-9:
             return plan, num_frozen, 0
-    for num_skipped in range(1, L + 1):
+    for num_skipped in range(1, L):
         plan = plan_of(L, num_skipped)
         if plan_visual_ratio(dims, layout, plan) <= budget + 1e-9:
             return plan, L - num_skipped, num_skipped
-    return plan_of(L, L), 0, L
+    return plan_of(L, L), 0, L  # every layer skipped: no visual FLOPs

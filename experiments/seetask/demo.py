@@ -32,7 +32,7 @@ from visprune.data_prep.files import write_atomic
 from visprune.data_prep.records import build_dataset
 from visprune.data_prep.seetask import SeeTaskConfig, write_seetask
 from visprune.data_prep.templates import resolve_for_model
-from visprune.modeling import PLAN_FILE, ModelDims, Plan, TokenLayout, default_layout
+from visprune.modeling import PLAN_FILE, ModelDims, Plan, TokenLayout, apply_plan, default_layout
 from visprune.modeling.flops import dims_from_config
 from visprune.trainer.config import Recipe, load_recipe
 from visprune.trainer.eval.loading import load_for_eval, plan_flops
@@ -425,8 +425,6 @@ def run_shortv(state: DemoState) -> None:
     todo = state.todo("shortv")
     if not todo:
         return
-    from visprune.modeling import apply_plan
-
     contributions = layer_contributions(state.base_model, [state.calibration_batch()])
     data_dir, plan_dir = state.cfg.data_dir, state.cfg.out / "plans"
     plan_dir.mkdir(parents=True, exist_ok=True)
