@@ -69,6 +69,8 @@ class TokenLayout:
     text: int
     extra_grids: tuple[tuple[int, int], ...] = ()
     non_grid: int = 0
+    # the temporal slice of each grid of `grids` in its video (0 starts a video); (): every grid is its own
+    slices: tuple[int, ...] = ()
 
     @property
     def grids(self) -> tuple[tuple[int, int], ...]:
@@ -84,17 +86,29 @@ class TokenLayout:
         """Every non-visual token after the system prompt: the text and the images' non-grid tokens."""
         return self.text + self.num_images * self.non_grid
 
-    def visual_pairs(self, window: int | None) -> int:
-        """Visual (query, key) pairs inside the window on each grid (None: causal pairs of all visual tokens)."""
+    def visual_pairs(self, window: int | None, temporal: int = 1) -> int:
+        """Visual (query, key) pairs inside the window on each grid (None: causal pairs of all visual tokens); with
+        a temporal window t, a video's slices also pair with those of its slices at most t//2 away."""
         if window is None:
             return self.visual * (self.visual + 1) // 2
-        return self.num_images * sum(window_pairs(rows, cols, window) for rows, cols in self.grids)
+        per_grid = [window_pairs(rows, cols, window) for rows, cols in self.grids]
+        slices = self.slices or (0,) * len(per_grid)
+        if len(slices) != len(per_grid):
+            raise ValueError(f"{len(slices)} slice indices for {len(per_grid)} grids")
+        total, video = 0, []  # the grids of the current video
+        for grid_pairs, index in zip([*per_grid, 0], [*slices, 0]):  # a trailing 0 closes the last video
+            if index == 0 and video:  # a video's slices are one grid size: its pairs x the slice pairs
+                count = len(video)
+                total += video[0] * (count + 2 * sum(count - d for d in range(1, min(temporal // 2, count - 1) + 1)))
+                video = []
+            video.append(grid_pairs)
+        return self.num_images * total
 
-    def layer_pairs(self, window: Windows, num_layers: int, full: bool = False) -> torch.Tensor | int:
+    def layer_pairs(self, window: Windows, num_layers: int, full: bool = False, temporal: int = 1) -> torch.Tensor | int:
         """`visual_pairs` of one window for every layer, or (L,) pairs of per-layer windows (a sequence); with
         `full`, a window of None counts all n x n pairs (the paper's dense unit) instead of the causal ones."""
         def pairs(w: int | None) -> int:
-            return self.visual ** 2 if full and w is None else self.visual_pairs(w)
+            return self.visual ** 2 if full and w is None else self.visual_pairs(w, temporal)
 
         if window is None or isinstance(window, int):
             return pairs(window)
@@ -102,16 +116,17 @@ class TokenLayout:
             raise ValueError(f"{len(window)} per-layer windows for {num_layers} layers")
         return torch.tensor([float(pairs(w)) for w in window])
 
-    def ring_pairs(self, radius: int) -> torch.Tensor:
-        """(radius + 1,) visual (query, key) pairs at Chebyshev distance exactly k on the same grid, k = 0..radius
-        (k = 0: each token with itself), summed over the images."""
-        inside = [self.visual_pairs(2 * k + 1) for k in range(radius + 1)]
+    def ring_pairs(self, radius: int, temporal: int = 1) -> torch.Tensor:
+        """(radius + 1,) visual (query, key) pairs at Chebyshev distance exactly k on the same grid (or, with a
+        temporal window, on a video's slices within it), k = 0..radius (k = 0: each token with itself and the
+        tokens at its place on neighbouring slices), summed over the images."""
+        inside = [self.visual_pairs(2 * k + 1, temporal) for k in range(radius + 1)]
         return torch.tensor([float(inside[0])] + [float(inside[k] - inside[k - 1]) for k in range(1, radius + 1)])
 
-    def expected_ring_pairs(self, rings: torch.Tensor) -> torch.Tensor:
+    def expected_ring_pairs(self, rings: torch.Tensor, temporal: int = 1) -> torch.Tensor:
         """(L,) expected visual pairs of learned window radii: every token with itself, plus ring k's pairs times
         P(rings 1..k all open) (`rings`: (L, R) P(open) of the ring gates, nested)."""
-        ring = self.ring_pairs(rings.shape[1]).to(rings.device)
+        ring = self.ring_pairs(rings.shape[1], temporal).to(rings.device)
         return ring[0] + (torch.cumprod(rings.float(), dim=1) * ring[1:]).sum(dim=1)
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +134,8 @@ class TokenLayout:
                "image_grid": list(self.image_grid)}
         if self.extra_grids or self.non_grid:
             out.update({"image_grids": [list(grid) for grid in self.grids], "non_grid": self.non_grid})
+        if self.slices:
+            out["slices"] = list(self.slices)
         return out
 
 
@@ -131,10 +148,13 @@ class ImageGrids:
     grids: tuple[tuple[int, int], ...]
     non_grid: int = 0
     note: str = ""
+    slices: tuple[int, ...] = ()  # a video: the temporal slice of each grid (`TokenLayout.slices`)
 
     def __post_init__(self) -> None:
         if not self.grids or any(rows < 1 or cols < 1 for rows, cols in self.grids):
             raise ValueError(f"an image needs at least one non-empty grid, got {list(self.grids)}")
+        if self.slices and len(self.slices) != len(self.grids):
+            raise ValueError(f"{len(self.slices)} slice indices for {len(self.grids)} grids")
 
     @property
     def visual_tokens(self) -> int:
@@ -211,7 +231,7 @@ def default_layout(dims: ModelDims, num_images: int = 1, system: int = DEFAULT_S
     if image is not None:
         first, *rest = image.grids
         return TokenLayout(system=system, num_images=num_images, image_grid=first, text=text,
-                           extra_grids=tuple(rest), non_grid=image.non_grid)
+                           extra_grids=tuple(rest), non_grid=image.non_grid, slices=image.slices)
     return TokenLayout(system=system, num_images=num_images, image_grid=dims.image_grid, text=text,
                        extra_grids=dims.extra_grids, non_grid=dims.non_grid_tokens)
 
@@ -239,22 +259,24 @@ def _check(dims: ModelDims, probs: GateProbs) -> None:
 
 
 def visual_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None = None,
-                 window: Windows = None) -> torch.Tensor:
+                 window: Windows = None, temporal: int = 1) -> torch.Tensor:
     """Visual-token prefill FLOPs, the paper's unit (arXiv 2410.06169): QKVO projections, visual x
     visual attention and MLP of the visual rows. Dense: L*(8nd^2 + 4n^2d + 6ndm) with full n x n
     attention (as the paper's table counts it); with a window, the pairs inside the window (`window`:
-    one for every layer, or a sequence of per-layer windows, `Plan.windows()`)."""
+    one for every layer, or a sequence of per-layer windows, `Plan.windows()`; `temporal`: the temporal window
+    of a video's slices, `Plan.temporal_window`)."""
     probs = probs or GateProbs.dense(dims.num_layers, dims.num_heads)
     _check(dims, probs)
-    return _visual_row_flops(dims, layout.visual, probs, _pairs(dims, layout, probs, window, full=True)).sum()
+    return _visual_row_flops(dims, layout.visual, probs, _pairs(dims, layout, probs, window, True, temporal)).sum()
 
 
-def _pairs(dims: ModelDims, layout: TokenLayout, probs: GateProbs, window: Windows, full: bool) -> torch.Tensor | int:
+def _pairs(dims: ModelDims, layout: TokenLayout, probs: GateProbs, window: Windows, full: bool,
+           temporal: int) -> torch.Tensor | int:
     """Visual (query, key) pairs per layer: the expected ones of learned ring gates, else those inside the
     window(s) (`TokenLayout.layer_pairs`; `full`: all n x n pairs without a window, else the causal ones)."""
     if probs.rings is not None:
-        return layout.expected_ring_pairs(probs.rings)
-    return layout.layer_pairs(window, dims.num_layers, full=full)
+        return layout.expected_ring_pairs(probs.rings, temporal)
+    return layout.layer_pairs(window, dims.num_layers, full=full, temporal=temporal)
 
 
 def _visual_row_flops(dims: ModelDims, n: int, probs: GateProbs, key_pairs: int) -> torch.Tensor:
@@ -272,7 +294,7 @@ def _visual_row_flops(dims: ModelDims, n: int, probs: GateProbs, key_pairs: int)
 
 
 def prefill_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None = None,
-                  window: Windows = None) -> torch.Tensor:
+                  window: Windows = None, temporal: int = 1) -> torch.Tensor:
     """Whole-prefill FLOPs (all tokens) with the real causal structure: text rows do all their work
     (seeing visual keys only in open heads); visual rows only in open heads / kept MLPs."""
     probs = probs or GateProbs.dense(dims.num_layers, dims.num_heads)
@@ -289,7 +311,7 @@ def prefill_flops(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None 
     text_visual_pairs = t * n
     text_attn = 4 * Dh * (H * text_text_pairs + effective.sum(dim=1) * text_visual_pairs)
 
-    visual_rows = _visual_row_flops(dims, n, probs, n * s + _pairs(dims, layout, probs, window, full=False))
+    visual_rows = _visual_row_flops(dims, n, probs, n * s + _pairs(dims, layout, probs, window, False, temporal))
     return (text_proj + text_mlp + text_attn + visual_rows).sum()
 
 
@@ -317,10 +339,10 @@ def token_drop_visual_flops(dims: ModelDims, layout: TokenLayout, layer: int, ke
 
 
 def flops_report(dims: ModelDims, layout: TokenLayout, probs: GateProbs | None = None,
-                 window: Windows = None) -> dict[str, float]:
+                 window: Windows = None, temporal: int = 1) -> dict[str, float]:
     """{"visual_flops", "prefill_flops", "visual_kv_bytes"} as plain floats."""
-    return {"visual_flops": float(visual_flops(dims, layout, probs, window)),
-            "prefill_flops": float(prefill_flops(dims, layout, probs, window)),
+    return {"visual_flops": float(visual_flops(dims, layout, probs, window, temporal)),
+            "prefill_flops": float(prefill_flops(dims, layout, probs, window, temporal)),
             "visual_kv_bytes": float(visual_kv_bytes(dims, layout, probs))}
 
 
@@ -334,7 +356,7 @@ def plan_report(dims: ModelDims, layout: TokenLayout, plan: Plan | None = None) 
     """
     dense = flops_report(dims, layout)
     planned = dict(dense) if plan is None else flops_report(
-        dims, layout, GateProbs.from_plan(plan, dims.intermediate_size), window=plan.windows())
+        dims, layout, GateProbs.from_plan(plan, dims.intermediate_size), plan.windows(), plan.temporal_window)
     ratio = lambda key: planned[key] / dense[key] if dense[key] else None
     return {"dense": dense, "plan": planned, "visual_flops_ratio": ratio("visual_flops"),
             "prefill_flops_ratio": ratio("prefill_flops")}
@@ -343,7 +365,7 @@ def plan_report(dims: ModelDims, layout: TokenLayout, plan: Plan | None = None) 
 def plan_visual_ratio(dims: ModelDims, layout: TokenLayout, plan: Plan) -> float:
     """`plan_report(...)["visual_flops_ratio"]` alone, for a search that costs many candidate plans."""
     probs = GateProbs.from_plan(plan, dims.intermediate_size)
-    return float(visual_flops(dims, layout, probs, plan.windows())) / float(visual_flops(dims, layout))
+    return float(visual_flops(dims, layout, probs, plan.windows(), plan.temporal_window)) / float(visual_flops(dims, layout))
 
 
 def dims_from_config(config: Any, name: str = "local") -> ModelDims:
@@ -563,10 +585,10 @@ def video_frame_grids(dims: ModelDims, frames: int, frame_size: tuple[int, int] 
     """One video of `frames` frames of `frame_size` (height, width) px (None: the model's reference grid) for a
     family that takes videos (Qwen2-VL): every `temporal_patch_size` frames (processor setting, default 2; a last
     partial group is padded, as the processor repeats the last frame) make one temporal slice of the frame's
-    grid. Each slice is costed as its own grid: the neighbour window stays inside a slice (temporal radius 0)."""
+    grid, and a plan's temporal window pairs the slices of the video within it."""
     family = _family(dims)
     if not hasattr(family, "video_grids"):
-        raise ValueError(f"{dims.name} is a {dims.family} model: only qwen2_vl takes videos")
+        raise ValueError(f"{dims.name} is a {dims.family} model: only Qwen2-VL / Qwen2.5-VL take videos")
     if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_VIDEO_FRAMES:
         raise ValueError(f"the frame count must be 1 to {MAX_VIDEO_FRAMES}, got {frames!r}")
     if frame_size is not None:

@@ -59,6 +59,7 @@ class VisualContext:
     window: int | None
     training: bool
     layer_windows: dict[int, int] = field(default_factory=dict)  # a plan's per-layer windows, over `window`
+    temporal_window: int = 1  # slices of the same video a video token's window spans (t of `[t, h, w]`)
     mlp_channel_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (I,) bool
     channel_block: int | None = None  # channels per block of `gates.channels` (GateSet.channel_block)
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # layer-independent masks
@@ -87,13 +88,13 @@ class VisualContext:
 
     def ring_distance(self, num_queries: int) -> torch.Tensor:
         """(B, Q, K) long: the Chebyshev distance of each visual query x visual key pair of the same grid, clamped
-        to the rings' radius R (farther pairs are outside the window anyway); 0 for every other pair."""
+        to the rings' radius R (farther pairs are outside the window anyway); 0 for every other pair. Pairs on
+        neighbouring slices of a video (a temporal window) count their distance on the grid."""
         key = ("ring_distance", num_queries)
         if key not in self._cache:
             lay = self.layout
             qpos = lay.query_positions()
-            same = (lay.visual_mask[:, qpos, None] & lay.visual_mask[:, None, :]
-                    & (lay.grid_idx[:, qpos, None] == lay.grid_idx[:, None, :]))
+            same = lay.visual_mask[:, qpos, None] & lay.visual_mask[:, None, :] & lay.same_span(self.temporal_window)
             dist = torch.maximum((lay.row[:, qpos, None] - lay.row[:, None, :]).abs(),
                                  (lay.col[:, qpos, None] - lay.col[:, None, :]).abs())
             self._cache[key] = torch.where(same, dist.clamp_max(self.gates.rings.shape[-1]), 0)
@@ -127,11 +128,10 @@ def _window_allowed(ctx: VisualContext, base_allowed: torch.Tensor, window: int 
     radius = window // 2
     qpos = lay.query_positions()
     q_vis, k_vis = lay.visual_mask[:, qpos], lay.visual_mask
-    same_grid = lay.grid_idx[:, qpos, None] == lay.grid_idx[:, None, :]
     near = ((lay.row[:, qpos, None] - lay.row[:, None, :]).abs() <= radius) & (
         (lay.col[:, qpos, None] - lay.col[:, None, :]).abs() <= radius)
     both_visual = q_vis[:, :, None] & k_vis[:, None, :]
-    return torch.where(both_visual, same_grid & near, base_allowed)
+    return torch.where(both_visual, lay.same_span(ctx.temporal_window) & near, base_allowed)
 
 
 def _finish(ctx: VisualContext, layer_idx: int, out: torch.Tensor) -> torch.Tensor:
@@ -212,18 +212,29 @@ def _flex_block_mask(ctx: VisualContext, Q: int, device: torch.device, window: i
     B, K = lay.visual_mask.shape
     offset = K - Q
     radius = -1 if window is None else window // 2
-    vis, grid, row, col, valid = lay.visual_mask, lay.grid_idx, lay.row, lay.col, lay.key_valid
+    vis, row, col, valid = lay.visual_mask, lay.row, lay.col, lay.key_valid
+    same_span = _flex_same_span(ctx, offset)
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_pos = q_idx + offset
         causal = (kv_idx <= q_pos) & valid[b, kv_idx] & valid[b, q_pos]
         if radius < 0:
             return causal
-        window = ((grid[b, q_pos] == grid[b, kv_idx]) & ((row[b, q_pos] - row[b, kv_idx]).abs() <= radius)
+        window = (same_span(b, q_pos, kv_idx) & ((row[b, q_pos] - row[b, kv_idx]).abs() <= radius)
                   & ((col[b, q_pos] - col[b, kv_idx]).abs() <= radius))
         return torch.where(vis[b, q_pos] & vis[b, kv_idx], window, causal)
 
     return create_block_mask(mask_mod, B, None, Q, K, device=device)
+
+
+def _flex_same_span(ctx: VisualContext, offset: int):
+    """`VisualLayout.same_span` as a flex predicate of (b, query position, key index)."""
+    lay, temporal = ctx.layout, ctx.temporal_window // 2
+    grid, media, slices = lay.grid_idx, lay.media_idx, lay.slice_idx
+    if temporal == 0:
+        return lambda b, q_pos, kv_idx: grid[b, q_pos] == grid[b, kv_idx]
+    return lambda b, q_pos, kv_idx: ((media[b, q_pos] == media[b, kv_idx])
+                                     & ((slices[b, q_pos] - slices[b, kv_idx]).abs() <= temporal))
 
 
 _compiled_flex = None
@@ -262,11 +273,11 @@ def visprune_flex_attention(module, query, key, value, attention_mask, dropout=0
         lay = ctx.layout
         ring = ctx.log_ring_gates(layer_idx, torch.float32).expand(vis.shape[0], -1)  # (B, R + 1)
         offset, radius = lay.num_keys - Q, ring.shape[1] - 1
-        row, col, grid = lay.row, lay.col, lay.grid_idx
+        row, col, same_span = lay.row, lay.col, _flex_same_span(ctx, offset)
 
         def score_mod(score, b, h, q_idx, kv_idx):
             q_pos = q_idx + offset
-            pair = vis[b, q_pos] & vis[b, kv_idx] & (grid[b, q_pos] == grid[b, kv_idx])
+            pair = vis[b, q_pos] & vis[b, kv_idx] & same_span(b, q_pos, kv_idx)
             dist = torch.maximum((row[b, q_pos] - row[b, kv_idx]).abs(), (col[b, q_pos] - col[b, kv_idx]).abs())
             bias = torch.where(pair, ring[b, dist.clamp(0, radius)], 0.0)
             return score + torch.where(vis[b, kv_idx], log_gate[b, h], 0.0) + bias

@@ -54,6 +54,8 @@ class GateConfig:
     window_rings: bool = False
     # neighbour window w (w x w on the grid); None = ordinary causal attention; a recipe's top-level `window`
     window: int | None = field(default=5, metadata={"recipe_key": "window"})
+    # temporal slices of the same video a video token's window spans (odd; t of a recipe's `window: [t, h, w]`)
+    temporal_window: int = field(default=1, metadata={"recipe_key": "window"})
     init_log_alpha: float = 2.0  # P(open) ~ 0.97 at the start: the gated model starts near the dense one
     backend: str = "auto"  # "sdpa", "flex", or "auto" (flex on CUDA when available, else sdpa)
     per_sample: bool = True  # training draws independent gates for every sample of a batch (else one draw)
@@ -63,6 +65,11 @@ class GateConfig:
     def __post_init__(self) -> None:
         if self.window is not None and (self.window < 1 or self.window % 2 == 0):
             raise ValueError(f"window must be None or an odd positive integer, got {self.window}")
+        temporal = self.temporal_window
+        if isinstance(temporal, bool) or not isinstance(temporal, int) or temporal < 1 or temporal % 2 == 0:
+            raise ValueError(f"temporal_window must be an odd positive integer, got {temporal!r}")
+        if temporal > 1 and self.window is None:
+            raise ValueError("a temporal window needs a window on the grid (window [t, h, w])")
         if not math.isfinite(self.init_log_alpha):
             raise ValueError(f"init_log_alpha must be a finite number, got {self.init_log_alpha}")
         for name in ("temperature", "temperature_start"):
@@ -125,7 +132,7 @@ class GateSet(nn.Module):
         self.update = HardConcreteGate((L,), cfg.init_log_alpha, t) if cfg.visual_freeze else None
         # z[l, k-1] for ring k: None without ring gates (kept out of the module tree, so older checkpoints load)
         self.rings = HardConcreteGate((L, cfg.window // 2), cfg.init_log_alpha, t) if cfg.window_rings else None
-        self.window = cfg.window
+        self.window, self.temporal_window = cfg.window, cfg.temporal_window
         self.layer_windows: dict[int, int] = {}  # a plan's per-layer windows (`apply_plan`), over `window`
         self.mlp_channel_masks: dict[int, torch.Tensor] = {}
         self._layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its layout
@@ -295,6 +302,9 @@ class GateSet(nn.Module):
         L, H = self.dims.num_layers, self.dims.num_heads
         if (plan.num_layers, plan.num_heads) != (L, H):
             raise ValueError(f"a plan for {plan.num_layers} x {plan.num_heads} heads, gates of {L} x {H}")
+        if plan.temporal_window != self.temporal_window:
+            raise ValueError(f"the plan's temporal window is {plan.temporal_window}, these gates' {self.temporal_window} "
+                             "(window [t, h, w]): gates cannot learn another")
         head = torch.full((L, H), -LOG_ALPHA_LIMIT)
         router, mlp = torch.full((L,), -LOG_ALPHA_LIMIT), torch.full((L,), -LOG_ALPHA_LIMIT)
         for layer_idx, layer in enumerate(plan.layers):
@@ -407,7 +417,7 @@ class GateSet(nn.Module):
         layout = layout or default_layout(dims)
         L, H = self.dims.num_layers, self.dims.num_heads
         order = sorted(scores, key=lambda unit: (-unit[0], unit[1], unit[2], unit[3]))
-        limit = budget * float(visual_flops(dims, layout))
+        limit = budget * float(visual_flops(dims, layout))  # dense: full attention, no window
         head = torch.zeros(L, H)
         mlp = torch.zeros(L)
         sizes = self.block_sizes() if self.channels is not None else None
@@ -439,7 +449,7 @@ class GateSet(nn.Module):
             router = ((trial_head.sum(dim=1) > 0) | (trial_mlp > 0)).float()
             channels = None if sizes is None else (trial_blocks * sizes).sum(dim=1) / float(sizes.sum())
             probs = GateProbs(trial_head, router, trial_mlp, channels, trial_update)
-            cost = float(visual_flops(dims, layout, probs, windows(trial_radius)))
+            cost = float(visual_flops(dims, layout, probs, windows(trial_radius), temporal=self.temporal_window))
             if cost > limit:
                 if fill:
                     continue
@@ -451,7 +461,8 @@ class GateSet(nn.Module):
                                  window=None if radius is None or 2 * int(radius[l]) + 1 == self.window
                                  else 2 * int(radius[l]) + 1)
                        for l in range(L))
-        return Plan(family=self.family, window=self.window, num_layers=L, num_heads=H, layers=layers)
+        return Plan(family=self.family, window=self.window, num_layers=L, num_heads=H, layers=layers,
+                    temporal_window=self.temporal_window)
 
     def _block_channels(self, blocks: torch.Tensor | None, layer_idx: int) -> tuple[int, ...] | None:
         """The channels of layer `layer_idx`'s kept blocks; None (all) when every block or no block is kept."""
@@ -605,7 +616,7 @@ def attach_gates(model: nn.Module, cfg: GateConfig | None = None) -> GateSet:
                 layout.key_valid = mask_2d.to(layout.key_valid.device).bool()
         values = gates(batch_size=layout.visual_mask.shape[0])
         kwargs[CTX_KWARG] = VisualContext(layout=layout, gates=values, window=gates.window,
-                                          layer_windows=gates.layer_windows,
+                                          layer_windows=gates.layer_windows, temporal_window=gates.temporal_window,
                                           training=gates.training and not gates._open_all,
                                           mlp_channel_masks={} if gates._open_all else gates.mlp_channel_masks,
                                           channel_block=gates.channel_block)
@@ -674,8 +685,9 @@ def apply_plan(model: nn.Module, plan: Plan, mode: str = "gated", backend: str =
     _, dims = check_plan(base, plan)
     gates = get_gate_set(base)
     if gates is None:
-        gates = attach_gates(base, GateConfig(window=plan.window, backend=backend))
-    gates.window = plan.window
+        gates = attach_gates(base, GateConfig(window=plan.window, temporal_window=plan.temporal_window,
+                                              backend=backend))
+    gates.window, gates.temporal_window = plan.window, plan.temporal_window
     gates.layer_windows = {i: layer.window for i, layer in enumerate(plan.layers) if layer.window is not None}
     device = gates.device
     values = GateProbs.from_plan(plan, dims.intermediate_size)  # a plan's gates are open with probability 0 or 1

@@ -111,19 +111,22 @@ class ForwardRows:
 class WindowRows:
     """The visual queries regrouped by image-grid row for the neighbour window: grid row i holds its
     queries in `q_index[i]` (by column, padded to the widest grid) and the keys of grid rows
-    i-w//2 .. i+w//2 in `k_index[i]`; `pair_ok` says which (query, key) pairs are in the window.
+    i-w//2 .. i+w//2 in `k_index[i]` (with a temporal window t: of those rows on each slice of the same video at
+    most t//2 away, t x w rows); `pair_ok` says which (query, key) pairs are in the window.
     Indices point into this forward's visual rows (`Rows.flat_idx` order)."""
 
     q_index: torch.Tensor  # (R, C)
-    k_index: torch.Tensor  # (R, w*C)
-    pair_ok: torch.Tensor  # (R, C, w*C)
+    k_index: torch.Tensor  # (R, t*w*C)
+    pair_ok: torch.Tensor  # (R, C, t*w*C)
     row_of: torch.Tensor  # (Nv,) grid row of each visual row
     col_of: torch.Tensor  # (Nv,) column of each visual row
 
 
-def _window_rows(layout: VisualLayout, visual: Rows, window: int) -> WindowRows:
+def _window_rows(layout: VisualLayout, visual: Rows, window: int, temporal: int = 1) -> WindowRows:
     device = visual.flat_idx.device
     grid = layout.grid_idx.reshape(-1)[visual.flat_idx]
+    media = layout.media_idx.reshape(-1)[visual.flat_idx]
+    slices = layout.slice_idx.reshape(-1)[visual.flat_idx]
     row = layout.row.reshape(-1)[visual.flat_idx]
     col = layout.col.reshape(-1)[visual.flat_idx]
     num_grids = int(grid.max().item()) + 1
@@ -135,6 +138,8 @@ def _window_rows(layout: VisualLayout, visual: Rows, window: int) -> WindowRows:
     row_offset = torch.cumsum(rows, 0) - rows
     R, C = int(rows.sum().item()), int(cols.max().item())
     radius = window // 2
+    grid_media = torch.full_like(zeros, -1).scatter_reduce(0, grid, media, "amax")
+    grid_slice = torch.full_like(zeros, -1).scatter_reduce(0, grid, slices, "amax")
 
     row_of = row_offset[grid] + row
     q_index = torch.zeros(R, C, dtype=torch.long, device=device)
@@ -144,14 +149,22 @@ def _window_rows(layout: VisualLayout, visual: Rows, window: int) -> WindowRows:
 
     row_grid = torch.repeat_interleave(torch.arange(num_grids, device=device), rows)  # (R,)
     row_r = torch.arange(R, device=device) - row_offset[row_grid]
+    # the grids whose rows a grid row reads: its own and, with a temporal window, its video's slices around it
+    # (a video's slices are consecutive grids of one size)
+    d_slice = torch.arange(-(temporal // 2), temporal // 2 + 1, device=device)
+    key_grid = (row_grid[:, None] + d_slice).clamp(0, num_grids - 1)  # (R, t)
+    grid_ok = ((row_grid[:, None] + d_slice >= 0) & (row_grid[:, None] + d_slice < num_grids)
+               & (grid_media[key_grid] == grid_media[row_grid][:, None])
+               & (grid_slice[key_grid] - grid_slice[row_grid][:, None] == d_slice))
     d_row = torch.arange(-radius, radius + 1, device=device)
     key_row = row_r[:, None] + d_row  # (R, w)
     key_col = torch.arange(C, device=device)
-    g_rows, g_cols = rows[row_grid][:, None, None], cols[row_grid][:, None, None]
-    k_ok = (key_row[..., None] >= 0) & (key_row[..., None] < g_rows) & (key_col < g_cols)  # (R, w, C)
-    k_index = torch.where(k_ok, start[row_grid][:, None, None] + key_row[..., None] * g_cols + key_col, 0)
+    g_rows, g_cols = rows[row_grid][:, None, None, None], cols[row_grid][:, None, None, None]
+    k_ok = (grid_ok[:, :, None, None] & (key_row[:, None, :, None] >= 0) & (key_row[:, None, :, None] < g_rows)
+            & (key_col < g_cols))  # (R, t, w, C)
+    k_index = torch.where(k_ok, start[key_grid][:, :, None, None] + key_row[:, None, :, None] * g_cols + key_col, 0)
     near = (key_col[:, None] - key_col[None, :]).abs() <= radius  # (C query, C key)
-    pair_ok = q_ok[:, :, None, None] & k_ok[:, None, :, :] & near[None, :, None, :]  # (R, C, w, C)
+    pair_ok = q_ok[:, :, None, None, None] & k_ok[:, None] & near[None, :, None, None, :]  # (R, C, t, w, C)
     return WindowRows(q_index, k_index.reshape(R, -1), pair_ok.reshape(R, C, -1), row_of, col)
 
 
@@ -162,17 +175,18 @@ class HardenedForward:
     layout: VisualLayout
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
-    def rows(self, window: int | None) -> ForwardRows:
-        """Text and visual rows, and the visual rows regrouped for a layer's `window` (each window's regrouping
-        computed once per forward)."""
+    def rows(self, window: int | None, temporal: int = 1) -> ForwardRows:
+        """Text and visual rows, and the visual rows regrouped for a layer's `window` and the plan's temporal
+        window (each window's regrouping computed once per forward)."""
         lay = self.layout
         if "rows" not in self._memo:
             self._memo["rows"] = (Rows.select(lay.key_valid & ~lay.visual_mask),
                                   Rows.select(lay.key_valid & lay.visual_mask))
         text, visual = self._memo["rows"]
-        key = ("window", window)
+        key = ("window", window, temporal)
         if key not in self._memo:
-            self._memo[key] = _window_rows(lay, visual, window) if window is not None and visual.count else None
+            self._memo[key] = (_window_rows(lay, visual, window, temporal) if window is not None and visual.count
+                               else None)
         return ForwardRows(text, visual, self._memo[key])
 
     def rotary(self, position_embeddings: tuple[torch.Tensor, torch.Tensor], batch: int):
@@ -330,6 +344,7 @@ class LayerRule:
     head_dim: int
     group_size: int  # query heads per KV group
     window: int | None = None  # the neighbour window of this layer's visual queries (the plan's or its own)
+    temporal_window: int = 1  # the plan's: slices of the same video a video token's window spans
     frozen: bool = False  # visual rows give K/V (kept groups) and are not updated: no Q, attention, O or MLP
 
     def __post_init__(self) -> None:
@@ -513,7 +528,7 @@ class HardenedDecoderLayer(nn.Module):
         B, T, d = hidden_states.shape
         cache = _cache_layer(past_key_values, self.layer_idx) if use_cache or past_key_values is not None else None
         past = cache.length if cache is not None else 0
-        rows = ctx.rows(self.rule.window)
+        rows = ctx.rows(self.rule.window, self.rule.temporal_window)
         text, vis = rows.text, rows.visual
         hidden = hidden_states.reshape(B * T, d)
         h_text = hidden[text.flat_idx]
@@ -748,7 +763,8 @@ def _check_layers(family: str, layers: nn.ModuleList, text_config: Any) -> None:
                                 "hardened execution")
 
 
-def _layer_rule(attn: nn.Module, layer_plan: LayerPlan, dims: TextDims, window: int | None) -> LayerRule:
+def _layer_rule(attn: nn.Module, layer_plan: LayerPlan, dims: TextDims, window: int | None,
+                temporal_window: int = 1) -> LayerRule:
     """The `LayerRule` of one layer of a plan; reorders the layer's heads so the kept ones come first."""
     group_size = dims.num_heads // dims.num_kv_heads
     heads, groups = [], []
@@ -758,7 +774,7 @@ def _layer_rule(attn: nn.Module, layer_plan: LayerPlan, dims: TextDims, window: 
                      mlp=layer_plan.mlp and not layer_plan.skipped,
                      channels=None if layer_plan.mlp_channels is None else sorted(layer_plan.mlp_channels),
                      num_heads=dims.num_heads, head_dim=dims.head_dim, group_size=group_size, window=window,
-                     frozen=layer_plan.frozen)
+                     temporal_window=temporal_window, frozen=layer_plan.frozen)
 
 
 def harden_model(model: nn.Module, plan: Plan) -> nn.Module:
@@ -775,7 +791,8 @@ def harden_model(model: nn.Module, plan: Plan) -> nn.Module:
     _check_layers(family.name, layers, model.config.text_config)
     rotary_fn = family.rotary_fn(layers[0])  # the family knows how its rotary tables are applied
     for layer_idx, layer in enumerate(layers):
-        rule = _layer_rule(layer.self_attn, plan.layers[layer_idx], dims, plan.layer_window(layer_idx))
+        rule = _layer_rule(layer.self_attn, plan.layers[layer_idx], dims, plan.layer_window(layer_idx),
+                           plan.temporal_window)
         layers[layer_idx] = HardenedDecoderLayer(layer, layer_idx, rule, rotary_fn)
 
     core = family.multimodal_core(model)

@@ -2,7 +2,8 @@
 tile) each belongs to and its (row, col) on that grid. Built once per forward from `input_ids`;
 families decide the grids, this module only does the bookkeeping. An image token that is no grid
 cell (LLaVA-NeXT's newline after each row of its high-resolution grid) is not visual: it is gated
-and attended like text."""
+and attended like text. A video is one grid per temporal slice; `media_idx` and `slice_idx` say which
+video (or image) a grid belongs to and its slice, for the spatio-temporal window."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ class VisualLayout:
     """Layout of the whole key sequence (cache + this forward); the last `num_queries` are queries.
 
     All tensors are (B, K): `visual_mask` bool, `grid_idx` / `row` / `col` long (-1 on text),
-    `key_valid` bool (False on padding). `grid_idx` is unique over the batch.
+    `key_valid` bool (False on padding), `media_idx` (the image or video of the grid) and `slice_idx` (its
+    temporal slice in a video, 0 in an image) long, -1 on text. `grid_idx` and `media_idx` are unique over the
+    batch.
     """
 
     visual_mask: torch.Tensor
@@ -26,6 +29,8 @@ class VisualLayout:
     col: torch.Tensor
     key_valid: torch.Tensor
     num_queries: int
+    media_idx: torch.Tensor
+    slice_idx: torch.Tensor
 
     @property
     def num_keys(self) -> int:
@@ -46,22 +51,48 @@ class VisualLayout:
         before = text.cumsum(dim=1) - text  # exclusive prefix count
         return before[:, self.num_keys - self.num_queries:] > 0
 
+    def same_span(self, temporal_window: int = 1) -> torch.Tensor:
+        """(B, Q, K) bool: query row and key on the same grid or, with a temporal window t, on slices of the same
+        video at most t//2 apart (docs/design.md rule 1); only meaningful where both are visual."""
+        q = slice(self.num_keys - self.num_queries, None)
+        if temporal_window <= 1:
+            return self.grid_idx[:, q, None] == self.grid_idx[:, None, :]
+        return ((self.media_idx[:, q, None] == self.media_idx[:, None, :])
+                & ((self.slice_idx[:, q, None] - self.slice_idx[:, None, :]).abs() <= temporal_window // 2))
+
     def keys(self, length: int) -> VisualLayout:
         """The layout truncated to its first `length` keys, with no query rows (a cropped cache)."""
-        return VisualLayout(self.visual_mask[:, :length], self.grid_idx[:, :length], self.row[:, :length],
-                            self.col[:, :length], self.key_valid[:, :length], 0)
+        cut = lambda t: t[:, :length]
+        return VisualLayout(cut(self.visual_mask), cut(self.grid_idx), cut(self.row), cut(self.col),
+                            cut(self.key_valid), 0, cut(self.media_idx), cut(self.slice_idx))
 
     def extend(self, new: VisualLayout) -> VisualLayout:
         """Append this forward's positions (`new`) to a cached prefix; queries are `new`'s."""
         if self.visual_mask.shape[0] != new.visual_mask.shape[0]:
             raise ValueError(f"cached layout has batch size {self.visual_mask.shape[0]}, "
                              f"this forward has {new.visual_mask.shape[0]}")
-        grid_offset = int(self.grid_idx.max().item()) + 1 if self.grid_idx.numel() else 0
-        new_grid = torch.where(new.grid_idx >= 0, new.grid_idx + grid_offset, new.grid_idx)
         cat = lambda a, b: torch.cat([a, b], dim=1)
-        return VisualLayout(cat(self.visual_mask, new.visual_mask), cat(self.grid_idx, new_grid),
+        return VisualLayout(cat(self.visual_mask, new.visual_mask), cat(self.grid_idx, _after(self.grid_idx, new.grid_idx)),
                             cat(self.row, new.row), cat(self.col, new.col), cat(self.key_valid, new.key_valid),
-                            new.num_queries)
+                            new.num_queries, cat(self.media_idx, _after(self.media_idx, new.media_idx)),
+                            cat(self.slice_idx, new.slice_idx))
+
+
+def _after(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """`second`'s indices (-1: none) numbered after `first`'s."""
+    offset = int(first.max().item()) + 1 if first.numel() else 0
+    return torch.where(second >= 0, second + offset, second)
+
+
+def merge_layouts(first: VisualLayout, second: VisualLayout) -> VisualLayout:
+    """One layout of the same tokens whose visual positions were laid out apart (e.g. images and videos, from their
+    own token ids); `second`'s grids and media are numbered after `first`'s."""
+    vis = second.visual_mask
+    pick = lambda a, b: torch.where(vis, b, a)
+    return VisualLayout(first.visual_mask | vis, pick(first.grid_idx, _after(first.grid_idx, second.grid_idx)),
+                        pick(first.row, second.row), pick(first.col, second.col), first.key_valid, first.num_queries,
+                        pick(first.media_idx, _after(first.media_idx, second.media_idx)),
+                        pick(first.slice_idx, second.slice_idx))
 
 
 def build_layout(
@@ -69,6 +100,7 @@ def build_layout(
     image_token_id: int,
     grids: Sequence[tuple[int, int] | tuple[int, int, bool]],
     attention_mask: torch.Tensor | None = None,
+    slices: Sequence[int] | None = None,
 ) -> VisualLayout:
     """Assign image tokens to grids in reading order (batch-major), as the model scatters features.
 
@@ -79,6 +111,8 @@ def build_layout(
             grid owns rows*cols consecutive image tokens (rows*(cols+1) with newline: each row is
             followed by one image token that is no grid cell and counts as text), all in one sample.
         attention_mask: optional 2D padding mask (1 = real token), (B, T) or (B, cache + T).
+        slices: the temporal slice of each grid in its video (0 starts a new video or image); None: every grid
+            is its own image.
 
     Raises:
         ValueError: the image-token counts do not match the grids; names the samples.
@@ -103,7 +137,7 @@ def build_layout(
             f"(token id {image_token_id}; per sample {per_sample}) but its {len(grids)} image(s) give "
             f"{int(sizes.sum())} features (per image {sizes.tolist()})")
     if total == 0:
-        return VisualLayout(visual_mask, grid_idx, row, col, key_valid, T)
+        return VisualLayout(visual_mask, grid_idx, row, col, key_valid, T, grid_idx.clone(), grid_idx.clone())
 
     flat = visual_mask.reshape(-1).nonzero().squeeze(1)  # (N,) positions in batch-major order
     token_sample = flat // T
@@ -132,4 +166,12 @@ def build_layout(
     grid_idx.view(-1)[flat] = token_grid
     row.view(-1)[flat] = offset // width
     col.view(-1)[flat] = offset % width
-    return VisualLayout(visual_mask, grid_idx, row, col, key_valid, T)
+    grid_slice = torch.zeros(len(grids), dtype=torch.long) if slices is None else torch.tensor(list(slices), dtype=torch.long)
+    if grid_slice.shape != (len(grids),) or bool((grid_slice < 0).any()) or (len(grids) and int(grid_slice[0]) != 0):
+        raise ValueError(f"slices must give each of the {len(grids)} grids its temporal slice (0 first), got "
+                         f"{grid_slice.tolist()[:8]}")
+    grid_media = torch.cumsum((grid_slice == 0).long(), 0) - 1
+    media_idx, slice_idx = torch.full_like(grid_idx, -1), torch.full_like(grid_idx, -1)
+    media_idx.view(-1)[flat] = grid_media.to(device)[token_grid]
+    slice_idx.view(-1)[flat] = grid_slice.to(device)[token_grid]
+    return VisualLayout(visual_mask, grid_idx, row, col, key_valid, T, media_idx, slice_idx)

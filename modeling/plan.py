@@ -1,7 +1,9 @@
 """`pruning_plan.json`, the exchange format between training, hardening and users: which visual
 heads, visual MLPs (and MLP channels) each layer keeps, which layers only lend their visual keys
 (frozen), and the neighbour window. Validation only;
-executing a plan is `gates.apply_plan`'s job."""
+executing a plan is `gates.apply_plan`'s job. The plan's `window` is an odd w (w x w on each grid), null (no window), or
+`[t, w, w]`: a spatio-temporal window whose keys also come from the t//2 temporal slices of the same video on
+either side (docs/design.md rule 1)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,40 @@ _LAYER_KEYS = {"heads", "mlp", "mlp_channels", "frozen", "window"}
 
 class PlanError(ValueError):
     """A pruning plan that does not validate; the message names the offending key."""
+
+
+def parse_window(value: Any, name: str = "window") -> tuple[int | None, int]:
+    """(spatial, temporal) of a window as plans and recipes write it: null (no window: (None, 1)), an odd w
+    ((w, 1)) or `[t, h, w]` with h == w, all odd positive ((w, t)).
+
+    Raises:
+        ValueError: naming `name` and the value.
+    """
+    if value is None or _is_int(value):
+        _check_odd(value, name, allow_none=True)
+        return value, 1
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) for v in value):
+        t, h, w = value
+        for part, part_name in ((t, "t"), (h, "h"), (w, "w")):
+            _check_odd(part, f"{name} [t, h, w]: {part_name}", allow_none=False)
+        if h != w:
+            raise ValueError(f"{name} [t, h, w] must be square on the grid (h == w), got {show_value(list(value))}")
+        return w, t
+    raise ValueError(f"{name} must be null, an odd positive integer or [t, h, w] (odd, h == w), "
+                     f"got {show_value(value)}")
+
+
+def window_value(spatial: int | None, temporal: int) -> int | None | list[int]:
+    """The window as plans and recipes write it (`parse_window`'s inverse): w, null, or [t, w, w] when t > 1."""
+    return spatial if temporal == 1 else [temporal, spatial, spatial]
+
+
+def _check_odd(value: Any, name: str, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if not _is_int(value) or value < 1 or value % 2 == 0:
+        raise ValueError(f"{name} must be {'null or ' if allow_none else ''}an odd positive integer, "
+                         f"got {show_value(value)}")
 
 
 @dataclass(frozen=True)
@@ -47,10 +83,12 @@ class LayerPlan:
 @dataclass(frozen=True)
 class Plan:
     family: str
-    window: int | None
+    window: int | None  # the spatial window w (w x w on a grid); None: no window
     num_layers: int
     num_heads: int
     layers: tuple[LayerPlan, ...] = field(default_factory=tuple)
+    # temporal slices a video token's window spans (odd t: t//2 slices of the same video on either side); 1: its own
+    temporal_window: int = 1
     source: str | None = field(default=None, compare=False, repr=False)  # the file it was read from
 
     def __post_init__(self) -> None:
@@ -108,8 +146,12 @@ class Plan:
                                     mlp_channels=None if channels is None else tuple(channels),
                                     frozen=layer.get("frozen", False), window=layer.get("window")))
         try:
-            return cls(family=data["family"], window=data["window"], num_layers=data["num_layers"],
-                       num_heads=data["num_heads"], layers=tuple(layers), source=source)
+            window, temporal = parse_window(data["window"])
+        except ValueError as err:
+            raise PlanError(f"{where}: {err}") from None
+        try:
+            return cls(family=data["family"], window=window, num_layers=data["num_layers"],
+                       num_heads=data["num_heads"], layers=tuple(layers), temporal_window=temporal, source=source)
         except PlanError as err:
             raise PlanError(f"{where}: {err}") from None
 
@@ -125,7 +167,7 @@ class Plan:
             if layer.window is not None:
                 entry["window"] = layer.window
             layers.append(entry)
-        return {"format": PLAN_FORMAT, "family": self.family, "window": self.window,
+        return {"format": PLAN_FORMAT, "family": self.family, "window": window_value(self.window, self.temporal_window),
                 "num_layers": self.num_layers, "num_heads": self.num_heads, "layers": layers}
 
     def to_json(self, path: str | os.PathLike) -> None:
@@ -240,6 +282,10 @@ def _validate(plan: Plan) -> None:
         raise PlanError(f"family must be a non-empty string, got {show_value(plan.family)}")
     if plan.window is not None and (not _is_int(plan.window) or plan.window < 1 or plan.window % 2 == 0):
         raise PlanError(f"window must be null or an odd positive integer, got {show_value(plan.window)}")
+    if not _is_int(plan.temporal_window) or plan.temporal_window < 1 or plan.temporal_window % 2 == 0:
+        raise PlanError(f"window [t, h, w]: t must be an odd positive integer, got {show_value(plan.temporal_window)}")
+    if plan.temporal_window > 1 and plan.window is None:
+        raise PlanError("a temporal window needs a spatial one: window [t, h, w] cannot have no window on the grid")
     for name in ("num_layers", "num_heads"):
         value = getattr(plan, name)
         if not _is_int(value) or value < 1:

@@ -39,6 +39,7 @@ def run_flops(args: argparse.Namespace) -> int:
         tile_grids,
         video_frame_grids,
     )
+    from visprune.modeling.plan import window_value
 
     def about(what: str, fn, *fn_args):  # a ValueError about one input names it in the one-line error
         try:
@@ -107,7 +108,8 @@ def run_flops(args: argparse.Namespace) -> int:
     print(f"layout: {layout.system} system + {layout.visual} visual ({layout.num_images} x {grids}){newlines} + "
           f"{layout.text} text tokens")
     windows = None if plan is None else plan.windows()
-    label = f"plan (window {windows})" if not isinstance(windows, tuple) else "plan (windows per layer)"
+    label = ("plan (windows per layer)" if isinstance(windows, tuple)
+             else f"plan (window {window_value(windows, plan.temporal_window)})" if plan is not None else "")
     rows = [("dense", dense)] + ([(label, planned)] if plan is not None else [])
     print(f"{'':24}{'visual FLOPs':>16}{'prefill FLOPs':>16}{'visual KV cache':>18}")
     for name, rep in rows:
@@ -189,7 +191,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     result = run_bench(model=args.model, layers=args.layers, plan_path=args.plan, budget=args.budget,
                        repeats=args.repeats, seed=args.seed, device=args.device, progress=not args.json,
-                       compare=args.compare, kernel=args.kernel, freeze=args.freeze, rings=args.rings)
+                       compare=args.compare, kernel=args.kernel, freeze=args.freeze, rings=args.rings,
+                       video_frames=args.video_frames, temporal=args.temporal_window)
     print(json.dumps(result, indent=1) if args.json else format_bench(result))
     return 0
 
@@ -470,6 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the synthetic plan also has freeze gates: some layers frozen (docs/design.md rule 7)")
     bench.add_argument("--rings", action="store_true",
                        help="the synthetic plan also has ring gates: a learned window per layer")
+    bench.add_argument("--video-frames", type=positive_int, metavar="F",
+                       help="Qwen2-VL only: the prompt is a video of F frames of the reference grid (every 2 frames one "
+                            "temporal slice) instead of an image; the synthetic plan is made at --budget on it")
+    bench.add_argument("--temporal-window", type=positive_int, default=1, metavar="T",
+                       help="the synthetic plan's temporal window (odd): video tokens also see the slices of their video "
+                            "T//2 away (window [T, 5, 5]); default 1")
     bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each model (default 3)")
     bench.add_argument("--seed", type=non_negative_int, default=0)
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")

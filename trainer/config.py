@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from visprune.modeling import ModelDims, TokenLayout, default_layout
 from visprune.modeling.gates import GateConfig
+from visprune.modeling.plan import parse_window
 
 
 @dataclass
@@ -235,7 +236,7 @@ class Recipe:
     budget: BudgetConfig
     train: TrainConfig
     output: OutputConfig
-    window: int | None = 5
+    window: int | list[int] | None = 5  # w (w x w on each grid), null, or [t, h, w] with h == w (videos)
     plan: str | None = None  # a pruning_plan.json: train LoRA with these gates fixed (no gate learning)
     gates: GateConfig = field(default_factory=GateConfig)  # modeling's schema; its window is `window` above
     lora: LoraConfig | None = field(default_factory=LoraConfig)  # null: full fine-tuning of the LM
@@ -246,11 +247,10 @@ class Recipe:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
-        if self.window is not None and (not _is_int(self.window) or self.window < 1 or self.window % 2 == 0):
-            raise ValueError(f"window must be null or an odd positive integer, got {_show(self.window)}")
+        # the gate config's window is the recipe's top-level key: w, null, or [t, h, w] (a video's temporal slices)
+        self.gates.window, self.gates.temporal_window = parse_window(self.window)
         if self.plan is not None:
             _check_path("plan", self.plan, "null or a non-empty path")
-        self.gates.window = self.window  # the gate config's window is the recipe's top-level key
         fix_step = self.plan_select.step(self.train.max_steps)
         if fix_step is not None:
             if self.plan is not None:
@@ -611,11 +611,14 @@ def _convert(tp: Any, value: Any, key: str, source: str, expected: str | None = 
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
-        if len(options) != 1:
-            raise TypeError(f"recipe schema: unsupported annotation {tp} for {key}")
         if value is None:
             raise RecipeError(f"{source}: {key}: expected {expected}, got null")
-        return _convert(options[0], value, key, source, expected)
+        for option in options[:-1]:  # e.g. `int | list[int]`: the first annotation the value matches
+            try:
+                return _convert(option, value, key, source, expected)
+            except RecipeError:
+                continue
+        return _convert(options[-1], value, key, source, expected)
     if dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, key, source, expected)
     if typing.get_origin(tp) is list:

@@ -31,7 +31,7 @@ from visprune.modeling import (
     detach_gates,
 )
 from visprune.modeling.flops import plan_report
-from visprune.modeling.plan import read_json_file
+from visprune.modeling.plan import read_json_file, window_value
 
 from . import checkpoints as ckpt
 from .build import build_model
@@ -78,7 +78,7 @@ def build_report(gates: GateSet, plan: Plan, budget: float, layout: TokenLayout 
     report = plan_report(dims, layout, plan)
     dense, pruned = report["dense"], report["plan"]
     return {
-        "budget": budget, "model": asdict(dims), "layout": layout.to_dict(), "window": plan.window,
+        "budget": budget, "model": asdict(dims), "layout": layout.to_dict(), "window": window_value(plan.window, plan.temporal_window),
         "visual_flops": {"dense": dense["visual_flops"], "pruned": pruned["visual_flops"],
                          "ratio": report["visual_flops_ratio"]},
         "prefill_flops": {"dense": dense["prefill_flops"], "pruned": pruned["prefill_flops"],

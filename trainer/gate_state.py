@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from visprune.modeling import GateConfig, GateSet
+from visprune.modeling.plan import window_value
 
 from . import checkpoints as ckpt
 from .sparsity import SparsityController
@@ -52,7 +53,7 @@ def gate_state_dict(gates: GateSet, controller: SparsityController) -> dict[str,
 
 
 def gate_metadata(gates: GateSet) -> dict[str, str]:
-    return {"format": "visprune-gates/1", "family": gates.family, "window": json.dumps(gates.window),
+    return {"format": "visprune-gates/1", "family": gates.family, "window": json.dumps(window_value(gates.window, gates.temporal_window)),
             "dims": json.dumps(asdict(gates.dims)), "config": json.dumps(asdict(gates.cfg))}
 
 

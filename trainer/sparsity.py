@@ -61,9 +61,9 @@ class ExpectedFlops:
     Uses the one cost model of `visprune.modeling.flops` with the run's window and token layout.
     """
 
-    def __init__(self, dims: ModelDims, layout: TokenLayout, window: int | None) -> None:
-        self.dims, self.layout, self.window = dims, layout, window
+    def __init__(self, dims: ModelDims, layout: TokenLayout, window: int | None, temporal: int = 1) -> None:
+        self.dims, self.layout, self.window, self.temporal = dims, layout, window, temporal
         self.dense = float(visual_flops(dims, layout))  # the paper's dense unit (full attention)
 
     def __call__(self, probs: GateProbs) -> torch.Tensor:
-        return visual_flops(self.dims, self.layout, probs, self.window) / self.dense
+        return visual_flops(self.dims, self.layout, probs, self.window, self.temporal) / self.dense

@@ -85,7 +85,7 @@ class VispruneTrainer(Trainer):
         self.recipe, self.gates, self.controller, self.template = recipe, gates, controller, template
         dims = gates.model_dims()
         self.layout = recipe.budget.layout(dims)  # the token layout the budget is costed on
-        self.expected_flops = ExpectedFlops(dims, self.layout, recipe.window)
+        self.expected_flops = ExpectedFlops(dims, self.layout, recipe.gates.window, recipe.gates.temporal_window)
         self.loss_is_scaled_for_ga = False  # every term is a per-micro-batch mean: the Trainer divides by GA
         self._metrics: dict[str, float] = {}
         self._metric_count = 0

@@ -2,7 +2,8 @@
 the image grids come from `image_grid_thw` (patches) divided by the vision tower's spatial merge
 size; rotary handling is M-RoPE, whose sections transformers 5.x recomposes in the text rotary
 embedding, so decoder layers receive ordinary (B, T, D) cos/sin tables. A video (`pixel_values_videos` with
-`video_grid_thw`) is laid out as one grid per temporal slice: the neighbour window stays inside a slice."""
+`video_grid_thw`) is laid out as one grid per temporal slice; a spatio-temporal window (`[t, h, w]`) also reaches
+the slices of the same video t//2 on either side."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from ..flops import ImageGrids, require_processor, setting_dict, setting_int
-from ..layout import VisualLayout, build_layout
+from ..layout import VisualLayout, build_layout, merge_layouts
 from .base import LlamaStyleFamily, RotaryFn, TextDims, layout_input_ids, llama_text_dims, module_rotary_fn
 
 # The FLOPs model costs one image of 16 x 16 visual tokens (the real grid depends on the image: the
@@ -84,7 +85,7 @@ class Qwen2VLFamily(LlamaStyleFamily):
             grid = (height // patch // merge, width // patch // merge)
             note += (f"; each frame smart_resize to {height}x{width} px (video pixel bounds {low}-{high}), "
                      f"patches of {patch} px merged {merge}x{merge}")
-        return ImageGrids(tuple(tuple(grid) for _ in range(slices)), 0, note)
+        return ImageGrids(tuple(tuple(grid) for _ in range(slices)), 0, note, slices=tuple(range(slices)))
 
     def image_grids(self, config: Any, image_grid_thw: torch.Tensor) -> list[tuple[int, int]]:
         """(rows, cols) of visual tokens of each image: its (t, h, w) patch grid over the merge size."""
@@ -97,17 +98,19 @@ class Qwen2VLFamily(LlamaStyleFamily):
             grids.append((h // merge, w // merge))
         return grids
 
-    def video_slices(self, config: Any, video_grid_thw: torch.Tensor) -> list[tuple[int, int]]:
-        """(rows, cols) of every temporal slice of every video: a (t, h, w) patch grid is t slices of
-        (h, w) over the merge size, in the order the vision tower emits them (slice by slice, rows, columns)."""
+    def video_slices(self, config: Any, video_grid_thw: torch.Tensor) -> tuple[list[tuple[int, int]], list[int]]:
+        """(rows, cols) of every temporal slice of every video, and each slice's index in its video: a (t, h, w)
+        patch grid is t slices of (h, w) over the merge size, in the order the vision tower emits them (slice by
+        slice, rows, columns)."""
         merge = config.vision_config.spatial_merge_size
-        grids = []
+        grids, slices = [], []
         for t, h, w in video_grid_thw.tolist():
             if t < 1 or h % merge or w % merge:
                 raise ValueError(f"{self.name} family: video_grid_thw row {(t, h, w)} is not a video grid "
                                  f"(t at least 1 and h, w multiples of the merge size {merge})")
             grids.extend([(h // merge, w // merge)] * t)
-        return grids
+            slices.extend(range(t))
+        return grids, slices
 
     def build_layout(self, model: nn.Module, kwargs: dict[str, Any]) -> VisualLayout:
         """Layout of this forward's tokens: image tokens from `input_ids`, each image's grid from
@@ -125,27 +128,28 @@ class Qwen2VLFamily(LlamaStyleFamily):
             return layout
         position_ids = kwargs.get("position_ids")
         if video_thw is not None:
-            slices = self.video_slices(model.config, video_thw)
+            grids, slices = self.video_slices(model.config, video_thw)
         elif encoded.get("video") is not None and position_ids is not None and position_ids.dim() == 3:
             sizes = [len(features) for features in encoded["video"].pooler_output]
-            slices = self._video_slices_from_positions(model, input_ids, position_ids, sizes)
+            grids, slices = self._video_slices_from_positions(model, input_ids, position_ids, sizes)
         else:
             raise ValueError(f"{self.name} family: video tokens or pixel_values_videos without video_grid_thw")
-        videos = build_layout(input_ids, video_id, slices, kwargs.get("attention_mask"))
-        return _merge_layouts(layout, videos)
+        videos = build_layout(input_ids, video_id, grids, kwargs.get("attention_mask"), slices=slices)
+        return merge_layouts(layout, videos)
 
     def _video_slices_from_positions(self, model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                                     sizes: list[int]) -> list[tuple[int, int]]:
+                                     sizes: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
         """The temporal slices of each video (features encoded up front by `generate()`, which drops
         `video_grid_thw`) from its tokens' M-RoPE height / width positions: rows x cols per slice, size / (rows x
-        cols) slices."""
-        slices = []
+        cols) slices; with each slice's index in its video."""
+        grids, slices = [], []
         for rows, cols, size in _position_spans("video", input_ids == model.config.video_token_id, position_ids, sizes):
             if size % (rows * cols):
                 raise ValueError(f"{self.name} family: a video of {size} tokens has M-RoPE positions spanning "
                                  f"{rows} x {cols}; its slices cannot be recovered")
-            slices.extend([(rows, cols)] * (size // (rows * cols)))
-        return slices
+            grids.extend([(rows, cols)] * (size // (rows * cols)))
+            slices.extend(range(size // (rows * cols)))
+        return grids, slices
 
     def _image_layout(self, model: nn.Module, kwargs: dict[str, Any], input_ids: torch.Tensor) -> VisualLayout:
         encoded = kwargs.get("mm_encoder_outputs") or {}
@@ -227,16 +231,6 @@ def _position_spans(what: str, tokens: torch.Tensor, position_ids: torch.Tensor,
         h, w = heights[start:start + size], widths[start:start + size]
         yield int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1, size
         start += size
-
-
-def _merge_layouts(images: VisualLayout, videos: VisualLayout) -> VisualLayout:
-    """One layout of a forward's image tokens and video tokens (built apart, from their own token ids); the video
-    slices' grids are numbered after the images'."""
-    offset = int(images.grid_idx.max().item()) + 1 if bool(images.visual_mask.any()) else 0
-    vis = videos.visual_mask
-    return VisualLayout(images.visual_mask | vis, torch.where(vis, videos.grid_idx + offset, images.grid_idx),
-                        torch.where(vis, videos.row, images.row), torch.where(vis, videos.col, images.col),
-                        images.key_valid, images.num_queries)
 
 
 # Qwen2VLVideoProcessor's frame pixel bounds in transformers 5.x (size shortest_edge 128*28*28, longest_edge

@@ -205,6 +205,58 @@ def test_qwen_bench_uses_mrope_positions(variant, family_dirs):
     assert pos[0][~image][s:].tolist()[0] == s + max(rows, cols)  # text after the image
 
 
+@pytest.mark.parametrize("variant", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_video_prompt_is_one_grid_per_slice_and_hardened_equals_gated(variant, family_dirs):
+    """`--video-frames 4`: two temporal slices of the reference grid between the vision start / end tokens, with
+    `video_grid_thw` and the model's M-RoPE positions (a slice per temporal position); a plan with a temporal window
+    (`[3, 5, 5]`) made on that prompt; the hardened slice == the gated model on it."""
+    setup = build_bench(str(family_dirs[variant]), layers=3, budget=0.5, video_frames=4, temporal=3)
+    rows, cols = setup.layout.image_grid
+    assert setup.layout.grids == ((rows, cols),) * 2 and setup.layout.slices == (0, 1)
+    assert setup.inputs["video_grid_thw"].tolist() == [[2, 2 * rows, 2 * cols]] and "image_grid_thw" not in setup.inputs
+    ids = setup.inputs["input_ids"][0]
+    video = ids == setup.config.video_token_id
+    assert int(video.sum()) == 2 * rows * cols and not bool((ids == setup.config.image_token_id).any())
+    assert setup.plan.temporal_window == 3 and setup.plan.window == 5
+    seen = {}
+    lm = setup.dense.model.language_model
+    handle = lm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        setup.run_dense()
+    handle.remove()
+    assert seen["position_ids"][-3, 0][video].unique().numel() == 2  # one temporal position per slice
+
+    gated, _ = build_models(setup.config, variant, torch.float32, "cpu", seed=0)
+    gated.load_state_dict(setup.dense.state_dict())
+    apply_plan(gated, setup.plan, mode="gated")
+    with torch.no_grad():
+        expected = family_for(gated).multimodal_core(gated.eval())(**setup.inputs).last_hidden_state
+        hard = setup.run_hardened().last_hidden_state
+    torch.testing.assert_close(hard, expected, atol=1e-4, rtol=1e-4)
+    result = run_bench(str(family_dirs[variant]), layers=1, budget=0.5, repeats=1, progress=False, video_frames=4,
+                       temporal=3)
+    assert result["video_frames"] == 4 and result["window"] == [3, 5, 5] and result["layout"]["slices"] == [0, 1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--video-frames", "4"], "only Qwen2-VL / Qwen2.5-VL take videos"),
+    (["--video-frames", "4", "--compare", "fastv"], "does not go with --video-frames"),
+    (["--temporal-window", "2"], "temporal_window must be an odd positive integer"),
+    (["--temporal-window", "3", "--plan", "p.json"], "a --plan brings its own"),
+    (["--video-frames", "0"], "argument --video-frames: must be >= 1, got 0"),
+])
+def test_bench_video_errors(argv, message, config_dir, family_dirs, capsys):
+    model = config_dir if "only Qwen2-VL" in message else family_dirs["qwen2_vl"]
+    if message.startswith("argument"):
+        with pytest.raises(SystemExit) as info:
+            main(["bench", "--model", str(model), "--layers", "1", *argv])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+        return
+    assert main(["bench", "--model", str(model), "--layers", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_bench_result_keys_per_family(family_dirs):
     for family in ("llava_next", "qwen2_vl", "internvl"):
         result = run_bench(str(family_dirs[family]), layers=1, budget=0.5, repeats=1, progress=False)

@@ -15,30 +15,34 @@ def _rotate_half(x):
 
 
 def _token_layout(input_ids, image_token_id, grid):
-    """Per token: (is_visual, (sample, image) id, row, col) by scanning each sample.
+    """Per token: (is_visual, (sample, image) id, row, col, medium, slice) by scanning each sample.
 
     `grid` is one side (every image a grid x grid square) or a list, in batch order, of per-image
-    grids (rows, cols) or (rows, cols, newline): with newline, each grid row is followed by one image
-    token that is no grid cell (LLaVA-NeXT) and counts as text."""
+    grids (rows, cols), (rows, cols, newline) or (rows, cols, newline, slice): with newline, each grid row is
+    followed by one image token that is no grid cell (LLaVA-NeXT) and counts as text; `slice` is the grid's
+    temporal slice in its video (0, the default, starts a new image or video)."""
     B, T = input_ids.shape
-    per_image = None if isinstance(grid, int) else [tuple(g) + (False,) * (3 - len(g)) for g in grid]
+    per_image = None if isinstance(grid, int) else [tuple(g) + (False, 0)[len(g) - 2:] for g in grid]
+    media = None if per_image is None else [sum(1 for g in per_image[: i + 1] if g[3] == 0) - 1
+                                             for i in range(len(per_image))]
     info, image_idx = [], 0
     for b in range(B):
         count, row_info, image = 0, [], 0
         for t in range(T):
             if int(input_ids[b, t]) != image_token_id:
-                row_info.append((False, None, -1, -1))
+                row_info.append((False, None, -1, -1, None, -1))
                 continue
             if per_image is None:
                 image, pos = divmod(count, grid * grid)
-                row_info.append((True, (b, image), pos // grid, pos % grid))
+                row_info.append((True, (b, image), pos // grid, pos % grid, (b, image), 0))
                 count += 1
                 continue
-            rows, cols, newline = per_image[image_idx]
+            rows, cols, newline, slice_ = per_image[image_idx]
             width = cols + int(newline)
             r, c = divmod(count, width)
-            row_info.append((c < cols, (b, image_idx) if c < cols else None, r if c < cols else -1,
-                             c if c < cols else -1))
+            cell = c < cols
+            row_info.append((cell, (b, image_idx) if cell else None, r if cell else -1, c if cell else -1,
+                             media[image_idx] if cell else None, slice_ if cell else -1))
             count += 1
             if count == rows * width:
                 count, image_idx = 0, image_idx + 1
@@ -46,14 +50,15 @@ def _token_layout(input_ids, image_token_id, grid):
     return info
 
 
-def _allowed(info, valid, b, i, j, window):
+def _allowed(info, valid, b, i, j, window, temporal=1):
     if not (valid[b, j] and valid[b, i]):
         return False
-    vis_i, img_i, r_i, c_i = info[b][i]
-    vis_j, img_j, r_j, c_j = info[b][j]
+    vis_i, img_i, r_i, c_i, media_i, slice_i = info[b][i]
+    vis_j, img_j, r_j, c_j, media_j, slice_j = info[b][j]
     if window is not None and vis_i and vis_j:
         k = window // 2
-        return img_i == img_j and abs(r_i - r_j) <= k and abs(c_i - c_j) <= k
+        same = img_i == img_j or (media_i == media_j and abs(slice_i - slice_j) <= temporal // 2)
+        return same and abs(r_i - r_j) <= k and abs(c_i - c_j) <= k
     return j <= i
 
 
@@ -113,7 +118,8 @@ def _reference(model, batch, plan, image_token_id, grid, embeds, cos, sin):
 
     def allowed_for(window):
         if window not in masks:
-            masks[window] = torch.tensor([[[_allowed(info, valid, b, i, j, window) for j in range(T)] for i in range(T)]
+            masks[window] = torch.tensor([[[_allowed(info, valid, b, i, j, window, plan.temporal_window)
+                                            for j in range(T)] for i in range(T)]
                                           for b in range(B)])
         return masks[window]
 

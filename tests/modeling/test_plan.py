@@ -24,6 +24,30 @@ def test_channels_roundtrip():
     assert Plan.from_json(data).to_dict() == data
 
 
+def test_spatio_temporal_window_roundtrip():
+    """`window: [t, h, w]` is the spatial window w beside a temporal window t; [1, w, w] is plain w."""
+    data = {**example_dict(), "window": [3, 5, 5]}
+    plan = Plan.from_json(data)
+    assert (plan.window, plan.temporal_window) == (5, 3) and plan.to_dict() == data
+    one = Plan.from_json({**example_dict(), "window": [1, 5, 5]})
+    assert (one.window, one.temporal_window) == (5, 1) and one.to_dict()["window"] == 5
+
+
+@pytest.mark.parametrize("window, message", [
+    ([3, 5, 3], r"h == w"), ([2, 5, 5], r"\[t, h, w\]: t must be an odd"), ([3, 5], "must be null, an odd"),
+    ([3, 5, True], "must be null, an odd"), ([3, 0, 0], "h must be an odd"), ("3x5x5", "must be null, an odd"),
+    ([3, 5, 5, 5], "must be null, an odd"), ([10**400, 5, 5], r"t must be an odd positive integer, got 1000+\.\.\.$"),
+])
+def test_bad_spatio_temporal_windows_are_named(window, message):
+    with pytest.raises(PlanError, match=message):
+        Plan.from_json({**example_dict(), "window": window})
+
+
+def test_a_temporal_window_needs_a_spatial_one():
+    with pytest.raises(PlanError, match="temporal window needs a spatial one"):
+        Plan(family="llava", window=None, num_layers=1, num_heads=1, layers=(LayerPlan((0,), True),), temporal_window=3)
+
+
 def test_dense():
     plan = Plan.dense(3, 4)
     assert plan.window is None and all(lp.heads == (0, 1, 2, 3) and lp.mlp for lp in plan.layers)

@@ -153,11 +153,39 @@ def test_qwen_video_frames_are_temporal_slices_of_the_frame_grid(capsys):
     assert "video: 8 x 16x16 = 2048 visual tokens" in capsys.readouterr().out
 
 
+def test_a_spatio_temporal_plan_pairs_a_videos_neighbouring_slices(capsys, tmp_path):
+    """A plan with `window: [t, w, w]` costs each slice's w x w pairs with its own slice and the slices at most
+    t//2 away in the same video: 8 slices, t = 3 -> 8 + 2 * 7 = 22 slice pairs; t = 5 -> 8 + 2 * (7 + 6) = 34."""
+    from visprune.modeling import GateProbs, LayerPlan, Plan, visual_flops
+    from visprune.modeling.flops import window_pairs
+
+    dims = BUILTIN_MODELS["qwen2-vl-7b"]
+    layout = default_layout(dims, image=ImageGrids(((16, 16),) * 8, slices=tuple(range(8))))
+    for temporal, slice_pairs in ((1, 8), (3, 22), (5, 34), (17, 64)):
+        assert layout.visual_pairs(5, temporal) == slice_pairs * window_pairs(16, 16, 5)
+    two_videos = default_layout(dims, image=ImageGrids(((4, 4),) * 4, slices=(0, 1, 0, 1)))
+    assert two_videos.visual_pairs(3, 3) == 2 * 4 * window_pairs(4, 4, 3)  # never across videos
+    layers = tuple(LayerPlan(heads=tuple(range(0, 28, 4)), mlp=i % 3 == 0) for i in range(28))
+    figures = {}
+    for temporal in (1, 3):
+        plan = Plan(family="qwen2_vl", window=5, num_layers=28, num_heads=28, layers=layers, temporal_window=temporal)
+        path = tmp_path / f"plan{temporal}.json"
+        plan.to_json(path)
+        result = run_json(capsys, "qwen2-vl-7b", "--video-frames", "16", "--plan", str(path))
+        probs = GateProbs.from_plan(plan, dims.intermediate_size)
+        assert result["plan"]["visual_flops"] == pytest.approx(float(visual_flops(dims, layout, probs, 5, temporal)))
+        figures[temporal] = result["plan"]["visual_flops"]
+        assert main(["flops", "qwen2-vl-7b", "--video-frames", "16", "--plan", str(path)]) == 0
+        assert f"plan (window {5 if temporal == 1 else [3, 5, 5]})" in capsys.readouterr().out
+    assert figures[3] > figures[1]
+    assert json.loads((tmp_path / "plan3.json").read_text())["window"] == [3, 5, 5]
+
+
 @pytest.mark.parametrize("argv, message", [
     (("qwen2-vl-7b", "--video-frames", "0"), "the frame count must be 1 to"),
     (("qwen2-vl-7b", "--video-frames", "100001"), "the frame count must be 1 to"),
     (("qwen2-vl-7b", "--video-frames", "9" * 5000), "invalid int value"),
-    (("llava-1.5-7b", "--video-frames", "16"), "only qwen2_vl takes videos"),
+    (("llava-1.5-7b", "--video-frames", "16"), "only Qwen2-VL / Qwen2.5-VL take videos"),
     (("internvl3-8b", "--video-frames", "16", "--tiles", "2"), "--video-frames and --tiles do not go together"),
     (("qwen2-vl-7b", "--video-frames", "16", "--image-size", "0x10"), "each side must be 1 to"),
 ])

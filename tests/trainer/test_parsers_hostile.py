@@ -206,15 +206,19 @@ BAD_VALUES = [
     ("model.path", "a\0b", "model.path must be a non-empty path"),
     ("plan", "", "plan must be null or a non-empty path"),
     ("window", 0, "window must be null or an odd positive integer"),
+    ("window", [3, 5, 3], "window [t, h, w] must be square on the grid (h == w), got [3, 5, 3]"),
+    ("window", [4, 5, 5], "window [t, h, w]: t must be an odd positive integer, got 4"),
+    ("window", [3, 5], "window must be null, an odd positive integer or [t, h, w] (odd, h == w), got [3, 5]"),
+    ("window", [3] * 1000, "window must be null, an odd positive integer or [t, h, w] (odd, h == w), got [3, 3,"),
 ]
 
 
-@pytest.mark.parametrize("dotted, value, fragment", BAD_VALUES, ids=[f"{d}={v!r}" for d, v, _ in BAD_VALUES])
+@pytest.mark.parametrize("dotted, value, fragment", BAD_VALUES, ids=[f"{d}={v!r}"[:60] for d, v, _ in BAD_VALUES])
 def test_out_of_range_values_are_refused(tmp_path, dotted, value, fragment):
     assert fragment in refused(write(tmp_path, yaml.safe_dump(with_value(dotted, value))))
 
 
-@pytest.mark.parametrize("dotted, value, fragment", BAD_VALUES, ids=[f"{d}={v!r}" for d, v, _ in BAD_VALUES])
+@pytest.mark.parametrize("dotted, value, fragment", BAD_VALUES, ids=[f"{d}={v!r}"[:60] for d, v, _ in BAD_VALUES])
 def test_out_of_range_values_are_one_line_from_the_cli(tmp_path, capsys, dotted, value, fragment):
     path = write(tmp_path, yaml.safe_dump(with_value(dotted, value)))
     line = cli_error(capsys, ["train", str(path)])

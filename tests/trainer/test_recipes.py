@@ -154,7 +154,8 @@ def test_missing_required_key(tmp_path):
     ("optim.lr", False, "optim.lr: expected float, got bool (False)"),
     ("gates.heads", "yes please", "gates.heads: expected bool, got str"),
     ("model.path", None, "model.path: expected str, got null"),
-    ("window", "5", "window: expected int or null, got str ('5')"),
+    ("window", "5", "window: expected int or list of int or null, got str ('5')"),
+    ("window", [3, "5", 5], "window[1]: expected int, got str ('5')"),
     ("lora.targets", "q_proj", "lora.targets: expected list of str, got str ('q_proj')"),
     ("lora.targets", ["q_proj", 3], "lora.targets[1]: expected str, got int (3)"),
     ("gates", [1, 2], "gates: expected a mapping, got list ([1, 2])"),
@@ -213,6 +214,16 @@ def test_plan_select_finalists_need_a_trial_that_fits_the_run(tmp_path):
             in load_error(recipe_with(finalists=2, trial=0.5)))
     select = load_recipe(recipe_with(finalists=2, trial=0.4)).plan_select
     assert (select.finalists, select.trial_steps(10), select.step(10)) == (2, 4, 5)
+
+
+def test_a_spatio_temporal_window_reaches_the_gates_and_round_trips(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, with_value("window", [3, 5, 5])))
+    assert (recipe.gates.window, recipe.gates.temporal_window) == (5, 3) and recipe.window == [3, 5, 5]
+    save_recipe(recipe, tmp_path / "saved.yaml")
+    assert load_recipe(tmp_path / "saved.yaml") == recipe
+    assert "temporal_window" not in (tmp_path / "saved.yaml").read_text()  # the gates' copy of `window` is not written
+    plain = load_recipe(write_recipe(tmp_path, with_value("window", 3)))
+    assert (plain.gates.window, plain.gates.temporal_window) == (3, 1)
 
 
 def test_int_accepted_for_float(tmp_path):

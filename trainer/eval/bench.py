@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from visprune.modeling import cache_nbytes
 from visprune.modeling.flops import plan_report
+from visprune.modeling.plan import window_value
 
 from .bench_setup import build_bench
 from .peers import build_peer
@@ -23,7 +24,7 @@ from .timing import time_alternating
 def run_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | None = None,
               budget: float | None = None, repeats: int = 3, seed: int = 0, device: str | None = None,
               progress: bool = True, compare: tuple[str, ...] = (), kernel: str = "auto", freeze: bool = False,
-              rings: bool = False) -> dict[str, Any]:
+              rings: bool = False, video_frames: int | None = None, temporal: int = 1) -> dict[str, Any]:
     """Measure dense vs hardened prefill; returns the result dict (see module docstring).
 
     At most one of `plan_path` and `budget` (a synthetic plan of the full-depth model, default
@@ -31,7 +32,8 @@ def run_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | Non
     and the result reports their own visual-FLOPs fraction. `compare` names token-dropping peers (`peers.PEERS`)
     timed in the same alternation, each at the visual FLOPs closest to the hardened plan's. `kernel` is the
     hardened attention kernel (`hardened.ATTENTION_KERNELS`; auto: SDPA on CUDA, the merged fp32 softmax elsewhere).
-    `freeze` / `rings`: the synthetic plan also has freeze gates (frozen layers) / ring gates (per-layer windows).
+    `freeze` / `rings`: the synthetic plan also has freeze gates (frozen layers) / ring gates (per-layer windows);
+    `temporal`: its temporal window. `video_frames`: the prompt is a Qwen2-VL video of that many frames.
     """
     from visprune.modeling import hardened
 
@@ -40,17 +42,20 @@ def run_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | Non
     saved, hardened.attention_kernel = hardened.attention_kernel, kernel
     try:
         return _run_bench(model, layers, plan_path, budget, repeats, seed, device, progress, compare, kernel, freeze,
-                          rings)
+                          rings, video_frames, temporal)
     finally:
         hardened.attention_kernel = saved
 
 
 def _run_bench(model, layers, plan_path, budget, repeats, seed, device, progress, compare, kernel, freeze=False,
-               rings=False) -> dict[str, Any]:
+               rings=False, video_frames=None, temporal=1) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    if compare and video_frames is not None:
+        raise ValueError("--compare times token-dropping peers on an image prompt; it does not go with --video-frames")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    setup = build_bench(model, layers, plan_path, budget, seed, device, freeze=freeze, rings=rings)
+    setup = build_bench(model, layers, plan_path, budget, seed, device, freeze=freeze, rings=rings,
+                        video_frames=video_frames, temporal=temporal)
     if plan_path is None and budget is None:
         budget = 0.25
     kv: dict[str, int] = {}  # KV-cache bytes after a timed prefill, per model
@@ -79,8 +84,8 @@ def _run_bench(model, layers, plan_path, budget, repeats, seed, device, progress
         "hardened_kernel": ("sdpa" if device == "cuda" else "merged") if kernel == "auto" else kernel,
         "threads": torch.get_num_threads(), "repeats": repeats, "budget": budget, "plan": plan_path,
         "plan_layers": setup.picked,
-        "layout": layout.to_dict(), "image_grids": [list(g) for g in setup.grids],
-        "num_tokens": int(setup.inputs["input_ids"].shape[1]), "window": plan.window,
+        "layout": layout.to_dict(), "image_grids": [list(g) for g in setup.grids], "video_frames": video_frames,
+        "num_tokens": int(setup.inputs["input_ids"].shape[1]), "window": window_value(plan.window, plan.temporal_window),
         "visual_flops_ratio": cost["visual_flops_ratio"],
         "heads_kept_per_layer": [len(lp.heads) for lp in plan.layers],
         "mlp_kept_per_layer": [lp.mlp for lp in plan.layers],
@@ -106,6 +111,10 @@ def _describe_model(result: dict[str, Any]) -> str:
 
 def _describe_prompt(layout: dict[str, Any]) -> str:
     visual = f"{layout['visual']} visual"
+    if "slices" in layout:  # a video: one grid per temporal slice
+        rows, cols = layout["image_grid"]
+        return f"{layout['system']} system + {visual} (a video: {len(layout['slices'])} slices of {rows}x{cols}) + " \
+               f"{layout['text']} text tokens"
     if "image_grids" in layout:  # several grids per image (LLaVA-NeXT) and non-grid image tokens
         visual += f" ({' + '.join(f'{r}x{c}' for r, c in layout['image_grids'])}) + {layout['non_grid']} newline"
     return f"{layout['system']} system + {visual} + {layout['text']} text tokens"

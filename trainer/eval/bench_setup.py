@@ -7,7 +7,9 @@ The families: LLaVA, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL, InternVL with its Qwen2 
 (Qwen2's q/k/v biases, grouped KV heads, M-RoPE sections). The prompt is 35 system tokens, one image with all
 its grids, 60 text tokens: Qwen2-VL's image pads between `<|vision_start|>` and `<|vision_end|>` with the M-RoPE
 positions the model computes from `image_grid_thw`, InternVL's between `<img>` and `</img>`, LLaVA-NeXT's base
-grid then its high-resolution grid with a newline token after each row.
+grid then its high-resolution grid with a newline token after each row. With `video_frames` (Qwen2-VL) the
+prompt is one video instead: its video pads between `<|vision_start|>` and `<|vision_end|>`, one grid per
+temporal slice, and `video_grid_thw`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from visprune.modeling import (
     resolve_model_dims,
 )
 from visprune.modeling.families import FAMILIES, family_for
-from visprune.modeling.flops import dims_from_config
+from visprune.modeling.flops import dims_from_config, video_frame_grids
+from visprune.modeling.hardened import HardenedForward
 
 logger = logging.getLogger(__name__)
 
@@ -189,12 +192,31 @@ def _grid_thw(config: Any, grids: list[Grid]) -> torch.Tensor:
     return torch.tensor([[1, r * merge, c * merge] for r, c, _ in grids])
 
 
+def video_grids(config: Any, family: str, layout: TokenLayout) -> list[Grid]:
+    """The temporal slices of the layout's video as the family's own `video_grid_thw` rule lays them out, checked
+    against the FLOPs layout (Qwen2-VL only)."""
+    if family not in QWEN_FAMILIES:
+        raise ValueError(f"--video-frames: only Qwen2-VL / Qwen2.5-VL take videos, this is a {family} model")
+    slices, _ = FAMILIES[family].video_slices(config, _video_thw(config, layout))
+    if [tuple(g) for g in slices] != [tuple(g) for g in layout.grids]:
+        raise ValueError(f"the family's input for one video has slices {slices}, the FLOPs layout {list(layout.grids)}")
+    return [(r, c, False) for r, c in slices]
+
+
+def _video_thw(config: Any, layout: TokenLayout) -> torch.Tensor:
+    """Qwen2-VL's `video_grid_thw` (temporal slices, patches) of the layout's one video."""
+    merge = config.vision_config.spatial_merge_size
+    rows, cols = layout.image_grid
+    return torch.tensor([[len(layout.grids), rows * merge, cols * merge]])
+
+
 def prompt_inputs(config: Any, family: str, layout: TokenLayout, grids: list[Grid],
-                  seed: int = 0) -> dict[str, torch.Tensor]:
-    """The multimodal core's inputs for one prompt of `layout` (one image), without pixel values:
-    system tokens, the image tokens, text tokens. Qwen2-VL's `<|vision_start|>` / `<|vision_end|>`
-    and InternVL's `<img>` / `</img>` are the last system and first text token; Qwen2-VL also gets
-    `image_grid_thw` and `mm_token_type_ids`, from which the model computes its M-RoPE positions."""
+                  seed: int = 0, video: bool = False) -> dict[str, torch.Tensor]:
+    """The multimodal core's inputs for one prompt of `layout` (one image, or with `video` one video), without
+    pixel values: system tokens, the image (video) tokens, text tokens. Qwen2-VL's `<|vision_start|>` /
+    `<|vision_end|>` and InternVL's `<img>` / `</img>` are the last system and first text token; Qwen2-VL also
+    gets `image_grid_thw` (`video_grid_thw`) and `mm_token_type_ids`, from which the model computes its M-RoPE
+    positions."""
     if layout.num_images != 1:
         raise ValueError(f"the benchmark prompt has one image, the layout {layout.num_images}")
     gen = torch.Generator().manual_seed(seed)
@@ -204,10 +226,14 @@ def prompt_inputs(config: Any, family: str, layout: TokenLayout, grids: list[Gri
         system[-1], text[0] = config.vision_start_token_id, config.vision_end_token_id
     elif family == "internvl":
         system[-1], text[0] = IMAGE_START, IMAGE_END
-    image = torch.full((sum(r * (c + int(newline)) for r, c, newline in grids),), config.image_token_id)
+    token = config.video_token_id if video else config.image_token_id
+    image = torch.full((sum(r * (c + int(newline)) for r, c, newline in grids),), token)
     ids = torch.cat([system, image, text])[None]  # (1, T)
     inputs = {"input_ids": ids}
-    if family in QWEN_FAMILIES:
+    if video:
+        inputs["video_grid_thw"] = _video_thw(config, layout)
+        inputs["mm_token_type_ids"] = 2 * (ids == token).int()  # 2 = video
+    elif family in QWEN_FAMILIES:
         inputs["image_grid_thw"] = _grid_thw(config, grids)
         inputs["mm_token_type_ids"] = (ids == config.image_token_id).int()  # 1 = image
     return inputs
@@ -215,13 +241,14 @@ def prompt_inputs(config: Any, family: str, layout: TokenLayout, grids: list[Gri
 
 # ---- plans and models -----------------------------------------------------------------------------
 def synthetic_plan(dims: ModelDims, budget: float, window: int | None = 5, seed: int = 0, freeze: bool = False,
-                   rings: bool = False) -> Plan:
+                   rings: bool = False, temporal: int = 1, layout: TokenLayout | None = None) -> Plan:
     """A plan at `budget` for `dims` from seeded random gate scores, deeper layers weaker (as the
-    paper found), hardened by the same `GateSet.to_plan` as a trained run (on the family's layout). With
-    `freeze`, freeze gates too (deeper layers more often frozen); with `rings`, ring gates (per-layer windows)."""
+    paper found), hardened by the same `GateSet.to_plan` as a trained run (on `layout`, default the family's image
+    layout). With `freeze`, freeze gates too (deeper layers more often frozen); with `rings`, ring gates (per-layer
+    windows); `temporal`: the temporal window of a video's slices (`window: [t, w, w]`)."""
     gen = torch.Generator().manual_seed(seed)
     L, H = dims.num_layers, dims.num_heads
-    cfg = GateConfig(window=window, visual_freeze=freeze, window_rings=rings)
+    cfg = GateConfig(window=window, visual_freeze=freeze, window_rings=rings, temporal_window=temporal)
     gates = GateSet(dims.text_dims(), cfg, dims.family, dims.image_grid, (dims.extra_grids, dims.non_grid_tokens))
     depth = torch.linspace(0, 1, L)
     with torch.no_grad():
@@ -232,7 +259,7 @@ def synthetic_plan(dims: ModelDims, budget: float, window: int | None = 5, seed:
             gates.update.log_alpha.copy_(torch.randn(L, generator=gen) - 2 * depth)
         if rings:
             gates.rings.log_alpha.copy_(torch.randn(gates.rings.shape, generator=gen))
-    return gates.to_plan(budget)
+    return gates.to_plan(budget, layout)
 
 
 def spread_layers(total: int, count: int) -> list[int]:
@@ -286,14 +313,19 @@ class BenchSetup:
     layout: TokenLayout
     grids: list[Grid]
     inputs: dict[str, torch.Tensor]
+    video_frames: int | None = None
 
     def run_dense(self) -> Any:
         core = family_for(self.dense).multimodal_core(self.dense)
         return core(**self.inputs, use_cache=True)
 
     def run_hardened(self) -> Any:
-        ctx = hardened_forward_context(self.hardened, self.inputs["input_ids"], self.grids)
-        core = family_for(self.hardened).multimodal_core(self.hardened)
+        family = family_for(self.hardened)
+        if self.video_frames is None:
+            ctx = hardened_forward_context(self.hardened, self.inputs["input_ids"], self.grids)
+        else:  # the family's own layout of video tokens (one grid per temporal slice of `video_grid_thw`)
+            ctx = HardenedForward(family.build_layout(self.hardened, self.inputs))
+        core = family.multimodal_core(self.hardened)
         return core(**self.inputs, use_cache=True, **{HARDENED_KWARG: ctx})
 
     def attention_bias(self) -> list[str]:
@@ -304,13 +336,15 @@ class BenchSetup:
 
 def build_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | None = None,
                 budget: float | None = None, seed: int = 0, device: str = "cpu", freeze: bool = False,
-                rings: bool = False) -> BenchSetup:
+                rings: bool = False, video_frames: int | None = None, temporal: int = 1) -> BenchSetup:
     """Build everything `run_bench` times (see the module docstring); `budget` defaults to 0.25; `freeze` and
-    `rings` add freeze and ring gates to the synthetic plan."""
+    `rings` add freeze and ring gates to the synthetic plan, `temporal` its temporal window; `video_frames`: the
+    prompt is a video of that many frames of the reference grid (Qwen2-VL) instead of an image, and the synthetic
+    plan is made at `budget` on that prompt."""
     if plan_path is not None and budget is not None:
         raise ValueError("give either --plan or --budget, not both")
-    if plan_path is not None and (freeze or rings):
-        raise ValueError("--freeze and --rings shape the synthetic plan; a --plan brings its own")
+    if plan_path is not None and (freeze or rings or temporal != 1):
+        raise ValueError("--freeze, --rings and --temporal-window shape the synthetic plan; a --plan brings its own")
     if model in FLOPS_ONLY:
         raise ValueError(FLOPS_ONLY[model])
     full = resolve_model_dims(model)
@@ -322,26 +356,29 @@ def build_bench(model: str = "llava-1.5-7b", layers: int = 4, plan_path: str | N
     built = dims_from_config(config, name=full.name)
     if built != dims:  # the FLOPs model must cost what is built
         raise ValueError(f"{full.name}: the benchmark model has dims {built}, the FLOPs model {dims}")
+    video = None if video_frames is None else video_frame_grids(full, video_frames, None, None)
     if plan_path is not None:
         source = Plan.from_json(plan_path)
         source.validate_for(full.num_layers, full.num_heads, full.intermediate_size)
         if source.family != full.family:
             raise ValueError(f"{plan_path} is a plan for family {source.family!r}, {full.name} is {full.family!r}")
     else:
-        source = synthetic_plan(full, 0.25 if budget is None else budget, seed=seed, freeze=freeze, rings=rings)
+        source = synthetic_plan(full, 0.25 if budget is None else budget, seed=seed, freeze=freeze, rings=rings,
+                                temporal=temporal, layout=default_layout(full, image=video))
     plan = Plan(family=full.family, window=source.window, num_layers=layers, num_heads=source.num_heads,
-                layers=tuple(source.layers[i] for i in picked))
+                layers=tuple(source.layers[i] for i in picked), temporal_window=source.temporal_window)
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     logger.info("building %d layer(s) of %s as %s (%s, %s)", layers, full.name, MODEL_CLASSES[full.family],
                 device, dtype)
     dense, hardened = build_models(config, full.family, dtype, device, seed)
     apply_plan(hardened, plan, mode="hardened")
-    layout = default_layout(dims)
-    grids = image_grids(config, full.family, layout)
-    inputs = {k: v.to(device) for k, v in prompt_inputs(config, full.family, layout, grids, seed).items()}
-    return BenchSetup(full, dims, picked, plan, config, dense, hardened, layout, grids, inputs)
+    layout = default_layout(dims, image=video)
+    grids = image_grids(config, full.family, layout) if video is None else video_grids(config, full.family, layout)
+    inputs = prompt_inputs(config, full.family, layout, grids, seed, video=video is not None)
+    return BenchSetup(full, dims, picked, plan, config, dense, hardened, layout, grids,
+                      {k: v.to(device) for k, v in inputs.items()}, video_frames)
 
 
 __all__ = ["BENCH_VOCAB", "IMAGE_END", "IMAGE_START", "MODEL_CLASSES", "BenchSetup", "bench_config", "build_bench",
-           "build_models", "image_grids", "prompt_inputs", "spread_layers", "synthetic_plan"]
+           "build_models", "image_grids", "prompt_inputs", "spread_layers", "synthetic_plan", "video_grids"]
