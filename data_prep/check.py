@@ -22,12 +22,16 @@ from .records import (
     DETAIL_CHARS,
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
     DataError,
     conversation_problems,
+    image_path_problem,
     iter_records,
     normalize_record,
     quote,
+    row_videos,
     shorten,
+    video_paths,
 )
 from .templates import ChatTemplate
 
@@ -121,6 +125,22 @@ class Judge:
         self.verdicts[image] = verdict
         return verdict, opened
 
+    def video_problem(self, videos: list[dict]) -> tuple[str, str] | None:
+        """The first (reason, detail) of a row's videos: a frame judged as an image (`check_image`), a video file
+        by `ImageLoader.video_file`; None when every video passes."""
+        for video in videos:
+            if not video["frames"]:  # a video file
+                try:
+                    self.collator.image_loader.video_file(video["file"])
+                except ImageProblem as exc:
+                    return exc.reason, exc.detail
+                continue
+            for frame in video["frames"]:
+                verdict, _ = self.check_image(frame)
+                if verdict:
+                    return verdict
+        return None
+
     def __call__(self, index: int, record: Any) -> tuple[tuple[dict, dict] | None, dict[str, Any] | None]:
         """((normalised row, its `ChatCollator.encode` tokens) or None, reject or None): exactly one is set.
 
@@ -147,8 +167,23 @@ class Judge:
                 reject(pos, name, "placeholder_count",
                        f"{num_placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(row['images'])} images")
                 continue
-            if row["images"] and self.folder is None:
-                reject(pos, name, "no_image_folder", "the sample has images but no image folder was given")
+            videos = row_videos(row)
+            num_video_placeholders = sum(turn["value"].count(VIDEO_PLACEHOLDER) for turn in row["conversations"])
+            if num_video_placeholders != len(videos):
+                reject(pos, name, "placeholder_count",
+                       f"{num_video_placeholders} {VIDEO_PLACEHOLDER} placeholders but {len(videos)} videos")
+                continue
+            if (row["images"] or videos) and self.folder is None:
+                reject(pos, name, "no_image_folder", "the sample has images or videos but no image folder was given")
+                continue
+            path_problem = next(((path, problem) for video in videos for path in video_paths(video)
+                                 for problem in [image_path_problem(path)] if problem), None)
+            if path_problem:  # judged from the string, before anything else about the video
+                reject(pos, name, "image_path", f"video {quote(path_problem[0])}: {path_problem[1]}")
+                continue
+            if videos and not self.collator.takes_videos:
+                reject(pos, name, "video_unsupported", f"{len(videos)} video(s), but the processor "
+                       f"({type(self.collator.processor).__name__}) takes no videos (Qwen2-VL / Qwen2.5-VL do)")
                 continue
             problems = conversation_problems(row["conversations"])  # roles and turn order
             if problems:
@@ -166,6 +201,7 @@ class Judge:
                     bad = verdict
                     break
                 opened.append(decoded)
+            bad = bad or self.video_problem(videos)
             if bad:
                 reject(pos, name, *bad)
                 continue

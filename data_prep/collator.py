@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .images import MAX_IMAGE_PIXELS, ImageLoader
-from .records import IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, quote, shorten, validate_row
+from .images import MAX_IMAGE_PIXELS, ImageLoader, ImageProblem
+from .records import IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, quote, row_videos, shorten, validate_row
 from .rendering import ChatRenderer, Spans
 from .templates import ChatTemplate
 
@@ -46,6 +46,7 @@ def check_positive(name: str, value: int) -> int:
 
 TEXT_KEYS = {"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets", "token_type_ids"}
 TOKEN_KEYS = ("mm_token_type_ids",)  # per-token tensors beside input_ids (Qwen2-VL's M-RoPE needs it): padded with 0
+Video = list[Image.Image] | str  # a video as the processor takes it: its frames, or its file for the processor's loader
 
 
 class ChatCollator:
@@ -60,6 +61,9 @@ class ChatCollator:
     than `max_length` tokens, image tokens included) is an error or, with `drop_overlong`, dropped and
     counted in `num_dropped` (per process: DataLoader workers count in their own copy). Images are
     opened inside `image_folder`, never outside it, and refused over `max_image_pixels` (`ImageLoader`).
+    Videos (Qwen2-VL / Qwen2.5-VL processors) are given to the processor as their frames (frame files opened as
+    images are, all of one size) or as a video file's real path inside `image_folder`, which the processor's own
+    video loader decodes; the batch then has `pixel_values_videos` and `video_grid_thw`.
     """
 
     def __init__(self, processor: Any, template: ChatTemplate, image_folder: str | os.PathLike | None = None,
@@ -80,6 +84,9 @@ class ChatCollator:
         self.pad_token_id = tokenizer.pad_token_id
         self.bos_token = tokenizer.bos_token
         self.image_token_id = getattr(processor, "image_token_id", None)
+        self.video_token_id = getattr(processor, "video_token_id", None)
+        self.takes_videos = (getattr(processor, "video_token", None) is not None
+                             and getattr(processor, "video_processor", None) is not None)
         self.num_dropped = 0
         self._max_token_chars: int | None = None
 
@@ -108,7 +115,8 @@ class ChatCollator:
         return self.pad(samples)
 
     def encode(self, row: dict, images: list[Image.Image] | None = None) -> dict[str, torch.Tensor]:
-        """One row -> `input_ids`, `labels` (T,) long, and the processor's image tensors if it has images.
+        """One row -> `input_ids`, `labels` (T,) long, and the processor's image (video) tensors if it has images
+        (videos).
 
         A prepared row (`visprune data prepare`: it has `input_ids` and `labels`) is not rendered or
         tokenized again; see `encode_prepared`. `images`: the row's images already opened (as RGB, by a
@@ -125,10 +133,11 @@ class ChatCollator:
             raise OverLengthError(sample_id, floor, self.max_length)
         if images is None:
             images = [self.load_image(sample_id, image) for image in row["images"]]
+        videos = self.load_videos(row)
         text, spans = self.render(sample_id, self.messages(row))
-        out = self._process([sample_id], [text], images)
+        out = self._process([sample_id], [text], images, videos)
         sample = self._token_sample(out, 0, spans)
-        if images:
+        if images or videos:
             sample.update(self._image_tensors(out))
         return sample
 
@@ -156,32 +165,33 @@ class ChatCollator:
             try:
                 opened = images[pos] if images is not None and images[pos] is not None else \
                     [self.load_image(row["id"], image) for image in row["images"]]
-                todo.append((pos, row, opened))
+                todo.append((pos, row, opened, self.load_videos(row)))
             except DataError as exc:
                 results[pos] = exc
-        rendered = self.render_many([row["id"] for _, row, _ in todo], [self.messages(row) for _, row, _ in todo])
+        rendered = self.render_many([item[1]["id"] for item in todo], [self.messages(item[1]) for item in todo])
         ready = []
-        for (pos, row, opened), result in zip(todo, rendered):
+        for (pos, row, opened, videos), result in zip(todo, rendered):
             if isinstance(result, DataError):
                 results[pos] = result
             else:
-                ready.append((pos, row, opened, *result))
+                ready.append((pos, row, opened, videos, *result))
         # texts that start with the template's own BOS are tokenized without adding one: one call per kind
         for add_bos in (False, True):
-            group = [item for item in ready if self._add_special_tokens(item[3]) == add_bos]
+            group = [item for item in ready if self._add_special_tokens(item[4]) == add_bos]
             if not group:
                 continue
             flat = [image for item in group for image in item[2]]
+            flat_videos = [video for item in group for video in item[3]]
             try:
-                out = self._process([item[1]["id"] for item in group], [item[3] for item in group], flat)
+                out = self._process([item[1]["id"] for item in group], [item[4] for item in group], flat, flat_videos)
             except DataError as exc:
                 if len(group) == 1:
                     results[group[0][0]] = exc
                     continue
-                for pos, row, opened, _, _ in group:  # find the row the processor rejects
+                for pos, row, opened, _, _, _ in group:  # find the row the processor rejects
                     results[pos] = self.encode_tokens([row], [opened])[0]
                 continue
-            for index, (pos, _, _, _, spans) in enumerate(group):
+            for index, (pos, _, _, _, _, spans) in enumerate(group):
                 results[pos] = self._token_sample(out, index, spans)
         return results
 
@@ -215,26 +225,29 @@ class ChatCollator:
         if row.get("input_ids") is not None:
             return False
         turns = row["conversations"]
-        if len(turns) + len(row["images"]) > _FLOOR_ITEMS:
+        if len(turns) + len(row["images"]) + len(row_videos(row)) > _FLOOR_ITEMS:
             return True
         return sum(len(turn["value"]) for turn in turns) > _FLOOR_CHARS
 
     def _add_special_tokens(self, text: str) -> bool:
         return not (self.bos_token and text.startswith(self.bos_token))
 
-    def _process(self, sample_ids: list[str], texts: list[str], images: list[Image.Image]) -> Any:
-        """The processor on `texts` (one add_special_tokens choice for all) and their images in order;
+    def _process(self, sample_ids: list[str], texts: list[str], images: list[Image.Image],
+                 videos: list[Video] | None = None) -> Any:
+        """The processor on `texts` (one add_special_tokens choice for all) and their images (videos) in order;
         image tensors as "pt" (what the model gets), the text as lists (converting offsets is slow)."""
         kwargs = {"images": images, "images_kwargs": {"return_tensors": "pt"}} if images else {}
+        if videos:
+            kwargs.update(videos=videos, videos_kwargs={"return_tensors": "pt"})
         try:
             out = self.processor(text=texts, return_offsets_mapping=True, return_text_replacement_offsets=True,
                                  add_special_tokens=self._add_special_tokens(texts[0]), **kwargs)
-        except ValueError as exc:
+        except (ValueError, OSError, RuntimeError) as exc:  # a video the processor's loader cannot decode: OSError
             name = quote(sample_ids[0]) if len(sample_ids) == 1 else f"{quote(sample_ids[0])} (of {len(sample_ids)})"
             raise DataError(f"sample {name}: the processor rejected it: {shorten(str(exc))}") from exc
         if "offset_mapping" not in out:
             raise ValueError("ChatCollator needs a fast (tokenizers) tokenizer that returns offset mappings")
-        if images and "text_replacement_offsets" not in out:  # without them the spans would silently shift
+        if (images or videos) and "text_replacement_offsets" not in out:  # without them the spans would silently shift
             raise ValueError("ChatCollator needs a processor that returns text_replacement_offsets")
         return out
 
@@ -250,8 +263,9 @@ class ChatCollator:
         for span_start, span_end in spans:
             supervised |= (starts < span_end) & (ends > span_start)
         supervised &= ends > starts
-        if self.image_token_id is not None:
-            supervised &= input_ids != self.image_token_id
+        for token_id in (self.image_token_id, self.video_token_id):
+            if token_id is not None:
+                supervised &= input_ids != token_id
         sample = {"input_ids": input_ids, "labels": torch.where(supervised, input_ids, IGNORE_INDEX)}
         sample.update({key: torch.tensor(out[key][index], dtype=torch.long) for key in TOKEN_KEYS if key in out})
         return sample
@@ -284,19 +298,26 @@ class ChatCollator:
         sample.update({key: torch.tensor(row[key], dtype=torch.long) for key in TOKEN_KEYS if row.get(key) is not None})
         if images is None:
             images = [self.load_image(sample_id, image) for image in row["images"]]
-        if not images:
+        videos = self.load_videos(row)
+        if not images and not videos:
             return sample
         image_token = getattr(self.processor, "image_token", IMAGE_PLACEHOLDER)
+        text = image_token * len(images) + (self.processor.video_token * len(videos) if videos else "")
+        kwargs = {"images": images} if images else {}
+        if videos:
+            kwargs["videos"] = videos
         try:
-            out = self.processor(text=[image_token * len(images)], images=images, return_tensors="pt")
-        except ValueError as exc:
+            out = self.processor(text=[text], return_tensors="pt", **kwargs)
+        except (ValueError, OSError, RuntimeError) as exc:
             raise DataError(f"sample {quote(sample_id)}: the processor rejected its images: {shorten(str(exc))}") from exc
-        if self.image_token_id is not None:
-            expected = int((out["input_ids"] == self.image_token_id).sum())
-            stored = int((input_ids == self.image_token_id).sum())
+        for token_id, what in ((self.image_token_id, "image"), (self.video_token_id, "video")):
+            if token_id is None:
+                continue
+            expected = int((out["input_ids"] == token_id).sum())
+            stored = int((input_ids == token_id).sum())
             if expected != stored:
-                raise DataError(f"sample {quote(sample_id)}: its images now take {expected} image tokens but the prepared "
-                                f"dataset has {stored}; the images or the processor changed since "
+                raise DataError(f"sample {quote(sample_id)}: its {what}s now take {expected} {what} tokens but the "
+                                f"prepared dataset has {stored}; the {what}s or the processor changed since "
                                 "`visprune data prepare`: prepare the data again")
         sample.update(self._image_tensors(out))
         return sample
@@ -317,6 +338,39 @@ class ChatCollator:
         """Open `image` (relative to the image folder, which it may not leave) as RGB, its size checked
         against `max_image_pixels` before any pixel is decoded (`ImageLoader.load`)."""
         return self.image_loader.load(sample_id, image)
+
+    def load_videos(self, row: dict) -> list[Video]:
+        """A row's videos as the processor takes them (see the class docstring); [] without videos.
+
+        Raises:
+            DataError: naming the sample: the processor takes no videos, a frame or the file is refused (as
+                images are, or `ImageLoader.video_file`), or a video's frames differ in size.
+        """
+        videos = row_videos(row)
+        if not videos:
+            return []
+        sample_id = row["id"]
+        if not self.takes_videos:
+            raise DataError(f"sample {quote(sample_id)} has {len(videos)} video(s) but the processor "
+                            f"({type(self.processor).__name__}) takes no videos (Qwen2-VL / Qwen2.5-VL processors do)")
+        return [self.load_video(sample_id, video) for video in videos]
+
+    def load_video(self, sample_id: str, video: dict) -> Video:
+        """One video: its frames opened (`load_image`, the same rules), or its file's checked real path."""
+        if not video["frames"]:  # a video file
+            if self.image_loader.folder is None:
+                raise DataError(f"sample {quote(sample_id)} has video {quote(video['file'])} but data.image_folder "
+                                "is not set")
+            try:
+                return str(self.image_loader.video_file(video["file"]))
+            except ImageProblem as exc:
+                raise DataError(f"sample {quote(sample_id)}: {exc.message}") from None
+        frames = [self.load_image(sample_id, frame) for frame in video["frames"]]
+        sizes = sorted({frame.size for frame in frames})
+        if len(sizes) > 1:
+            raise DataError(f"sample {quote(sample_id)}: the frames of video {quote(video['frames'][0])}... differ in "
+                            f"size ({', '.join(f'{w}x{h}' for w, h in sizes[:4])}); a video's frames share one size")
+        return frames
 
     def pad(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Right-pad the text tensors to the longest sample; concatenate the image tensors in sample order."""

@@ -114,15 +114,7 @@ class ImageLoader:
         Raises:
             ImageProblem: see its `reason`s; an undecodable image's has PIL's error as its `__cause__`.
         """
-        path = self.resolve(image)
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            raise ImageProblem("image_missing", f"{quote(image)} not found in {self.folder}",
-                               f"image {quote(image)} not found in {self.folder}") from None
-        if not stat.S_ISREG(mode):
-            raise ImageProblem("image_not_a_file", f"{quote(image)} is not a regular file",
-                               f"image {quote(image)} is not a regular file")
+        path = self.regular_file(image, "image")
         try:
             rgb, found = decode_image(path, self.max_image_pixels)
         except ImageTooLargeError as exc:
@@ -133,5 +125,48 @@ class ImageLoader:
                                f"cannot decode image {quote(image)}: {shorten(str(exc))}") from exc
         return rgb, found, path
 
+    def regular_file(self, name: str, kind: str) -> Path:
+        """The real path of `name` (`resolve`), a regular file: never a FIFO, device or folder.
 
-__all__ = ["MAX_IMAGE_PIXELS", "ImageLoader", "ImageProblem", "ImageTooLargeError", "decode_image"]
+        Raises:
+            ImageProblem: `resolve`'s, or `{kind}_missing` / `{kind}_not_a_file` (kind: image or video).
+        """
+        path = self.resolve(name)
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            raise ImageProblem(f"{kind}_missing", f"{quote(name)} not found in {self.folder}",
+                               f"{kind} {quote(name)} not found in {self.folder}") from None
+        if not stat.S_ISREG(mode):
+            raise ImageProblem(f"{kind}_not_a_file", f"{quote(name)} is not a regular file",
+                               f"{kind} {quote(name)} is not a regular file")
+        return path
+
+    def video_file(self, video: str) -> Path:
+        """The real path of the video file `video`, for the processor's own video loader: inside the folder (as
+        `resolve`), a regular file, and a video container by its first bytes (MP4 / QuickTime, Matroska / WebM,
+        AVI, MPEG, GIF), so a picture or a text file named .mp4 is refused before any decoder sees it.
+
+        Raises:
+            ImageProblem: `image_path`, `image_outside_folder`, `video_missing`, `video_not_a_file` or
+                `video_not_a_video`.
+        """
+        path = self.regular_file(video, "video")
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+        if not is_video_container(head):
+            raise ImageProblem("video_not_a_video", f"{quote(video)} is not a video file (first bytes {head[:8]!r})",
+                               f"video {quote(video)} is not a video file (MP4, MOV, MKV, WebM, AVI, MPEG or GIF)")
+        return path
+
+
+def is_video_container(head: bytes) -> bool:
+    """Whether a file's first 16 bytes start a video container: ISO BMFF (MP4, MOV: a box of type `ftyp`, `moov`,
+    `mdat`, `free` or `wide` at byte 4), EBML (Matroska, WebM), RIFF AVI, MPEG program and elementary streams, GIF."""
+    return (head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")
+            or head.startswith((b"\x1aE\xdf\xa3", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3", b"GIF87a", b"GIF89a"))
+            or (head[:4] == b"RIFF" and head[8:12] == b"AVI "))
+
+
+__all__ = ["MAX_IMAGE_PIXELS", "ImageLoader", "ImageProblem", "ImageTooLargeError", "decode_image",
+           "is_video_container"]

@@ -39,7 +39,7 @@ from .files import fsync_dir, fsync_tree, write_atomic
 from .images import MAX_IMAGE_PIXELS
 from .prepared import MANIFEST_FILE, PREPARED_FORMAT, processor_fingerprint
 from .processing import load_processor
-from .records import DataError, check_regular_file, features, iter_records, quote, read_json
+from .records import DataError, check_regular_file, features, iter_records, quote, read_json, row_videos
 from .templates import ChatTemplate, resolve_for_folder
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class PrepareReport:
 
 
 def prepared_features(token_keys: tuple[str, ...] = ()) -> Features:
-    """The columns of a prepared dataset: the records' `id`, `images`, `conversations`, then `input_ids`,
+    """The columns of a prepared dataset: the records' `id`, `images`, `conversations`, `videos`, then `input_ids`,
     `labels` (list[int32], labels IGNORE_INDEX where not supervised), `length` (int32) and the
     processor's per-token columns (`mm_token_type_ids`: list[int8])."""
     columns = dict(features())
@@ -138,6 +138,7 @@ def _to_table(good: list[tuple[dict, dict]], lengths: np.ndarray, token_keys: tu
         "id": pa.array([row["id"] for row, _ in good], type=schema.field("id").type),
         "images": pa.array([row["images"] for row, _ in good], type=schema.field("images").type),
         "conversations": pa.array([row["conversations"] for row, _ in good], type=schema.field("conversations").type),
+        "videos": pa.array([row_videos(row) for row, _ in good], type=schema.field("videos").type),
         "input_ids": tokens("input_ids", np.int32),
         "labels": tokens("labels", np.int32),
         "length": pa.array(lengths),

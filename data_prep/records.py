@@ -21,9 +21,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"  # the LLaVA JSON convention, whatever the processor's own image token is
+VIDEO_PLACEHOLDER = "<video>"  # one per video of a record's `video` entry (LLaVA-Video / lmms-finetune convention)
+MAX_VIDEO_FRAMES = 4096  # frame files of one video given as a list
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # LLaVA "from" -> chat-template role
 IGNORE_INDEX = -100
-COLUMNS = ("id", "images", "conversations")
+COLUMNS = ("id", "images", "conversations")  # and `videos` (absent in folders prepared before videos: none)
 MAX_RECORD_CHARS = 1 << 28  # one record (a JSON-list item or a JSON line) above 256 MB is refused, not read on
 MAX_NESTING = 100  # containers inside containers (a LLaVA record has 4 levels; deeper ones cannot be pickled)
 DETAIL_CHARS = 500  # an input's value quoted in a message is cut to this many characters
@@ -32,14 +34,49 @@ PROBLEMS_SHOWN = 20  # bad samples named in one error message
 
 def features() -> Features:
     """The dataset columns of LLaVA records: `id` (str), `images` (list[str]), `conversations` (list of
-    {"from", "value"})."""
+    {"from", "value"}), `videos` (list of {"file": a video file or "", "frames": its frame files or []})."""
     from datasets import Features, List, Value
 
     return Features({
         "id": Value("string"),
         "images": List(Value("string")),
         "conversations": List({"from": Value("string"), "value": Value("string")}),
+        "videos": List({"file": Value("string"), "frames": List(Value("string"))}),
     })
+
+
+def row_videos(row: dict) -> list[dict]:
+    """A row's videos ({"file", "frames"}); [] for rows without the column (folders prepared before videos)."""
+    return row.get("videos") or []
+
+
+def video_paths(video: dict) -> list[str]:
+    """Every file a video reads: its frame files, or its video file (a video without frames is a file)."""
+    return list(video["frames"]) or [video["file"]]
+
+
+def _normalize_videos(value: Any) -> tuple[list[dict], list[str]]:
+    """A record's `video` entry as rows' videos: a string is one video file, a list holds videos, each a video file
+    (string) or a list of frame files (strings, in order). Returns (videos, reasons)."""
+    expected = "'video' must be a video file, or a list of videos each a video file or a list of frame files"
+    if isinstance(value, str):
+        return [{"file": value, "frames": []}], []
+    if not isinstance(value, list):
+        return [], [f"{expected}, got {type(value).__name__}"]
+    videos, reasons = [], []
+    for pos, item in enumerate(value):
+        if isinstance(item, str):
+            videos.append({"file": item, "frames": []})
+        elif isinstance(item, list) and all(isinstance(frame, str) for frame in item):
+            if not item:
+                reasons.append(f"video[{pos}] has no frames")
+            elif len(item) > MAX_VIDEO_FRAMES:
+                reasons.append(f"video[{pos}] has {len(item)} frame files; at most {MAX_VIDEO_FRAMES}")
+            else:
+                videos.append({"file": "", "frames": list(item)})
+        else:
+            reasons.append(f"video[{pos}]: {expected}, got {type(item).__name__}")
+    return videos, _capped(reasons)
 
 
 class DataError(ValueError):
@@ -370,6 +407,8 @@ def normalize_record(record: Any, index: int) -> tuple[str, dict | None, list[st
     else:
         images = []
         reasons.append(f"'image' must be a string or a list of strings, got {type(image).__name__}")
+    videos, video_reasons = _normalize_videos(record["video"]) if record.get("video") is not None else ([], [])
+    reasons += video_reasons
 
     conversations = record.get("conversations")
     turns = []
@@ -386,7 +425,7 @@ def normalize_record(record: Any, index: int) -> tuple[str, dict | None, list[st
             turns = [{"from": turn["from"], "value": turn["value"]} for turn in conversations]
     if reasons:
         return name, None, reasons
-    row = {"id": str(sample_id), "images": images, "conversations": turns}
+    row = {"id": str(sample_id), "images": images, "conversations": turns, "videos": videos}
     return name, row, validate_row(row)
 
 
@@ -408,6 +447,8 @@ def conversation_problems(turns: list[dict]) -> list[str]:
             reasons.append(f"conversations[{turn_idx}]: a system turn may only come first")
         elif role != "human" and IMAGE_PLACEHOLDER in turn["value"]:
             reasons.append(f"conversations[{turn_idx}]: {IMAGE_PLACEHOLDER} outside a human turn")
+        elif role != "human" and VIDEO_PLACEHOLDER in turn["value"]:
+            reasons.append(f"conversations[{turn_idx}]: {VIDEO_PLACEHOLDER} outside a human turn")
     reasons = _capped(reasons)
     first = turns[1] if turns[0]["from"] == "system" and len(turns) > 1 else turns[0]
     if first["from"] != "human":
@@ -418,16 +459,22 @@ def conversation_problems(turns: list[dict]) -> list[str]:
 
 
 def validate_row(row: dict) -> list[str]:
-    """Why a normalised row cannot be trained on ([] when it can): roles, turn order, placeholder count
-    and image paths that could leave the image folder. Touches no file."""
+    """Why a normalised row cannot be trained on ([] when it can): roles, turn order, placeholder counts
+    and image and video paths that could leave the image folder. Touches no file."""
     reasons = conversation_problems(row["conversations"])
     if reasons == ["empty conversation"]:
         return reasons
     num_placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in row["conversations"])
     if num_placeholders != len(row["images"]):
         reasons.append(f"{num_placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(row['images'])} images")
+    videos = row_videos(row)
+    num_video_placeholders = sum(turn["value"].count(VIDEO_PLACEHOLDER) for turn in row["conversations"])
+    if num_video_placeholders != len(videos):
+        reasons.append(f"{num_video_placeholders} {VIDEO_PLACEHOLDER} placeholders but {len(videos)} videos")
     paths = [f"image {quote(image)}: {problem}" for image in row["images"] for problem in [image_path_problem(image)]
              if problem]
+    paths += [f"video {quote(path)}: {problem}" for video in videos for path in video_paths(video)
+              for problem in [image_path_problem(path)] if problem]
     return reasons + _capped(paths)
 
 

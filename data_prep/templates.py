@@ -19,12 +19,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .records import IMAGE_PLACEHOLDER, ROLES, DataError, read_json, shorten
+from .records import IMAGE_PLACEHOLDER, ROLES, VIDEO_PLACEHOLDER, DataError, read_json, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class ChatTemplate:
         end_of_turn: the token texts that close an answer; supervised with it.
         requested: what the user asked for (`auto`, or a name).
         reason: why `auto` chose this template.
+        video_text: what a `<video>` becomes in string content ("" for a family without videos).
     """
 
     name: str
@@ -86,11 +88,14 @@ class ChatTemplate:
     end_of_turn: tuple[str, ...]
     requested: str = "auto"
     reason: str = ""
+    video_text: str = ""
 
     @property
     def sha256(self) -> str:
         """Hash of everything that decides the rendered text and the supervised span."""
         parts = [self.source, self.blocks, self.image_text, list(self.end_of_turn)]
+        if self.video_text:  # (templates without videos hash as they did before videos)
+            parts.append(self.video_text)
         return hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,7 +110,8 @@ class ChatTemplate:
         try:
             return cls(name=str(data["name"]), source=str(data["source"]), blocks=bool(data["blocks"]),
                        image_text=str(data["image_text"]), end_of_turn=tuple(str(t) for t in data["end_of_turn"]),
-                       requested=str(data.get("requested", "auto")), reason=str(data.get("reason", "")))
+                       requested=str(data.get("requested", "auto")), reason=str(data.get("reason", "")),
+                       video_text=str(data.get("video_text", "")))
         except KeyError as exc:
             raise DataError(f"the saved chat template lacks {exc}") from exc
         except TypeError as exc:  # end_of_turn not a list
@@ -174,11 +180,13 @@ def llava_v1_template(image_text: str = "<image>", system: str = LLAVA_V1_SYSTEM
     )
 
 
-def chatml_template(image_text: str, system: str | None = None) -> str:
+def chatml_template(image_text: str, system: str | None = None, video_text: str = "") -> str:
     """ChatML as a Jinja template: `<|im_start|>role\\ncontent<|im_end|>\\n` per turn, a system turn with
     `system` first when the conversation has none (None: no system turn), content blocks rendered in
-    order (an image as `image_text`), and `<|im_start|>assistant\\n` as the generation prompt. The
-    answer and its `<|im_end|>` sit in a `{% generation %}` block."""
+    order (an image as `image_text`, a video as `video_text` when given), and `<|im_start|>assistant\\n` as the
+    generation prompt. The answer and its `<|im_end|>` sit in a `{% generation %}` block."""
+    video = ("{%- elif block['type'] == 'video' -%}{%- set ns.text = ns.text + " + _literal(video_text) + " -%}"
+             if video_text else "")
     default_system = "" if system is None else (
         "{%- if messages and messages[0]['role'] != 'system' -%}"
         "{{- '<|im_start|>system\\n' + " + _literal(system) + " + '<|im_end|>\\n' -}}{%- endif -%}")
@@ -190,6 +198,7 @@ def chatml_template(image_text: str, system: str | None = None) -> str:
         "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
         "{%- else -%}{%- for block in message['content'] -%}"
         "{%- if block['type'] == 'image' -%}{%- set ns.text = ns.text + " + _literal(image_text) + " -%}"
+        + video +
         "{%- elif block['type'] == 'text' -%}{%- set ns.text = ns.text + block['text'] -%}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"
         "{%- if message['role'] == 'assistant' -%}"
@@ -203,13 +212,15 @@ def chatml_template(image_text: str, system: str | None = None) -> str:
 # ---- LLaVA turns -> chat messages ----------------------------------------------------------------------
 
 def to_blocks(text: str) -> list[dict[str, str]]:
-    """A LLaVA turn as content blocks in order: `{"type": "image"}` for each `<image>`, `{"type": "text",
-    "text": ...}` for the text between them, whitespace next to an image dropped (LLaVA strips it too)."""
-    pieces = text.split(IMAGE_PLACEHOLDER)
+    """A LLaVA turn as content blocks in order: `{"type": "image"}` for each `<image>`, `{"type": "video"}` for
+    each `<video>`, `{"type": "text", "text": ...}` for the text between them, whitespace next to an image or
+    video dropped (LLaVA strips it too)."""
+    split = _MEDIA.split(text)  # text, placeholder, text, ...
+    pieces, kinds = split[0::2], split[1::2]
     blocks: list[dict[str, str]] = []
     for idx, piece in enumerate(pieces):
         if idx > 0:
-            blocks.append({"type": "image"})
+            blocks.append({"type": "image" if kinds[idx - 1] == IMAGE_PLACEHOLDER else "video"})
             piece = piece.lstrip()
         if idx < len(pieces) - 1:
             piece = piece.rstrip()
@@ -218,12 +229,18 @@ def to_blocks(text: str) -> list[dict[str, str]]:
     return blocks
 
 
+_MEDIA = re.compile("(" + re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(VIDEO_PLACEHOLDER) + ")")
+
+
 def to_messages(conversations: Sequence[dict], template: ChatTemplate) -> list[dict[str, Any]]:
     """LLaVA turns (`{"from", "value"}`) as the messages `template` renders: content blocks, or strings in
-    which each `<image>` became the family's image text."""
+    which each `<image>` became the family's image text and each `<video>` its video text."""
     if template.blocks:
         return [{"role": ROLES[turn["from"]], "content": to_blocks(turn["value"])} for turn in conversations]
-    return [{"role": ROLES[turn["from"]], "content": turn["value"].replace(IMAGE_PLACEHOLDER, template.image_text)}
+    video_text = template.video_text or VIDEO_PLACEHOLDER
+    return [{"role": ROLES[turn["from"]],
+             "content": turn["value"].replace(IMAGE_PLACEHOLDER, template.image_text).replace(VIDEO_PLACEHOLDER,
+                                                                                              video_text)}
             for turn in conversations]
 
 
@@ -321,11 +338,21 @@ def training_template(name: str, processor: Any, family: str | None, stops: Sequ
                                 f"have; use data.template {TRAINING_TEMPLATES.get(family or '', 'processor')}")
         style = CHATML_STYLES.get(family or "")
         block_text = style.image_text(processor) if style else image_text
-        source, end = chatml_template(block_text, style.system if style else None), (IM_END,)
+        source = chatml_template(block_text, style.system if style else None, family_video_text(processor, family))
+        end = (IM_END,)
     if end[0] not in stops:
         logger.info("data.template %s closes answers with %s, which the model's generation config does not stop "
                     "on (%s); the exported model stops on it as well", name, end[0], list(stops))
-    return ChatTemplate(name, source, True, image_text, end)
+    return ChatTemplate(name, source, True, image_text, end, video_text=family_video_text(processor, family))
+
+
+def family_video_text(processor: Any, family: str | None) -> str:
+    """What a `<video>` of the data becomes in string content: the family's video text (`video_text`, Qwen2-VL),
+    "" for a family or processor without videos."""
+    from visprune.modeling.families import FAMILIES
+
+    own = getattr(FAMILIES.get(family or ""), "video_text", None)
+    return own(processor) if own is not None and getattr(processor, "video_token", None) else ""
 
 
 def family_image_text(processor: Any, family: str | None) -> str:
@@ -352,7 +379,8 @@ def processor_template(processor: Any, family: str | None, stops: Sequence[str])
     for blocks in (True, False):
         problems, ends = check_template(processor, source, blocks, image_text, stops)
         if not problems:
-            return ChatTemplate("processor", source, blocks, image_text, ends), ""
+            return ChatTemplate("processor", source, blocks, image_text, ends,
+                                video_text=family_video_text(processor, family)), ""
         failures.append(problems)
     # report the mode that got furthest: blocks unless it could not render at all
     problems = failures[0] if not failures[0][0].startswith("fails on") else failures[1]

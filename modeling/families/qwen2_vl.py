@@ -208,6 +208,11 @@ class Qwen2VLFamily(LlamaStyleFamily):
         the image's visual tokens) between the vision start / end tokens."""
         return f"{VISION_START}{processor.image_token}{VISION_END}"
 
+    def video_text(self, processor: Any) -> str:
+        """As Qwen2-VL's chat template renders a video: the video pad token (expanded by the processor to the
+        video's visual tokens) between the vision start / end tokens."""
+        return f"{VISION_START}{processor.video_token}{VISION_END}"
+
     def projector_paths(self) -> tuple[str, ...]:
         return (MERGER,)
 

@@ -152,7 +152,7 @@ def test_build_dataset_columns(tmp_path):
                                                              human("<image>\nwhat?"), gpt("red")]},
                {"id": "t", "conversations": [human("hi"), gpt("hello")]}]
     dataset = build_dataset(write_records(tmp_path, records))
-    assert dataset.column_names == ["id", "images", "conversations"]
+    assert dataset.column_names == ["id", "images", "conversations", "videos"] and dataset[0]["videos"] == []
     assert dataset[0]["id"] == "7" and dataset[0]["images"] == ["a.png"]
     assert dataset[1]["images"] == []
     assert dataset[0]["conversations"][0] == {"from": "system", "value": "be brief"}

@@ -483,3 +483,43 @@ def test_max_length_below_one_is_refused(cli, world, tmp_path):
         one_error(cli.check(world["data"], "--max-length", value), "max")
         one_error(cli.prepare(world["data"], tmp_path / "out", "--max-length", value), "max")
     assert not (tmp_path / "out").exists()
+
+
+# ---- video entries -----------------------------------------------------------------------------------------
+
+def video_record(sample_id, video, question="<video>\nwhat happens?") -> dict:
+    return {"id": sample_id, "video": video, "conversations": [turn("human", question), turn("gpt", "it moves")]}
+
+
+def test_hostile_video_entries_are_named_rejections_and_one_line_errors(cli, world, tmp_path):
+    """Broken, hostile and huge `video` entries through `data check`, `eval` and `train`: each a named rejection
+    (or the one error line that names the sample), in bounded time, no input file changed. The toy processor is
+    LLaVA's, which takes no videos: a well-formed video sample is `video_unsupported`."""
+    image = min(os.listdir(world["image_folder"]))
+    data_records = [
+        video_record("good-shape", [[image, image]]),
+        video_record("escape", "../outside.mp4"),
+        video_record("absolute", [[image, "/etc/passwd"]]),
+        video_record("no-frames", [[]]),
+        video_record("huge", [[image] * 100_000]),
+        video_record("dict", {"file": image}),
+        video_record("count", [image, [image]]),
+        video_record("answer", image, "what?"),
+    ]
+    expected = {"'good-shape'": "video_unsupported", "'escape'": "image_path", "'absolute'": "image_path",
+                "'no-frames'": "malformed_record", "'huge'": "malformed_record", "'dict'": "malformed_record",
+                "'count'": "placeholder_count", "'answer'": "placeholder_count"}
+    data = cli.inputs / "videos.json"
+    data.write_text(json.dumps(data_records))
+    started = time.perf_counter()
+    code, _out, err = cli.check(data, "--skip-bad", "--out", tmp_path / "scan")
+    assert code == 0 and "Traceback" not in err and time.perf_counter() - started < 60
+    assert rejections(tmp_path / "scan" / REJECTED_FILE) == expected
+    assert max(map(len, (tmp_path / "scan" / REJECTED_FILE).read_text().splitlines())) < 1500
+    fragments = ("7 of 8 samples are invalid", "'escape': video '../outside.mp4': '..' is not allowed",
+                 "'absolute': video '/etc/passwd': absolute paths are not allowed")
+    one_error(cli.eval(data), str(data), *fragments)
+    one_error(cli.train(data, tmp_path / "run"), str(data), *fragments)
+    one = cli.inputs / "one.json"
+    one.write_text(json.dumps([data_records[0]]))
+    one_error(cli.eval(one), "'good-shape' has 1 video(s) but the processor (LlavaProcessor) takes no videos")

@@ -32,7 +32,7 @@ from visprune.data_prep.templates import resolve_template
 from visprune.data_prep.toy import write_toy_inputs
 from visprune.trainer.cli import main
 
-COLUMNS = ["id", "images", "conversations", "input_ids", "labels", "length"]
+COLUMNS = ["id", "images", "conversations", "videos", "input_ids", "labels", "length"]
 
 
 @pytest.fixture(scope="module")

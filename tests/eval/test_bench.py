@@ -97,7 +97,7 @@ def test_bench_synthetic_plan_with_frozen_layers_and_per_layer_windows(config_di
     assert len(result["window_per_layer"]) == 3 and all(w in (1, 3, 5) for w in result["window_per_layer"])
     assert isinstance(result["frozen_layers"], list)
     assert main(["bench", "--model", str(config_dir), "--plan", "x.json", "--freeze"]) == 2
-    assert "--freeze and --rings shape the synthetic plan" in capsys.readouterr().err
+    assert "--freeze, --rings and --temporal-window shape the synthetic plan" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -184,6 +184,17 @@ def test_bench_builds_the_family(family, family_dirs, tmp_path):
     torch.testing.assert_close(hard, _gated_hidden(setup), atol=1e-4, rtol=1e-4)
 
 
+def dense_position_ids(setup) -> torch.Tensor:
+    """The position ids the dense run's language model gets."""
+    seen = {}
+    lm = setup.dense.model.language_model
+    handle = lm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        setup.run_dense()
+    handle.remove()
+    return seen["position_ids"]
+
+
 @pytest.mark.parametrize("variant", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_bench_uses_mrope_positions(variant, family_dirs):
     """The dense run's language model gets the M-RoPE positions the model computes from image_grid_thw:
@@ -191,13 +202,7 @@ def test_qwen_bench_uses_mrope_positions(variant, family_dirs):
     setup = build_bench(str(family_dirs[variant]), layers=1, budget=0.5)
     rows, cols = setup.layout.image_grid
     assert setup.inputs["image_grid_thw"].tolist() == [[1, 2 * rows, 2 * cols]]  # tiny merge size 2
-    seen = {}
-    lm = setup.dense.model.language_model
-    handle = lm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
-    with torch.no_grad():
-        setup.run_dense()
-    handle.remove()
-    pos = seen["position_ids"][-3:, 0]  # (3, T): t, h, w
+    pos = dense_position_ids(setup)[-3:, 0]  # (3, T): t, h, w
     image = setup.inputs["mm_token_type_ids"][0].bool()
     s = setup.layout.system
     assert (pos[1][image] - s).unique().tolist() == list(range(rows))
@@ -218,13 +223,7 @@ def test_a_video_prompt_is_one_grid_per_slice_and_hardened_equals_gated(variant,
     video = ids == setup.config.video_token_id
     assert int(video.sum()) == 2 * rows * cols and not bool((ids == setup.config.image_token_id).any())
     assert setup.plan.temporal_window == 3 and setup.plan.window == 5
-    seen = {}
-    lm = setup.dense.model.language_model
-    handle = lm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
-    with torch.no_grad():
-        setup.run_dense()
-    handle.remove()
-    assert seen["position_ids"][-3, 0][video].unique().numel() == 2  # one temporal position per slice
+    assert dense_position_ids(setup)[-3, 0][video].unique().numel() == 2  # one temporal position per slice
 
     gated, _ = build_models(setup.config, variant, torch.float32, "cpu", seed=0)
     gated.load_state_dict(setup.dense.state_dict())
