@@ -280,3 +280,16 @@ def test_a_collated_video_batch_runs_the_published_geometry_model_gated_and_hard
     loss = trained(**collated).loss
     loss.backward()
     assert torch.isfinite(loss) and gates.head.log_alpha.grad.abs().sum() > 0
+
+
+def test_generation_prompts_refuse_a_video_sample(qwen_folder, media):
+    """`visprune eval`'s generation metrics build image prompts: a video sample is refused, never run without
+    its video."""
+    from visprune.trainer.eval.prompts import PromptEncoder
+
+    processor = QwenVideoStandIn(qwen_folder)
+    encoder = PromptEncoder(processor, media, resolve_template(processor, "processor", "qwen2_vl"))
+    row = {"id": "vid", "images": [], "videos": [{"file": "clip.mp4", "frames": []}],
+           "conversations": [human("<video>\nwhat?")]}
+    with pytest.raises(DataError, match="sample 'vid' has a video: generation metrics .* take images only"):
+        encoder.batch([row])

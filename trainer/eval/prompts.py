@@ -63,6 +63,10 @@ class PromptEncoder:
         return self.prompt({"id": name, "images": [], "conversations": [{"from": "human", "value": text}]})
 
     def images(self, row: dict) -> list:
+        """The row's images opened. A row with videos is refused: generation prompts are built for images only."""
+        if row.get("videos"):
+            raise DataError(f"sample {row['id']!r} has a video: generation metrics (vqa, pope, mc) take images only; "
+                            "score videos with --metric teacher_forced")
         return [self.collator.load_image(row["id"], image) for image in row["images"]]
 
     def add_special_tokens(self, text: str) -> bool:
