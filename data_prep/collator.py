@@ -8,6 +8,7 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -46,7 +47,9 @@ def check_positive(name: str, value: int) -> int:
 
 TEXT_KEYS = {"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets", "token_type_ids"}
 TOKEN_KEYS = ("mm_token_type_ids",)  # per-token tensors beside input_ids (Qwen2-VL's M-RoPE needs it): padded with 0
-Video = list[Image.Image] | str  # a video as the processor takes it: its frames, or its file for the processor's loader
+# a video as the processor takes it: (T, C, H, W) uint8 frames, with the processor loader's metadata for a file (the
+# processor refuses a call that mixes paths and frame lists, so files are decoded up front by its own loader)
+Video = tuple[torch.Tensor, Any]
 
 
 class ChatCollator:
@@ -61,9 +64,10 @@ class ChatCollator:
     than `max_length` tokens, image tokens included) is an error or, with `drop_overlong`, dropped and
     counted in `num_dropped` (per process: DataLoader workers count in their own copy). Images are
     opened inside `image_folder`, never outside it, and refused over `max_image_pixels` (`ImageLoader`).
-    Videos (Qwen2-VL / Qwen2.5-VL processors) are given to the processor as their frames (frame files opened as
-    images are, all of one size) or as a video file's real path inside `image_folder`, which the processor's own
-    video loader decodes; the batch then has `pixel_values_videos` and `video_grid_thw`.
+    Videos (Qwen2-VL / Qwen2.5-VL processors) are given to the processor as frame tensors: frame files opened as
+    images are (all of one size), or a video file inside `image_folder` decoded by the processor's own video loader
+    (`video_processor.fetch_videos`, with its metadata); the batch then has `pixel_values_videos` and
+    `video_grid_thw`.
     """
 
     def __init__(self, processor: Any, template: ChatTemplate, image_folder: str | os.PathLike | None = None,
@@ -238,13 +242,13 @@ class ChatCollator:
         image tensors as "pt" (what the model gets), the text as lists (converting offsets is slow)."""
         kwargs = {"images": images, "images_kwargs": {"return_tensors": "pt"}} if images else {}
         if videos:
-            kwargs.update(videos=videos, videos_kwargs={"return_tensors": "pt"})
+            kwargs.update(_video_kwargs(videos), videos_kwargs={"return_tensors": "pt"})
         try:
             out = self.processor(text=texts, return_offsets_mapping=True, return_text_replacement_offsets=True,
                                  add_special_tokens=self._add_special_tokens(texts[0]), **kwargs)
-        except (ValueError, OSError, RuntimeError) as exc:  # a video the processor's loader cannot decode: OSError
+        except (ValueError, OSError, RuntimeError, ImportError) as exc:  # ImportError: no video decoder installed
             name = quote(sample_ids[0]) if len(sample_ids) == 1 else f"{quote(sample_ids[0])} (of {len(sample_ids)})"
-            raise DataError(f"sample {name}: the processor rejected it: {shorten(str(exc))}") from exc
+            raise DataError(f"sample {name}: {processor_problem(exc)}") from exc
         if "offset_mapping" not in out:
             raise ValueError("ChatCollator needs a fast (tokenizers) tokenizer that returns offset mappings")
         if (images or videos) and "text_replacement_offsets" not in out:  # without them the spans would silently shift
@@ -305,11 +309,11 @@ class ChatCollator:
         text = image_token * len(images) + (self.processor.video_token * len(videos) if videos else "")
         kwargs = {"images": images} if images else {}
         if videos:
-            kwargs["videos"] = videos
+            kwargs.update(_video_kwargs(videos))
         try:
             out = self.processor(text=[text], return_tensors="pt", **kwargs)
-        except (ValueError, OSError, RuntimeError) as exc:
-            raise DataError(f"sample {quote(sample_id)}: the processor rejected its images: {shorten(str(exc))}") from exc
+        except (ValueError, OSError, RuntimeError, ImportError) as exc:
+            raise DataError(f"sample {quote(sample_id)}: {processor_problem(exc)}") from exc
         for token_id, what in ((self.image_token_id, "image"), (self.video_token_id, "video")):
             if token_id is None:
                 continue
@@ -356,21 +360,32 @@ class ChatCollator:
         return [self.load_video(sample_id, video) for video in videos]
 
     def load_video(self, sample_id: str, video: dict) -> Video:
-        """One video: its frames opened (`load_image`, the same rules), or its file's checked real path."""
+        """One video as (T, C, H, W) uint8 frames and its metadata: its frame files opened (`load_image`, the same
+        rules; no metadata), or its file, checked (`ImageLoader.video_file`) and decoded by the processor's own
+        video loader."""
         if not video["frames"]:  # a video file
             if self.image_loader.folder is None:
                 raise DataError(f"sample {quote(sample_id)} has video {quote(video['file'])} but data.image_folder "
                                 "is not set")
             try:
-                return str(self.image_loader.video_file(video["file"]))
+                path = self.image_loader.video_file(video["file"])
             except ImageProblem as exc:
                 raise DataError(f"sample {quote(sample_id)}: {exc.message}") from None
+            try:
+                frames, metadata = self.processor.video_processor.fetch_videos(str(path))
+            except ImportError as exc:  # transformers decodes files with torchcodec
+                raise DataError(f"sample {quote(sample_id)}: {processor_problem(exc)}") from exc
+            except (RuntimeError, OSError, ValueError, TypeError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise DataError(f"sample {quote(sample_id)}: cannot decode video {quote(video['file'])} with the "
+                                f"processor's video loader: {shorten(first, 300)}") from exc
+            return torch.as_tensor(frames), metadata
         frames = [self.load_image(sample_id, frame) for frame in video["frames"]]
         sizes = sorted({frame.size for frame in frames})
         if len(sizes) > 1:
             raise DataError(f"sample {quote(sample_id)}: the frames of video {quote(video['frames'][0])}... differ in "
                             f"size ({', '.join(f'{w}x{h}' for w, h in sizes[:4])}); a video's frames share one size")
-        return frames
+        return torch.stack([torch.from_numpy(np.array(frame)).permute(2, 0, 1) for frame in frames]), None
 
     def pad(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Right-pad the text tensors to the longest sample; concatenate the image tensors in sample order."""
@@ -394,6 +409,23 @@ class ChatCollator:
         for key in image_keys:
             batch[key] = cat_images([sample[key] for sample in samples if key in sample])
         return batch
+
+
+def _video_kwargs(videos: list[Video]) -> dict[str, Any]:
+    """The processor's video arguments: the frame tensors, and the loader's metadata when every video has it (the
+    processor refuses a metadata list with gaps; it only samples frames by it when `do_sample_frames` is set)."""
+    kwargs: dict[str, Any] = {"videos": [frames for frames, _ in videos]}
+    if all(metadata is not None for _, metadata in videos):
+        kwargs["video_metadata"] = [metadata for _, metadata in videos]
+    return kwargs
+
+
+def processor_problem(exc: Exception) -> str:
+    """What the processor's refusal of a sample says, in one line: a missing video decoder (transformers decodes
+    video files with torchcodec) is named as such, anything else is the processor rejecting the sample."""
+    if isinstance(exc, ImportError):
+        return f"the processor cannot decode its video file here ({shorten(str(exc).splitlines()[0], 200)})"
+    return f"the processor rejected it: {shorten(str(exc))}"
 
 
 def cat_images(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -6,7 +6,13 @@ gated and hardened.
 
 transformers 5.x's Qwen2-VL processor cannot be built here (its video processor needs torchvision, which does not
 install beside this torch), so the collator is driven by `QwenVideoStandIn`: the published tokenizer and chat
-template, with the processor's placeholder expansion (`<|video_pad|>` x t*h*w / merge^2) and its output keys."""
+template, with the processor's placeholder expansion (`<|video_pad|>` x t*h*w / merge^2), its output keys and its
+video loader's interface. What the stand-in mirrors was read off the real `Qwen2VLProcessor` (transformers 5.23.0
+with torch 2.14.1 + torchvision 0.29.1 and torchcodec 0.17, in a separate environment): 4 frames of 56x56 give
+`video_grid_thw` [2, 4, 4], 32 patch rows of 1176 and 8 video tokens; `mm_token_type_ids` is 2 on them; frames as
+PIL images or as a (T, C, H, W) uint8 tensor give equal pixels; an MP4 path and its `fetch_videos` tensor give
+equal pixels; one call that mixes a path and a frame list fails inside transformers, hence the collator decodes
+files with `fetch_videos` first; without torchcodec `fetch_videos` raises ImportError."""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import json
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -76,21 +83,29 @@ class QwenVideoStandIn:
         self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token)
-        self.video_processor = SimpleNamespace(merge_size=2, temporal_patch_size=2, patch_size=14)
+        self.fetched = []
+        self.video_processor = SimpleNamespace(merge_size=2, temporal_patch_size=2, patch_size=14,
+                                               fetch_videos=self.fetch_videos)
         self.calls = []
+
+    def fetch_videos(self, path):
+        """The loader's interface: (T, C, H, W) uint8 frames and metadata; here 4 frames of 56x56 (nothing decodes)."""
+        self.fetched.append(path)
+        return torch.zeros(4, 3, 56, 56, dtype=torch.uint8), {"total_num_frames": 4, "fps": 2.0}
 
     def apply_chat_template(self, conversations, **kwargs):
         return self.tokenizer.apply_chat_template(conversations, **kwargs)
 
     @staticmethod
     def grid(video):
-        frames, (width, height) = (4, (56, 56)) if isinstance(video, str) else (len(video), video[0].size)
+        frames, _, height, width = video.shape
         return [math.ceil(frames / 2), round(height / 28) * 2, round(width / 28) * 2]
 
     def __call__(self, text, images=None, videos=None, add_special_tokens=True, return_offsets_mapping=False,
-                 return_text_replacement_offsets=False, return_tensors=None, **kwargs):
+                 return_text_replacement_offsets=False, return_tensors=None, video_metadata=None, **kwargs):
         assert not images, "a video stand-in"
-        self.calls.append(videos)
+        assert all(isinstance(video, torch.Tensor) and video.dtype == torch.uint8 for video in videos or [])
+        self.calls.append((videos, video_metadata))
         grids = iter([self.grid(video) for video in videos or []])
         used, texts, replacements = [], [], []
         for item in text:
@@ -193,9 +208,12 @@ def test_videos_collate_into_the_processors_video_tensors(qwen_folder, media):
     both = {"id": "both", "images": [], "conversations": [human("<video><video>\ncompare"), gpt("the same")],
             "videos": [{"file": "clip.mp4", "frames": []}, {"file": "", "frames": ["f0.png", "f1.png"]}]}
     batch = collator([frames, both])
-    first, second = processor.calls[0], processor.calls[1]
-    assert [frame.size for frame in first[0]] == [(56, 56)] * 4
-    assert second[0] == str((media / "clip.mp4").resolve()) and len(second[1]) == 2  # a file: the real path
+    (first, first_metadata), (second, second_metadata) = processor.calls
+    assert first[0].shape == (4, 3, 56, 56) and first_metadata is None  # frames: no loader metadata
+    expected = torch.from_numpy(np.array(Image.open(media / "f1.png").convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(first[0][1], expected)
+    assert processor.fetched == [str((media / "clip.mp4").resolve())]  # a file: the loader gets its real path
+    assert second[0].shape == (4, 3, 56, 56) and second[1].shape == (2, 3, 56, 56) and second_metadata is None
     assert batch["video_grid_thw"].tolist() == [[2, 4, 4], [2, 4, 4], [1, 4, 4]]
     assert batch["pixel_values_videos"].shape == (32 + 32 + 16, 1176)
     video = batch["input_ids"] == processor.video_token_id
@@ -204,6 +222,8 @@ def test_videos_collate_into_the_processors_video_tensors(qwen_folder, media):
     assert bool((batch["mm_token_type_ids"][video] == 2).all())
     answer = processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
     assert answer.startswith("a red square moves")
+    collator.encode({**both, "videos": both["videos"][:1], "conversations": [human("<video>\nwhat?"), gpt("x")]})
+    assert processor.calls[-1][1] == [{"total_num_frames": 4, "fps": 2.0}]  # only files: the loader's metadata
 
 
 @pytest.mark.parametrize("video, message", [
@@ -293,3 +313,32 @@ def test_generation_prompts_refuse_a_video_sample(qwen_folder, media):
            "conversations": [human("<video>\nwhat?")]}
     with pytest.raises(DataError, match="sample 'vid' has a video: generation metrics .* take images only"):
         encoder.batch([row])
+
+
+def test_a_video_file_without_a_decoder_is_one_line_naming_the_sample(qwen_folder, media):
+    """transformers decodes video files with torchcodec; without it the processor raises ImportError (the message
+    below is transformers 5.23's, seen with the real Qwen2VLProcessor): the sample is named, in one line."""
+    class NoDecoder(QwenVideoStandIn):
+        def fetch_videos(self, path):
+            raise ImportError("`torchcodec` is not installed or can't be loaded, so it cannot decode the video by "
+                              "default. Video decoding with `torchvision` is not available: ...\nmore")
+
+    processor = NoDecoder(qwen_folder)
+    collator = ChatCollator(processor, resolve_template(processor, "processor", "qwen2_vl"), image_folder=media)
+    row = {"id": "clip", "images": [], "videos": [{"file": "clip.mp4", "frames": []}],
+           "conversations": [human("<video>\nwhat?"), gpt("x")]}
+    with pytest.raises(DataError, match=r"^sample 'clip': the processor cannot decode its video file here "
+                                        r"\(`torchcodec` is not installed[^\n]*\)$"):
+        collator.encode(row)
+    _, rejected = Judge(media, processor, collator.template)(0, record("clip.mp4", sample_id="clip"))
+    assert rejected["reason"] == "encoding" and "cannot decode its video file here" in rejected["detail"]
+
+    class Corrupt(QwenVideoStandIn):  # what torchcodec raises for an MP4 header with no stream behind it
+        def fetch_videos(self, path):
+            raise RuntimeError(f"SingleStreamDecoder, SingleStreamDecoder.cpp:41, Could not open input file: {path}")
+
+    processor = Corrupt(qwen_folder)
+    collator = ChatCollator(processor, collator.template, image_folder=media)
+    with pytest.raises(DataError, match=r"^sample 'clip': cannot decode video 'clip.mp4' with the processor's video "
+                                        r"loader: SingleStreamDecoder"):
+        collator.encode(row)
