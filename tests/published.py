@@ -477,3 +477,20 @@ def write_published_assets(name: str, out_dir: str | Path, num_samples: int = 8,
     data_path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     logger.info("wrote %d %s samples to %s and a tiny model to %s", len(records), name, data_dir, model_dir)
     return {"model": str(model_dir), "data": str(data_path), "image_folder": str(image_dir)}
+
+
+def spatio_temporal_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (on the batch's attention mask) of copies of a tiny 2-layer Qwen2-VL `model` under one spatio-temporal
+    plan (window [3, 3, 3]), gated and hardened; `batch` without labels."""
+    import copy
+
+    from visprune.modeling import LayerPlan, Plan, apply_plan
+
+    plan = Plan(family="qwen2_vl", window=3, num_layers=2, num_heads=4, temporal_window=3,
+                layers=(LayerPlan(heads=(0, 2), mlp=True), LayerPlan(heads=(1,), mlp=False)))
+    gated, hardened = copy.deepcopy(model), copy.deepcopy(model)
+    apply_plan(gated, plan)
+    apply_plan(hardened, plan, mode="hardened")
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        return gated(**batch).logits[mask], hardened(**batch).logits[mask]
