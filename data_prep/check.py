@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from .collator import ChatCollator, check_positive
+from .collator import ChatCollator, check_positive, frames_video
 from .files import write_atomic
 from .images import MAX_IMAGE_PIXELS, ImageLoader, ImageProblem
 from .records import (
@@ -125,21 +125,33 @@ class Judge:
         self.verdicts[image] = verdict
         return verdict, opened
 
-    def video_problem(self, videos: list[dict]) -> tuple[str, str] | None:
-        """The first (reason, detail) of a row's videos: a frame judged as an image (`check_image`), a video file
-        by `ImageLoader.video_file`; None when every video passes."""
+    def check_videos(self, sample_id: str, videos: list[dict]) -> tuple[tuple[str, str] | None, list]:
+        """(the first (reason, detail) of a row's videos or None, per video its frames as the collator loads them
+        when the check decoded every frame, else None): a frame judged as an image (`check_image`), a video file by
+        `ImageLoader.video_file` (it is decoded when the row is encoded)."""
+        loaded = []
         for video in videos:
             if not video["frames"]:  # a video file
                 try:
                     self.collator.image_loader.video_file(video["file"])
                 except ImageProblem as exc:
-                    return exc.reason, exc.detail
+                    return (exc.reason, exc.detail), []
+                loaded.append(None)
                 continue
+            frames = []
             for frame in video["frames"]:
-                verdict, _ = self.check_image(frame)
+                verdict, decoded = self.check_image(frame)
                 if verdict:
-                    return verdict
-        return None
+                    return verdict, []
+                frames.append(decoded)
+            loaded.append(None if any(frame is None for frame in frames) else (video, frames))
+        out = []
+        for item in loaded:
+            try:
+                out.append(None if item is None else frames_video(sample_id, *item))
+            except DataError:  # frames of different sizes: the encoding says so, naming the sample
+                out.append(None)
+        return None, out
 
     def __call__(self, index: int, record: Any) -> tuple[tuple[dict, dict] | None, dict[str, Any] | None]:
         """((normalised row, its `ChatCollator.encode` tokens) or None, reject or None): exactly one is set.
@@ -151,7 +163,7 @@ class Judge:
         """`__call__` for records at indices start, start + 1, ...: the encodings are computed together
         (`ChatCollator.encode_tokens`, one processor call), the verdicts are the same."""
         results: list[Any] = [None] * len(records)
-        todo = []  # (position, row, images decoded by the check or None)
+        todo = []  # (position, name, row, images decoded by the check or None, videos loaded by the check or None)
 
         def reject(pos: int, name: str, reason: str, detail: str) -> None:
             results[pos] = (None, {"id": name, "index": start + pos, "reason": reason,
@@ -201,24 +213,26 @@ class Judge:
                     bad = verdict
                     break
                 opened.append(decoded)
-            bad = bad or self.video_problem(videos)
+            video_verdict, loaded = self.check_videos(row["id"], videos) if not bad else (None, [])
+            bad = bad or video_verdict
             if bad:
                 reject(pos, name, *bad)
                 continue
-            todo.append((pos, name, row, opened))
+            todo.append((pos, name, row, opened, loaded))
         images = []
-        for pos, name, row, opened in todo:  # images whose verdict was remembered are opened as in training
+        for pos, name, row, opened, _ in todo:  # images whose verdict was remembered are opened as in training
             try:
                 images.append([decoded if decoded is not None else self.collator.load_image(row["id"], image)
                                for image, decoded in zip(row["images"], opened)])
             except DataError as exc:
                 images.append(exc)
         usable = [(item, opened) for item, opened in zip(todo, images) if not isinstance(opened, DataError)]
-        for (pos, name, _, _), opened in zip(todo, images):
+        for (pos, name, _, _, _), opened in zip(todo, images):
             if isinstance(opened, DataError):
                 reject(pos, name, "encoding", str(opened))
-        encoded = self.collator.encode_tokens([item[2] for item, _ in usable], [opened for _, opened in usable])
-        for ((pos, name, row, _), _), sample in zip(usable, encoded):
+        encoded = self.collator.encode_tokens([item[2] for item, _ in usable], [opened for _, opened in usable],
+                                              [item[4] for item, _ in usable])
+        for ((pos, name, row, _, _), _), sample in zip(usable, encoded):
             if isinstance(sample, DataError):
                 reject(pos, name, "encoding", str(sample))
                 continue

@@ -145,13 +145,15 @@ class ChatCollator:
             sample.update(self._image_tensors(out))
         return sample
 
-    def encode_tokens(self, rows: list[dict], images: list[list[Image.Image] | None] | None = None
-                      ) -> list[dict[str, torch.Tensor] | DataError]:
+    def encode_tokens(self, rows: list[dict], images: list[list[Image.Image] | None] | None = None,
+                      videos: list[list[Video | None] | None] | None = None) -> list[dict[str, torch.Tensor] | DataError]:
         """The token side of `encode` (`input_ids`, `labels` and per-token tensors, no image tensors) for
         many raw rows with one chat-template render and one processor call for all of them, which is
         several times cheaper per row than `encode` (`visprune data prepare` uses it; equal to `encode`
         row by row, tested). A row that cannot be encoded gets its DataError in its place; when the
-        processor rejects the batch, every row is encoded alone so the error lands on its own row."""
+        processor rejects the batch, every row is encoded alone so the error lands on its own row.
+        `images` / `videos`: per row, its images (videos) already loaded by a caller that checked them, or None
+        (a video None: loaded here)."""
         results: list[Any] = [None] * len(rows)
         valid = []
         for pos, row in enumerate(rows):
@@ -169,16 +171,17 @@ class ChatCollator:
             try:
                 opened = images[pos] if images is not None and images[pos] is not None else \
                     [self.load_image(row["id"], image) for image in row["images"]]
-                todo.append((pos, row, opened, self.load_videos(row)))
+                loaded = videos[pos] if videos is not None and videos[pos] is not None else None
+                todo.append((pos, row, opened, self.load_videos(row, loaded)))
             except DataError as exc:
                 results[pos] = exc
         rendered = self.render_many([item[1]["id"] for item in todo], [self.messages(item[1]) for item in todo])
         ready = []
-        for (pos, row, opened, videos), result in zip(todo, rendered):
+        for (pos, row, opened, row_videos_loaded), result in zip(todo, rendered):
             if isinstance(result, DataError):
                 results[pos] = result
             else:
-                ready.append((pos, row, opened, videos, *result))
+                ready.append((pos, row, opened, row_videos_loaded, *result))
         # texts that start with the template's own BOS are tokenized without adding one: one call per kind
         for add_bos in (False, True):
             group = [item for item in ready if self._add_special_tokens(item[4]) == add_bos]
@@ -192,8 +195,8 @@ class ChatCollator:
                 if len(group) == 1:
                     results[group[0][0]] = exc
                     continue
-                for pos, row, opened, _, _, _ in group:  # find the row the processor rejects
-                    results[pos] = self.encode_tokens([row], [opened])[0]
+                for pos, row, opened, row_loaded, _, _ in group:  # find the row the processor rejects
+                    results[pos] = self.encode_tokens([row], [opened], [row_loaded])[0]
                 continue
             for index, (pos, _, _, _, _, spans) in enumerate(group):
                 results[pos] = self._token_sample(out, index, spans)
@@ -246,9 +249,9 @@ class ChatCollator:
         try:
             out = self.processor(text=texts, return_offsets_mapping=True, return_text_replacement_offsets=True,
                                  add_special_tokens=self._add_special_tokens(texts[0]), **kwargs)
-        except (ValueError, OSError, RuntimeError, ImportError) as exc:  # ImportError: no video decoder installed
+        except (ValueError, OSError, RuntimeError) as exc:
             name = quote(sample_ids[0]) if len(sample_ids) == 1 else f"{quote(sample_ids[0])} (of {len(sample_ids)})"
-            raise DataError(f"sample {name}: {processor_problem(exc)}") from exc
+            raise DataError(f"sample {name}: the processor rejected it: {shorten(str(exc))}") from exc
         if "offset_mapping" not in out:
             raise ValueError("ChatCollator needs a fast (tokenizers) tokenizer that returns offset mappings")
         if (images or videos) and "text_replacement_offsets" not in out:  # without them the spans would silently shift
@@ -312,8 +315,8 @@ class ChatCollator:
             kwargs.update(_video_kwargs(videos))
         try:
             out = self.processor(text=[text], return_tensors="pt", **kwargs)
-        except (ValueError, OSError, RuntimeError, ImportError) as exc:
-            raise DataError(f"sample {quote(sample_id)}: {processor_problem(exc)}") from exc
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise DataError(f"sample {quote(sample_id)}: the processor rejected it: {shorten(str(exc))}") from exc
         for token_id, what in ((self.image_token_id, "image"), (self.video_token_id, "video")):
             if token_id is None:
                 continue
@@ -343,8 +346,9 @@ class ChatCollator:
         against `max_image_pixels` before any pixel is decoded (`ImageLoader.load`)."""
         return self.image_loader.load(sample_id, image)
 
-    def load_videos(self, row: dict) -> list[Video]:
-        """A row's videos as the processor takes them (see the class docstring); [] without videos.
+    def load_videos(self, row: dict, loaded: list[Video | None] | None = None) -> list[Video]:
+        """A row's videos as the processor takes them (see the class docstring); [] without videos. `loaded`: per
+        video, the video a caller already loaded, or None.
 
         Raises:
             DataError: naming the sample: the processor takes no videos, a frame or the file is refused (as
@@ -357,7 +361,8 @@ class ChatCollator:
         if not self.takes_videos:
             raise DataError(f"sample {quote(sample_id)} has {len(videos)} video(s) but the processor "
                             f"({type(self.processor).__name__}) takes no videos (Qwen2-VL / Qwen2.5-VL processors do)")
-        return [self.load_video(sample_id, video) for video in videos]
+        loaded = loaded or [None] * len(videos)
+        return [self.load_video(sample_id, video) if done is None else done for video, done in zip(videos, loaded)]
 
     def load_video(self, sample_id: str, video: dict) -> Video:
         """One video as (T, C, H, W) uint8 frames and its metadata: its frame files opened (`load_image`, the same
@@ -374,18 +379,14 @@ class ChatCollator:
             try:
                 frames, metadata = self.processor.video_processor.fetch_videos(str(path))
             except ImportError as exc:  # transformers decodes files with torchcodec
-                raise DataError(f"sample {quote(sample_id)}: {processor_problem(exc)}") from exc
+                raise DataError(f"sample {quote(sample_id)}: the processor cannot decode its video file here "
+                                f"({shorten(str(exc).splitlines()[0], 200)})") from exc
             except (RuntimeError, OSError, ValueError, TypeError) as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise DataError(f"sample {quote(sample_id)}: cannot decode video {quote(video['file'])} with the "
                                 f"processor's video loader: {shorten(first, 300)}") from exc
             return torch.as_tensor(frames), metadata
-        frames = [self.load_image(sample_id, frame) for frame in video["frames"]]
-        sizes = sorted({frame.size for frame in frames})
-        if len(sizes) > 1:
-            raise DataError(f"sample {quote(sample_id)}: the frames of video {quote(video['frames'][0])}... differ in "
-                            f"size ({', '.join(f'{w}x{h}' for w, h in sizes[:4])}); a video's frames share one size")
-        return torch.stack([torch.from_numpy(np.array(frame)).permute(2, 0, 1) for frame in frames]), None
+        return frames_video(sample_id, video, [self.load_image(sample_id, frame) for frame in video["frames"]])
 
     def pad(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Right-pad the text tensors to the longest sample; concatenate the image tensors in sample order."""
@@ -411,6 +412,20 @@ class ChatCollator:
         return batch
 
 
+def frames_video(sample_id: str, video: dict, frames: list[Image.Image]) -> Video:
+    """A frame-list video's opened frames (RGB, as `load_image` gives them) as the processor takes them: one
+    (T, C, H, W) uint8 tensor, no metadata.
+
+    Raises:
+        DataError: naming the sample, when the frames differ in size.
+    """
+    sizes = sorted({frame.size for frame in frames})
+    if len(sizes) > 1:
+        raise DataError(f"sample {quote(sample_id)}: the frames of video {quote(video['frames'][0])}... differ in "
+                        f"size ({', '.join(f'{w}x{h}' for w, h in sizes[:4])}); a video's frames share one size")
+    return torch.stack([torch.from_numpy(np.array(frame)).permute(2, 0, 1) for frame in frames]), None
+
+
 def _video_kwargs(videos: list[Video]) -> dict[str, Any]:
     """The processor's video arguments: the frame tensors, and the loader's metadata when every video has it (the
     processor refuses a metadata list with gaps; it only samples frames by it when `do_sample_frames` is set)."""
@@ -418,14 +433,6 @@ def _video_kwargs(videos: list[Video]) -> dict[str, Any]:
     if all(metadata is not None for _, metadata in videos):
         kwargs["video_metadata"] = [metadata for _, metadata in videos]
     return kwargs
-
-
-def processor_problem(exc: Exception) -> str:
-    """What the processor's refusal of a sample says, in one line: a missing video decoder (transformers decodes
-    video files with torchcodec) is named as such, anything else is the processor rejecting the sample."""
-    if isinstance(exc, ImportError):
-        return f"the processor cannot decode its video file here ({shorten(str(exc).splitlines()[0], 200)})"
-    return f"the processor rejected it: {shorten(str(exc))}"
 
 
 def cat_images(parts: list[torch.Tensor]) -> torch.Tensor:

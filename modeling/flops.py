@@ -6,6 +6,7 @@ embeddings, norms, softmax or LM head."""
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import re
 from dataclasses import asdict, dataclass, fields, replace
@@ -86,6 +87,7 @@ class TokenLayout:
         """Every non-visual token after the system prompt: the text and the images' non-grid tokens."""
         return self.text + self.num_images * self.non_grid
 
+    @functools.lru_cache(maxsize=256)  # noqa: B019 (a frozen, hashable layout; the FLOPs constraint asks every step)
     def visual_pairs(self, window: int | None, temporal: int = 1) -> int:
         """Visual (query, key) pairs inside the window on each grid (None: causal pairs of all visual tokens); with
         a temporal window t, a video's slices also pair with those of its slices at most t//2 away."""

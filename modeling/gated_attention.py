@@ -213,7 +213,7 @@ def _flex_block_mask(ctx: VisualContext, Q: int, device: torch.device, window: i
     offset = K - Q
     radius = -1 if window is None else window // 2
     vis, row, col, valid = lay.visual_mask, lay.row, lay.col, lay.key_valid
-    same_span = _flex_same_span(ctx, offset)
+    same_span = lay.span_rule(ctx.temporal_window)
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_pos = q_idx + offset
@@ -225,16 +225,6 @@ def _flex_block_mask(ctx: VisualContext, Q: int, device: torch.device, window: i
         return torch.where(vis[b, q_pos] & vis[b, kv_idx], window, causal)
 
     return create_block_mask(mask_mod, B, None, Q, K, device=device)
-
-
-def _flex_same_span(ctx: VisualContext, offset: int):
-    """`VisualLayout.same_span` as a flex predicate of (b, query position, key index)."""
-    lay, temporal = ctx.layout, ctx.temporal_window // 2
-    grid, media, slices = lay.grid_idx, lay.media_idx, lay.slice_idx
-    if temporal == 0:
-        return lambda b, q_pos, kv_idx: grid[b, q_pos] == grid[b, kv_idx]
-    return lambda b, q_pos, kv_idx: ((media[b, q_pos] == media[b, kv_idx])
-                                     & ((slices[b, q_pos] - slices[b, kv_idx]).abs() <= temporal))
 
 
 _compiled_flex = None
@@ -273,7 +263,7 @@ def visprune_flex_attention(module, query, key, value, attention_mask, dropout=0
         lay = ctx.layout
         ring = ctx.log_ring_gates(layer_idx, torch.float32).expand(vis.shape[0], -1)  # (B, R + 1)
         offset, radius = lay.num_keys - Q, ring.shape[1] - 1
-        row, col, same_span = lay.row, lay.col, _flex_same_span(ctx, offset)
+        row, col, same_span = lay.row, lay.col, lay.span_rule(ctx.temporal_window)
 
         def score_mod(score, b, h, q_idx, kv_idx):
             q_pos = q_idx + offset

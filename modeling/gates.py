@@ -28,7 +28,7 @@ from .families import (
 from .flops import GateProbs, ModelDims, TokenLayout, default_layout, visual_flops
 from .gated_attention import CTX_KWARG, FLEX_NAME, SDPA_NAME, GateValues, VisualContext
 from .hard_concrete import LOG_ALPHA_LIMIT, FixedGate, HardConcreteGate
-from .plan import LayerPlan, Plan
+from .plan import LayerPlan, Plan, check_odd
 
 GATES_ATTR = "visprune_gates"  # the GateSet's name as a submodule of the multimodal model
 BACKENDS = ("auto", "sdpa", "flex")
@@ -65,10 +65,8 @@ class GateConfig:
     def __post_init__(self) -> None:
         if self.window is not None and (self.window < 1 or self.window % 2 == 0):
             raise ValueError(f"window must be None or an odd positive integer, got {self.window}")
-        temporal = self.temporal_window
-        if isinstance(temporal, bool) or not isinstance(temporal, int) or temporal < 1 or temporal % 2 == 0:
-            raise ValueError(f"temporal_window must be an odd positive integer, got {temporal!r}")
-        if temporal > 1 and self.window is None:
+        check_odd(self.temporal_window, "temporal_window", allow_none=False)
+        if self.temporal_window > 1 and self.window is None:
             raise ValueError("a temporal window needs a window on the grid (window [t, h, w])")
         if not math.isfinite(self.init_log_alpha):
             raise ValueError(f"init_log_alpha must be a finite number, got {self.init_log_alpha}")

@@ -152,9 +152,9 @@ def _window_rows(layout: VisualLayout, visual: Rows, window: int, temporal: int 
     # the grids whose rows a grid row reads: its own and, with a temporal window, its video's slices around it
     # (a video's slices are consecutive grids of one size)
     d_slice = torch.arange(-(temporal // 2), temporal // 2 + 1, device=device)
-    key_grid = (row_grid[:, None] + d_slice).clamp(0, num_grids - 1)  # (R, t)
-    grid_ok = ((row_grid[:, None] + d_slice >= 0) & (row_grid[:, None] + d_slice < num_grids)
-               & (grid_media[key_grid] == grid_media[row_grid][:, None])
+    neighbour = row_grid[:, None] + d_slice  # (R, t)
+    key_grid = neighbour.clamp(0, num_grids - 1)
+    grid_ok = ((neighbour >= 0) & (neighbour < num_grids) & (grid_media[key_grid] == grid_media[row_grid][:, None])
                & (grid_slice[key_grid] - grid_slice[row_grid][:, None] == d_slice))
     d_row = torch.arange(-radius, radius + 1, device=device)
     key_row = row_r[:, None] + d_row  # (R, w)

@@ -51,14 +51,23 @@ class VisualLayout:
         before = text.cumsum(dim=1) - text  # exclusive prefix count
         return before[:, self.num_keys - self.num_queries:] > 0
 
+    def span_rule(self, temporal_window: int = 1):
+        """The predicate (b, query position, key index) -> bool of docs/design.md rule 1's span: query and key on
+        the same grid or, with a temporal window t, on slices of the same video at most t//2 apart; only meaningful
+        where both are visual. Indices may be tensors that broadcast (`same_span`) or scalars (flex's mask_mod)."""
+        radius = temporal_window // 2
+        if radius == 0:
+            return lambda b, q, k: self.grid_idx[b, q] == self.grid_idx[b, k]
+        return lambda b, q, k: ((self.media_idx[b, q] == self.media_idx[b, k])
+                                & ((self.slice_idx[b, q] - self.slice_idx[b, k]).abs() <= radius))
+
     def same_span(self, temporal_window: int = 1) -> torch.Tensor:
-        """(B, Q, K) bool: query row and key on the same grid or, with a temporal window t, on slices of the same
-        video at most t//2 apart (docs/design.md rule 1); only meaningful where both are visual."""
-        q = slice(self.num_keys - self.num_queries, None)
-        if temporal_window <= 1:
-            return self.grid_idx[:, q, None] == self.grid_idx[:, None, :]
-        return ((self.media_idx[:, q, None] == self.media_idx[:, None, :])
-                & ((self.slice_idx[:, q, None] - self.slice_idx[:, None, :]).abs() <= temporal_window // 2))
+        """(B, Q, K) bool: `span_rule` for every query row and key."""
+        B, K = self.visual_mask.shape
+        device = self.visual_mask.device
+        return self.span_rule(temporal_window)(torch.arange(B, device=device)[:, None, None],
+                                               self.query_positions()[None, :, None],
+                                               torch.arange(K, device=device)[None, None, :])
 
     def keys(self, length: int) -> VisualLayout:
         """The layout truncated to its first `length` keys, with no query rows (a cropped cache)."""

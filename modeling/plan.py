@@ -33,12 +33,12 @@ def parse_window(value: Any, name: str = "window") -> tuple[int | None, int]:
         ValueError: naming `name` and the value.
     """
     if value is None or _is_int(value):
-        _check_odd(value, name, allow_none=True)
+        check_odd(value, name, allow_none=True)
         return value, 1
     if isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) for v in value):
         t, h, w = value
         for part, part_name in ((t, "t"), (h, "h"), (w, "w")):
-            _check_odd(part, f"{name} [t, h, w]: {part_name}", allow_none=False)
+            check_odd(part, f"{name} [t, h, w]: {part_name}", allow_none=False)
         if h != w:
             raise ValueError(f"{name} [t, h, w] must be square on the grid (h == w), got {show_value(list(value))}")
         return w, t
@@ -51,12 +51,13 @@ def window_value(spatial: int | None, temporal: int) -> int | None | list[int]:
     return spatial if temporal == 1 else [temporal, spatial, spatial]
 
 
-def _check_odd(value: Any, name: str, allow_none: bool) -> None:
+def check_odd(value: Any, name: str, allow_none: bool, error: type[ValueError] = ValueError) -> None:
+    """Raise `error` naming `name` unless `value` is an odd positive int (or None with `allow_none`)."""
     if value is None and allow_none:
         return
     if not _is_int(value) or value < 1 or value % 2 == 0:
-        raise ValueError(f"{name} must be {'null or ' if allow_none else ''}an odd positive integer, "
-                         f"got {show_value(value)}")
+        raise error(f"{name} must be {'null or ' if allow_none else ''}an odd positive integer, "
+                    f"got {show_value(value)}")
 
 
 @dataclass(frozen=True)
@@ -280,10 +281,8 @@ def _is_int(value: Any) -> bool:
 def _validate(plan: Plan) -> None:
     if not isinstance(plan.family, str) or not plan.family:
         raise PlanError(f"family must be a non-empty string, got {show_value(plan.family)}")
-    if plan.window is not None and (not _is_int(plan.window) or plan.window < 1 or plan.window % 2 == 0):
-        raise PlanError(f"window must be null or an odd positive integer, got {show_value(plan.window)}")
-    if not _is_int(plan.temporal_window) or plan.temporal_window < 1 or plan.temporal_window % 2 == 0:
-        raise PlanError(f"window [t, h, w]: t must be an odd positive integer, got {show_value(plan.temporal_window)}")
+    check_odd(plan.window, "window", allow_none=True, error=PlanError)
+    check_odd(plan.temporal_window, "window [t, h, w]: t", allow_none=False, error=PlanError)
     if plan.temporal_window > 1 and plan.window is None:
         raise PlanError("a temporal window needs a spatial one: window [t, h, w] cannot have no window on the grid")
     for name in ("num_layers", "num_heads"):

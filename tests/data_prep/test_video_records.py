@@ -335,3 +335,17 @@ def test_a_video_file_without_a_decoder_is_one_line_naming_the_sample(qwen_folde
     with pytest.raises(DataError, match=r"^sample 'clip': cannot decode video 'clip.mp4' with the processor's video "
                                         r"loader: SingleStreamDecoder"):
         collator.encode(row)
+
+
+def test_the_check_decodes_each_frame_once(qwen_folder, media, monkeypatch):
+    """`data check` hands the frames it decoded to the encoding instead of decoding them again."""
+    from visprune.data_prep.images import ImageLoader
+
+    opened = []
+    original = ImageLoader.open
+    monkeypatch.setattr(ImageLoader, "open", lambda self, image: opened.append(image) or original(self, image))
+    processor = QwenVideoStandIn(qwen_folder)
+    kept, rejected = Judge(media, processor, resolve_template(processor, "processor", "qwen2_vl"))(
+        0, record([["f0.png", "f1.png", "f2.png"]]))
+    assert rejected is None and kept[1]["input_ids"].numel() > 0
+    assert sorted(opened) == ["f0.png", "f1.png", "f2.png"]

@@ -194,9 +194,7 @@ def _grid_thw(config: Any, grids: list[Grid]) -> torch.Tensor:
 
 def video_grids(config: Any, family: str, layout: TokenLayout) -> list[Grid]:
     """The temporal slices of the layout's video as the family's own `video_grid_thw` rule lays them out, checked
-    against the FLOPs layout (Qwen2-VL only)."""
-    if family not in QWEN_FAMILIES:
-        raise ValueError(f"--video-frames: only Qwen2-VL / Qwen2.5-VL take videos, this is a {family} model")
+    against the FLOPs layout (Qwen2-VL only: `video_frame_grids` refuses other families first)."""
     slices, _ = FAMILIES[family].video_slices(config, _video_thw(config, layout))
     if [tuple(g) for g in slices] != [tuple(g) for g in layout.grids]:
         raise ValueError(f"the family's input for one video has slices {slices}, the FLOPs layout {list(layout.grids)}")
